@@ -1,0 +1,3 @@
+"""searchgym: train language models to search and reason with reinforcement learning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,40 @@
+"""The ``searchgym`` command: one entry point, one subcommand per use.
+
+Each package contributes its subcommands through an ``add_*_command(subparsers)`` function that only
+declares arguments; the heavy imports (torch, faiss, vllm, ray) happen inside the handlers, so
+``searchgym --help`` stays instant.
+"""
+
+import argparse
+import sys
+
+from retriever.cli import add_index_command, add_serve_command
+from searchgym import __version__
+from searchgym.errors import SearchgymError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, every subcommand included."""
+    parser = argparse.ArgumentParser(
+        prog="searchgym",
+        description="Train language models to search and reason with reinforcement learning.",
+    )
+    parser.add_argument("--version", action="version", version=f"searchgym {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_index_command(subparsers)
+    add_serve_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; user errors print one line and exit with 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except SearchgymError as error:
+        print(f"searchgym {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
