@@ -1,0 +1,86 @@
+"""The record of one episode that rollouts produce and the trainer and evaluator consume."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """What happened in one turn of an episode.
+
+    Attributes:
+        action_type: ``"search"``, ``"answer"`` or ``"invalid"`` (the env's parse of the policy's text).
+        text: the decoded text the policy generated in this turn.
+        query: the search query, when the action was a search.
+        retrieved_ids: corpus ids of the passages shown back, in order.
+        num_policy_tokens: tokens the policy generated in this turn.
+        num_observation_tokens: observation tokens appended after this turn (0 after an answer).
+    """
+
+    action_type: str
+    text: str
+    query: str | None = None
+    retrieved_ids: tuple[str, ...] = ()
+    num_policy_tokens: int = 0
+    num_observation_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Wall-clock seconds an episode's batch spent in each phase (shared by the episodes of one batch)."""
+
+    generation: float = 0.0
+    retrieval: float = 0.0
+    bookkeeping: float = 0.0
+
+
+@dataclass(slots=True)
+class Trajectory:
+    """One episode, token by token, exactly as the policy saw and produced it.
+
+    The response interleaves policy tokens (the exact ids the sampler produced, never re-tokenized) with
+    observation tokens (the retrieved ``<information>`` blocks the env returned). ``P`` is the prompt
+    length and ``R`` the response length.
+
+    Attributes:
+        example_id: id of the QA example.
+        group_id: id shared by the samples of one prompt (GRPO groups); unique per prompt, across datasets.
+        prompt_ids: (P,) the prompt as the policy was conditioned on it.
+        response_ids: (R,) policy and observation tokens in order.
+        loss_mask: (R,) 1 exactly on policy-generated tokens, 0 on observation tokens.
+        turn_index: (R,) the turn each response token belongs to (0-based).
+        reward: the scalar outcome reward, or None when it could not be computed (masked from the update).
+        sampler_logprobs: (R,) the generation backend's log-probs of the policy tokens (0.0 on observation
+            tokens), or None when the backend gives none.
+        terminated: the policy answered.
+        truncated: a turn, search or token budget ended the episode without an answer.
+        turns: one record per turn.
+        info: the env's final ``info`` (answer, em, f1, cover_em, reward components, ...).
+        timings: where the batch's time went.
+    """
+
+    example_id: str
+    group_id: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    loss_mask: list[int]
+    turn_index: list[int]
+    reward: float | None
+    sampler_logprobs: list[float] | None = None
+    terminated: bool = False
+    truncated: bool = False
+    turns: list[TurnRecord] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
+
+    def __post_init__(self) -> None:
+        lengths = {len(self.response_ids), len(self.loss_mask), len(self.turn_index)}
+        if self.sampler_logprobs is not None:
+            lengths.add(len(self.sampler_logprobs))
+        if len(lengths) != 1:
+            raise ValueError(f"per-token lists of the response differ in length: {lengths}")
+
+    @property
+    def num_policy_tokens(self) -> int:
+        """Tokens the policy generated (those the loss sees)."""
+        return sum(self.loss_mask)
