@@ -1,0 +1,1 @@
+"""PPO and GRPO training: config, the loss math, the learner update, the loop, checkpoints and logs."""
