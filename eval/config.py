@@ -1,0 +1,96 @@
+"""The settings of one evaluation run, validated before any work starts."""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from searchgym.errors import SearchgymError
+
+MODES = ("agent", "rag", "direct")
+BACKENDS = ("hf", "vllm")
+SEARCH_R1_BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
+"""The seven benchmarks of the Search-R1 paper's main table, in its column order (``--benchmarks all``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EvalConfig:
+    """What to evaluate and how.
+
+    Attributes:
+        benchmarks: dataset names (``nq``, ``wiki-mini-dev``, ...) or paths to FlashRAG jsonl / Search-R1
+            parquet files, in the order the table shows them.
+        model: a local model directory or hub id; None is the embedded SmolLM2-135M-Instruct.
+        mode: ``agent`` (multi-turn search policy), ``rag`` (retrieve top-k with the question once, then
+            answer) or ``direct`` (answer without retrieval).
+        retriever_url: a running ``searchgym serve`` (or any Search-R1 compatible server).
+        index: a local index directory built by ``searchgym index``.
+        topk: passages per search.
+        max_turns: generation turns per question in ``agent`` mode (the last one must answer).
+        max_new_tokens: tokens the model may generate per turn.
+        limit: questions per dataset, sampled with ``seed``; None evaluates every question.
+        seed: the sampling seed of ``limit``; the same seed gives the same questions.
+        exclude: a file of example ids to leave out (one per line), e.g. overlap with training data.
+        backend: ``hf`` (transformers) or ``vllm``.
+        batch_size: questions decoded together.
+    """
+
+    benchmarks: tuple[str, ...]
+    model: str | None = None
+    mode: str = "agent"
+    retriever_url: str | None = None
+    index: str | None = None
+    topk: int = 3
+    max_turns: int = 4
+    max_new_tokens: int = 500
+    limit: int | None = None
+    seed: int = 0
+    exclude: str | None = None
+    backend: str = "hf"
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not self.benchmarks:
+            raise SearchgymError("no benchmark given: set --benchmarks (e.g. nq,hotpotqa or all)")
+        if self.mode not in MODES:
+            raise SearchgymError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.backend not in BACKENDS:
+            raise SearchgymError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.retriever_url and self.index:
+            raise SearchgymError("give either --retriever-url or --index, not both")
+        if self.uses_retrieval and not (self.retriever_url or self.index):
+            raise SearchgymError(
+                f"mode {self.mode!r} searches: give --index DIR (built by `searchgym index`) or "
+                "--retriever-url URL (a running `searchgym serve`), or use --mode direct"
+            )
+        for name in ("topk", "max_turns", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SearchgymError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise SearchgymError(f"--limit must be at least 1, got {self.limit}")
+
+    @property
+    def uses_retrieval(self) -> bool:
+        """Whether the mode calls the retriever (``agent`` and ``rag``)."""
+        return self.mode != "direct"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings, as stored in ``results.json``."""
+        settings = asdict(self)
+        settings["benchmarks"] = list(self.benchmarks)
+        return settings
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> "EvalConfig":
+        """Rebuild from ``to_dict`` output; keys this version does not know are ignored."""
+        known = {f.name: settings[f.name] for f in fields(cls) if f.name in settings}
+        known["benchmarks"] = tuple(known.get("benchmarks", ()))
+        return cls(**known)
+
+    def changed_settings(self, other: "EvalConfig") -> list[str]:
+        """The settings that differ from ``other`` and would change a prediction.
+
+        A resumed run must match its earlier part on these; the batch size only changes speed, and the
+        benchmark list may grow or shrink (predictions are kept per dataset).
+        """
+        ignored = {"benchmarks", "batch_size"}
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [name for name in mine if name not in ignored and mine[name] != theirs[name]]
