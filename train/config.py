@@ -1,0 +1,415 @@
+"""Every setting of a training run: one typed dataclass tree, documented field by field.
+
+The string under each field is its documentation; ``searchgym train --help`` prints it. Presets live in
+``configs/*.yaml`` and any leaf can be overridden on the command line as ``section.key=value``.
+Each section checks its own values; :class:`TrainConfig` checks how sections fit together.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from env.config import EnvConfig
+from train import config_io
+from train.algorithms import KLEstimator, LossAggregation
+from train.config_io import ConfigError
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _require_positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        _require(value > 0, f"{section}.{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The policy being trained and the critic's starting point."""
+
+    path: str = "smollm2-135m-instruct"
+    """The policy: a local Hugging Face model directory, a hub id this machine can reach, or
+    `smollm2-135m-instruct` for the embedded SmolLM2-135M-Instruct."""
+    critic_path: str | None = None
+    """The critic's base model (PPO), given a fresh bias-free value head; null: the same as `path`."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SystemConfig:
+    """Where and how the tensors are computed."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` picks cuda when a GPU is visible, else cpu."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of forward and backward passes; weights and optimizer states stay float32."""
+    seed: int = 0
+    """Seeds python, numpy and torch; with the same seed a CPU run repeats exactly."""
+    torch_threads: int | None = None
+    """torch intra-op threads; null keeps torch's default. On a shared CPU, 1 is often fastest."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.torch_threads is None or self.torch_threads >= 1,
+            f"system.torch_threads must be >= 1 or null, got {self.torch_threads}",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The questions to train and evaluate on (FlashRAG jsonl: id, question, golden_answers)."""
+
+    train: str = "wiki-mini-train"
+    """Training questions: a bundled dataset name (`wiki-mini-train`, `nq`, ...) or a jsonl/parquet path."""
+    dev: str = "wiki-mini-dev"
+    """Dev questions for the EM evaluation during training: a dataset name or a path."""
+    train_limit: int | None = None
+    """Use only this many training questions (a seeded sample); null uses all."""
+    dev_limit: int | None = None
+    """Evaluate on only this many dev questions (a seeded sample); null uses all."""
+    shuffle: bool = True
+    """Visit the training questions in a new seeded order every epoch."""
+
+    def __post_init__(self) -> None:
+        for name in ("train_limit", "dev_limit"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"data.{name} must be >= 1 or null, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrieverConfig:
+    """The search engine the environment calls."""
+
+    index: str | None = None
+    """A local index folder built by `searchgym index`; null (and no `url`): BM25 over bundled wiki-mini."""
+    url: str | None = None
+    """A running `searchgym serve`, or any Search-R1 compatible /retrieve endpoint."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.index is None or self.url is None,
+            "give either retriever.index or retriever.url, not both (set the other to null)",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """How the policy generates episodes."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    """Generation engine: `hf` (transformers, CPU or GPU) or `vllm` (GPU, weights synced every step)."""
+    samples_per_prompt: int = 1
+    """Episodes sampled per question (GRPO's group size; Search-R1 uses 5)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs in the update are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 500
+    """Tokens the policy may generate per turn."""
+    vllm_gpu_memory_utilization: float = 0.6
+    """Share of GPU memory vLLM may take (the rest holds the trained models)."""
+
+    def __post_init__(self) -> None:
+        _require_positive("rollout", temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+        _require(self.samples_per_prompt >= 1, "rollout.samples_per_prompt must be >= 1")
+        _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _require(
+            0 < self.vllm_gpu_memory_utilization < 1,
+            f"rollout.vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmConfig:
+    """The policy-gradient estimator and its loss."""
+
+    name: Literal["ppo", "grpo"] = "ppo"
+    """`ppo`: critic + GAE; `grpo`: no critic, advantages normalised within each prompt's group of samples."""
+    gamma: float = 1.0
+    """Discount per policy token in GAE (observation tokens do not count)."""
+    lam: float = 1.0
+    """GAE lambda: 1 is the Monte-Carlo return, lower trades variance for critic bias."""
+    clip_eps: float = 0.2
+    """PPO clip range of the probability ratio."""
+    value_clip: float = 0.5
+    """How far a value prediction may move from its rollout-time value before its loss is clipped."""
+    entropy_coef: float = 0.001
+    """Weight of the entropy bonus (subtracted from the policy loss); 0 turns it off."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    whiten_advantages: bool = True
+    """PPO: normalise advantages to zero mean and unit variance over the batch's policy tokens."""
+    grpo_normalize_std: bool = True
+    """GRPO: divide by the group's reward std; false is the no-std variant (Dr. GRPO)."""
+    loss_aggregation: LossAggregation = "token-mean"
+    """`token-mean`: every policy token weighs the same; `seq-mean`: every episode weighs the same."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.gamma <= 1, f"algorithm.gamma must be in [0, 1], got {self.gamma}")
+        _require(0 <= self.lam <= 1, f"algorithm.lam must be in [0, 1], got {self.lam}")
+        _require_positive("algorithm", clip_eps=self.clip_eps, value_clip=self.value_clip)
+        _require(self.entropy_coef >= 0, f"algorithm.entropy_coef must be >= 0, got {self.entropy_coef}")
+        _require(self.ppo_epochs >= 1, f"algorithm.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KLConfig:
+    """The pull towards the frozen reference (initial) policy."""
+
+    coef: float = 0.001
+    """KL coefficient; 0 drops the reference model altogether (no memory, no forward pass)."""
+    estimator: KLEstimator = "k1"
+    """Per-token estimator: `k1` (log-ratio), `k3` (Schulman's, >= 0) or `low_var_kl` (bounded k3)."""
+    placement: Literal["reward", "loss"] = "reward"
+    """`reward`: subtract coef x KL from each policy token's reward (PPO as in Search-R1);
+    `loss`: add coef x KL to the policy loss (GRPO as in Search-R1, with low_var_kl)."""
+
+    def __post_init__(self) -> None:
+        _require(self.coef >= 0, f"kl.coef must be >= 0, got {self.coef}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW and learning-rate schedules of the actor and the critic."""
+
+    actor_lr: float = 1e-6
+    """Peak learning rate of the policy."""
+    critic_lr: float = 1e-5
+    """Peak learning rate of the critic (PPO)."""
+    actor_warmup_ratio: float = 0.0
+    """Share of the training steps over which the actor's rate rises linearly from 0."""
+    critic_warmup_ratio: float = 0.0
+    """Share of the training steps over which the critic's rate rises linearly from 0."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: keep the peak rate, or decay it along a cosine to `min_lr_ratio` x peak."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine schedule as a share of the peak rate."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW moment coefficients."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm of each model to this."""
+
+    def __post_init__(self) -> None:
+        _require_positive("optim", actor_lr=self.actor_lr, critic_lr=self.critic_lr)
+        _require_positive("optim", max_grad_norm=self.max_grad_norm)
+        for name in ("actor_warmup_ratio", "critic_warmup_ratio", "min_lr_ratio"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"optim.{name} must be in [0, 1], got {value}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(
+            all(0 <= beta < 1 for beta in self.betas), f"optim.betas must lie in [0, 1), got {self.betas}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    """How many episodes feed one training step and how they are split for the update."""
+
+    prompts_per_step: int = 512
+    """Questions rolled out per training step (Search-R1's train_batch_size)."""
+    mini_batch_prompts: int = 256
+    """Questions (with all their samples) per optimizer step; prompts_per_step must be a multiple of it."""
+    micro_batch_size: int = 64
+    """Episodes per forward/backward pass; gradients accumulate over a mini-batch's micro-batches."""
+
+    def __post_init__(self) -> None:
+        for name in ("prompts_per_step", "mini_batch_prompts", "micro_batch_size"):
+            _require(getattr(self, name) >= 1, f"batch.{name} must be >= 1, got {getattr(self, name)}")
+        _require(
+            self.prompts_per_step % self.mini_batch_prompts == 0,
+            f"batch.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+            f"batch.mini_batch_prompts ({self.mini_batch_prompts})",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DevConfig:
+    """The dev-set evaluation during training (greedy decoding, exact match)."""
+
+    every: int = 50
+    """Evaluate every this many steps (and after the last); 0 never evaluates during training."""
+    before_training: bool = True
+    """Also evaluate the untrained policy, so the curve starts at step 0."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, f"dev.every must be >= 0, got {self.every}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    every: int = 100
+    """Save every this many steps (and after the last); 0 saves only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept on disk (the newest ones; the last healthy one is kept as well)."""
+    resume: bool = True
+    """Continue from the newest checkpoint in the run directory when there is one."""
+    export_final: bool = True
+    """Write the final policy as a plain Hugging Face model directory (`<run_dir>/final`)."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
+        _require(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """Where the run writes and what it shows."""
+
+    run_dir: str = "runs/searchgym"
+    """Folder of this run: metrics.jsonl, TensorBoard events, samples, plots, checkpoints, final model."""
+    tensorboard: bool = True
+    """Write TensorBoard event files beside metrics.jsonl."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs `pip install searchgym[wandb]`)."""
+    progress_bar: bool = True
+    """Show a console progress bar with reward, EM, response length and searches."""
+    samples_every: int = 10
+    """Write sample episodes as text every this many steps; 0 never."""
+    num_samples: int = 2
+    """Episodes written each time."""
+    plots: bool = True
+    """Draw PNG curves of reward, dev EM, length, searches, entropy and KL at the end."""
+
+    def __post_init__(self) -> None:
+        _require(self.samples_every >= 0, f"logging.samples_every must be >= 0, got {self.samples_every}")
+        _require(self.num_samples >= 0, f"logging.num_samples must be >= 0, got {self.num_samples}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuardConfig:
+    """Watches that warn when training drifts towards a known failure, and the optional roll-back."""
+
+    min_entropy: float = 0.05
+    """Warn when the policy's mean token entropy falls below this (collapse to one answer)."""
+    max_kl: float = 1.0
+    """Warn when the mean per-token KL to the reference exceeds this."""
+    max_clip_fraction: float = 0.3
+    """Warn when more than this share of tokens hit the PPO clip (updates too large)."""
+    min_length_ratio: float = 0.5
+    """Warn when the smoothed response length falls below this share of its running maximum."""
+    min_reward_ratio: float = 0.5
+    """Warn when the smoothed reward falls below this share of its best smoothed value."""
+    max_missing_reward_fraction: float = 0.1
+    """Warn when more than this share of the batch's rewards could not be computed."""
+    smoothing: float = 0.9
+    """Weight of the past in the moving averages of reward and length."""
+    rollback_after: int = 0
+    """Roll back to the last healthy checkpoint after this many bad steps in a row; 0 never."""
+
+    def __post_init__(self) -> None:
+        for name in ("min_length_ratio", "min_reward_ratio", "max_missing_reward_fraction", "smoothing"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"guards.{name} must be in [0, 1], got {value}")
+        _require(self.rollback_after >= 0, f"guards.rollback_after must be >= 0, got {self.rollback_after}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A whole training run."""
+
+    total_steps: int = 500
+    """Training steps (one rollout batch and its update each)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy and critic models."""
+    system: SystemConfig = field(default_factory=SystemConfig)
+    """Device, dtype, seed."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and dev questions."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """The search environment: turns, searches, observation budget, prompt, reward."""
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    """The search engine."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Episode generation."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """PPO or GRPO and the loss settings."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    """KL regularisation to the reference policy."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizers and schedules."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """Batch, mini-batch and micro-batch sizes."""
+    dev: DevConfig = field(default_factory=DevConfig)
+    """Dev evaluation during training."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resume."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Outputs."""
+    guards: GuardConfig = field(default_factory=GuardConfig)
+    """Stability watches."""
+
+    def __post_init__(self) -> None:
+        _require(self.total_steps >= 1, f"total_steps must be >= 1, got {self.total_steps}")
+        _require(
+            self.algorithm.name != "grpo" or self.rollout.samples_per_prompt >= 2,
+            "GRPO compares the samples of one prompt: set rollout.samples_per_prompt >= 2 (Search-R1 uses 5)",
+        )
+        _require(
+            self.mini_batch_trajectories % self.batch.micro_batch_size == 0,
+            f"a mini-batch holds {self.mini_batch_trajectories} episodes (batch.mini_batch_prompts x "
+            f"rollout.samples_per_prompt); set batch.micro_batch_size to a divisor of it",
+        )
+        _require(
+            self.rollout.backend != "vllm" or self.system.device != "cpu",
+            "rollout.backend=vllm needs a GPU: set system.device=cuda (or auto), or rollout.backend=hf",
+        )
+        _require(
+            self.guards.rollback_after == 0 or self.checkpoint.every > 0,
+            "guards.rollback_after needs checkpoints to roll back to: set checkpoint.every > 0",
+        )
+
+    @property
+    def uses_critic(self) -> bool:
+        """PPO trains a critic; GRPO does not."""
+        return self.algorithm.name == "ppo"
+
+    @property
+    def uses_reference(self) -> bool:
+        """A frozen reference model is kept only when the KL coefficient is non-zero."""
+        return self.kl.coef > 0
+
+    @property
+    def trajectories_per_step(self) -> int:
+        """Episodes per training step."""
+        return self.batch.prompts_per_step * self.rollout.samples_per_prompt
+
+    @property
+    def mini_batch_trajectories(self) -> int:
+        """Episodes per optimizer step."""
+        return self.batch.mini_batch_prompts * self.rollout.samples_per_prompt
+
+    @property
+    def mini_batches_per_step(self) -> int:
+        """Optimizer steps per training step and epoch."""
+        return self.batch.prompts_per_step // self.batch.mini_batch_prompts
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches whose gradients add up to one optimizer step."""
+        return self.mini_batch_trajectories // self.batch.micro_batch_size
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's output folder."""
+        return Path(self.logging.run_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested values (as the YAML presets write them)."""
+        return config_io.to_dict(self)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """The config of the YAML preset at ``path`` (None: defaults) with ``section.key=value`` overrides."""
+    return config_io.load(TrainConfig, path, overrides)
+
+
+def config_help() -> str:
+    """Every key of the config tree with its type, default and documentation, for ``--help``."""
+    return config_io.help_text(TrainConfig)
