@@ -1,0 +1,334 @@
+"""The generation interface shared by the transformers and vLLM backends, and the transformers backend.
+
+A backend turns a batch of prompts (token ids) into one ``Generation`` per prompt: the ids exactly as
+sampled, ending right after the token that completes a stop string or after EOS, the sampler's log-probs
+of those ids, and why generation ended. Nothing is decoded and re-tokenized, so the ids the trainer
+scores are the ids the policy produced.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from policy.models import Policy
+from searchgym.errors import SearchgymError
+
+FinishReason = Literal["stop", "eos", "length"]
+"""``stop``: a stop string was completed; ``eos``: an end-of-sequence token; ``length``: the token limit."""
+
+DEFAULT_STOP = ("</search>", "</answer>")
+
+
+class SamplingError(SearchgymError):
+    """Sampling parameters out of range."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to sample one turn.
+
+    The sampler log-probs a backend reports are those of the distribution it sampled from: after
+    temperature, top-k and top-p (of the raw logits when greedy). With ``top_p=1`` and ``top_k=0`` (the RL
+    setting) they equal the trainer's temperature-scaled log-probs, up to numerics.
+
+    Attributes:
+        max_new_tokens: the most tokens to generate per prompt.
+        temperature: softmax temperature; 0 means greedy (argmax).
+        top_p: nucleus sampling mass in (0, 1]; 1 turns it off.
+        top_k: keep the k most likely tokens; 0 turns it off.
+        seed: seed of the sampler's random stream for this call; None uses the global torch RNG.
+        stop: strings that end generation; the token that completes one is kept.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = DEFAULT_STOP
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise SamplingError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise SamplingError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise SamplingError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether decoding takes the argmax instead of sampling."""
+        return self.temperature == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """What a backend generated for one prompt.
+
+    Attributes:
+        token_ids: (N,) the sampled ids, ending right after the token that completes a stop string or after
+            the EOS token (both kept), or at the token limit.
+        logprobs: (N,) the sampler's log-prob of each id, or None when the backend gives none.
+        finish_reason: why generation ended.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: FinishReason
+
+
+class Generator(Protocol):
+    """A generation backend: what the rollout calls to let the policy write its next turn."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer of the policy (the rollout decodes actions and encodes observations with it)."""
+        ...
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[Generation]:
+        """Generate a continuation of each prompt.
+
+        Args:
+            prompts: the token ids of each prompt (lengths may differ).
+            params: sampling parameters shared by the batch.
+            max_new_tokens: a per-prompt token limit (each at most ``params.max_new_tokens``) for prompts
+                whose context budget is nearly spent; ``params.max_new_tokens`` for all when None.
+        """
+        ...
+
+
+def token_limits(num_prompts: int, params: SamplingParams, max_new_tokens: Sequence[int] | None) -> list[int]:
+    """Each prompt's token limit: the per-prompt limits capped by ``params.max_new_tokens``.
+
+    Raises:
+        SamplingError: the per-prompt limits do not match the prompts or are below 1.
+    """
+    if max_new_tokens is None:
+        return [params.max_new_tokens] * num_prompts
+    if len(max_new_tokens) != num_prompts:
+        raise SamplingError(f"{len(max_new_tokens)} token limits for {num_prompts} prompts")
+    if any(limit < 1 for limit in max_new_tokens):
+        raise SamplingError(f"every per-prompt token limit must be at least 1, got {list(max_new_tokens)}")
+    return [min(limit, params.max_new_tokens) for limit in max_new_tokens]
+
+
+class StopMatcher:
+    """Finds the token that completes a stop string, on token ids, as generation goes.
+
+    Only the last few tokens are decoded at each step: a stop string of ``b`` UTF-8 bytes spans at most
+    ``b`` tokens, so it is completed by the newest token exactly when it first appears in that window.
+    Special tokens are skipped when decoding, as vLLM's detokenizer does.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.window = max((len(s.encode()) for s in self.stop), default=0) + 1
+
+    def completed(self, token_ids: Sequence[int]) -> bool:
+        """Whether the ids, whose earlier prefixes completed no stop string, now end one."""
+        if not self.stop:
+            return False
+        tail = self.tokenizer.decode(list(token_ids[-self.window :]), skip_special_tokens=True)
+        return any(s in tail for s in self.stop)
+
+
+class TransformersGenerator:
+    """Batched sampling with a transformers model: a left-padded prefill, then a token a step on a KV cache.
+
+    Sequences that finish leave the batch (their rows are dropped from the cache), so a batch costs what
+    its still-running sequences cost. Greedy results do not depend on how prompts are batched.
+
+    Args:
+        policy: the model and tokenizer.
+        max_batch_size: prompts are generated in chunks of at most this many (memory bound).
+    """
+
+    def __init__(self, policy: Policy, *, max_batch_size: int = 64) -> None:
+        self.policy = policy
+        self.max_batch_size = max_batch_size
+        eos = policy.model.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = frozenset(int(i) for i in [*eos_ids, policy.tokenizer.eos_token_id] if i is not None)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The policy's tokenizer."""
+        return self.policy.tokenizer
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[Generation]:
+        """Generate a continuation of each prompt (see ``Generator.generate``)."""
+        limits = token_limits(len(prompts), params, max_new_tokens)
+        rng = None
+        if params.seed is not None:
+            rng = torch.Generator(device=self.policy.device).manual_seed(params.seed)
+        results: list[Generation] = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            chunk = slice(start, start + self.max_batch_size)
+            results.extend(self._generate_batch(prompts[chunk], limits[chunk], params, rng))
+        return results
+
+    @torch.inference_mode()
+    def _generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        limits: list[int],
+        params: SamplingParams,
+        rng: torch.Generator | None,
+    ) -> list[Generation]:
+        if any(len(p) == 0 for p in prompts):
+            raise SamplingError("cannot generate from an empty prompt")
+        state = _DecodeState.prefill(self.policy, prompts)
+        warpers = _warpers(params)
+        matcher = StopMatcher(self.tokenizer, params.stop)
+        generated: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        finished: dict[int, Generation] = {}
+        while True:
+            tokens, token_logprobs = _sample(state.logits, warpers, params.greedy, rng)
+            running = []
+            for i, (token, logprob) in enumerate(zip(tokens.tolist(), token_logprobs.tolist(), strict=True)):
+                row = state.rows[i]
+                generated[row].append(token)
+                logprobs[row].append(logprob)
+                reason = self._finish_reason(generated[row], limits[row], matcher)
+                if reason is None:
+                    running.append(i)
+                else:
+                    finished[row] = Generation(generated[row], logprobs[row], reason)
+            if not running:
+                return [finished[row] for row in range(len(prompts))]
+            state.step(self.policy, tokens, running)
+
+    def _finish_reason(self, token_ids: list[int], limit: int, matcher: StopMatcher) -> FinishReason | None:
+        if token_ids[-1] in self.eos_ids:
+            return "eos"
+        if matcher.completed(token_ids):
+            return "stop"
+        if len(token_ids) >= limit:
+            return "length"
+        return None
+
+
+@dataclass(slots=True)
+class _DecodeState:
+    """The running part of a batch: its rows, KV cache, attention mask and the next-token logits.
+
+    Attributes:
+        rows: index into the batch of each running sequence.
+        cache: KV cache of the running sequences.
+        attention_mask: (B, T) 0 on left padding.
+        positions: (B,) position id of the latest token of each running sequence.
+        logits: (B, V) next-token logits, fp32.
+    """
+
+    rows: list[int]
+    cache: DynamicCache
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+
+    @classmethod
+    def prefill(cls, policy: Policy, prompts: Sequence[Sequence[int]]) -> "_DecodeState":
+        """Run the left-padded prompts through the model."""
+        device = policy.device
+        width = max(len(p) for p in prompts)
+        pad = policy.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+        attention_mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device, dtype=torch.long
+        )
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=policy.model.config)
+        output = policy.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return cls(
+            rows=list(range(len(prompts))),
+            cache=cache,
+            attention_mask=attention_mask,
+            positions=position_ids[:, -1],
+            logits=output.logits[:, -1, :].float(),
+        )
+
+    def step(self, policy: Policy, tokens: torch.Tensor, running: list[int]) -> None:
+        """Keep the ``running`` rows (indices into ``rows``) and feed each its newest token."""
+        if len(running) < len(self.rows):
+            keep = torch.tensor(running, device=tokens.device)
+            self.cache.batch_select_indices(keep)
+            self.attention_mask = self.attention_mask[keep]
+            self.positions = self.positions[keep]
+            tokens = tokens[keep]
+            self.rows = [self.rows[i] for i in running]
+        new_column = self.attention_mask.new_ones(len(self.rows), 1)
+        self.attention_mask = torch.cat([self.attention_mask, new_column], dim=1)
+        self.positions = self.positions + 1
+        output = policy.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.attention_mask,
+            position_ids=self.positions[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.logits = output.logits[:, -1, :].float()
+
+
+def _warpers(params: SamplingParams) -> LogitsProcessorList:
+    """The temperature, top-k and top-p warpers of transformers, in the order its own sampler applies them."""
+    warpers = LogitsProcessorList()
+    if params.greedy:
+        return warpers
+    if params.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k=params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=params.top_p))
+    return warpers
+
+
+def _sample(
+    logits: torch.Tensor, warpers: LogitsProcessorList, greedy: bool, rng: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens (B,) and their log-probs (B,) under the sampled-from distribution."""
+    if greedy:
+        log_probs = torch.log_softmax(logits, dim=-1)
+        tokens = log_probs.argmax(dim=-1)
+    else:
+        # The warpers ignore the input ids; they only reshape the scores.
+        scores = warpers(None, logits)  # type: ignore[arg-type]
+        log_probs = torch.log_softmax(scores, dim=-1)
+        tokens = torch.multinomial(log_probs.exp(), num_samples=1, generator=rng).squeeze(-1)
+    return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)
