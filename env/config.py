@@ -1,0 +1,112 @@
+"""The environment's settings: one frozen dataclass that the trainer's config tree embeds."""
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from searchgym.errors import SearchgymError
+
+PromptStyle = Literal["chat", "plain"]
+RewardType = Literal["em", "f1", "cover_em"]
+
+QUESTION_PLACEHOLDER = "{question}"
+# The longest notices (an invalid action on the turn before the last) must fit, with room for documents.
+MIN_OBSERVATION_TOKENS = 128
+
+
+class EnvConfigError(SearchgymError, ValueError):
+    """An :class:`EnvConfig` field holds a value the environment cannot run with."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnvConfig:
+    """How a search-and-answer episode runs and how it is rewarded.
+
+    Budgets count the policy's actions (turns) and searches; the observation budget counts tokens of the
+    tokenizer given to the env (whitespace-separated words without one).
+
+    Attributes:
+        max_turns: actions the policy may take in one episode. The last turn is for the answer: its
+            observation says so, and a search or an invalid action there ends the episode truncated.
+        max_searches: searches allowed per episode (at most ``max_turns - 1``). Once spent, the
+            observation says so and a further search is refused with a corrective message.
+        topk: passages retrieved per search.
+        max_observation_tokens: budget of one observation, tags and notices included. Each retrieved
+            document is trimmed to its share so that the whole block fits; nothing is cut silently.
+        prompt_style: ``"chat"`` for instruct models: the reset observation is the user message, which the
+            policy wraps in its tokenizer's chat template. ``"plain"`` for base models: the reset
+            observation is the whole context and ends with the assistant's cue (``Assistant:``).
+        prompt_template: your own prompt in place of the style's built-in one; it must contain
+            ``{question}`` exactly once (the question is inserted verbatim and never truncated).
+        reward_type: the outcome metric of the final answer: ``"em"`` (exact match), ``"f1"`` (token F1)
+            or ``"cover_em"`` (a gold answer appears in the prediction).
+        format_weight: reward floor for a well-formed episode (every action valid, ended by an answer)
+            whose answer scores lower. 0 turns format shaping off (the Search-R1 paper's setting).
+        retrieval_weight: extra floor, on top of ``format_weight``, when the episode is well-formed and
+            a gold answer appears in some retrieved passage.
+        search_cost: subtracted from the reward once per search made.
+    """
+
+    max_turns: int = 4
+    max_searches: int = 3
+    topk: int = 3
+    max_observation_tokens: int = 512
+    prompt_style: PromptStyle = "chat"
+    prompt_template: str | None = None
+    reward_type: RewardType = "em"
+    format_weight: float = 0.0
+    retrieval_weight: float = 0.0
+    search_cost: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._check_budgets()
+        self._check_prompt()
+        self._check_reward()
+
+    def _check_budgets(self) -> None:
+        if self.max_turns < 1:
+            raise EnvConfigError(f"max_turns={self.max_turns}: set max_turns to 1 or more")
+        if not 0 <= self.max_searches <= self.max_turns - 1:
+            raise EnvConfigError(
+                f"max_searches={self.max_searches} with max_turns={self.max_turns}: set max_searches between "
+                f"0 and max_turns - 1 = {self.max_turns - 1} (the last turn is reserved for the answer)"
+            )
+        if self.topk < 1:
+            raise EnvConfigError(f"topk={self.topk}: set topk to 1 or more passages per search")
+        if self.max_observation_tokens < MIN_OBSERVATION_TOKENS:
+            raise EnvConfigError(
+                f"max_observation_tokens={self.max_observation_tokens}: set it to {MIN_OBSERVATION_TOKENS} "
+                "or more, so that document headers and notices fit"
+            )
+
+    def _check_prompt(self) -> None:
+        if self.prompt_style not in get_args(PromptStyle):
+            raise EnvConfigError(
+                f"prompt_style={self.prompt_style!r}: set prompt_style to 'chat' (instruct models) or "
+                "'plain' (base models)"
+            )
+        if self.prompt_template is not None and self.prompt_template.count(QUESTION_PLACEHOLDER) != 1:
+            raise EnvConfigError(
+                f"prompt_template must contain {QUESTION_PLACEHOLDER} exactly once (found "
+                f"{self.prompt_template.count(QUESTION_PLACEHOLDER)}); or set prompt_template to None "
+                "for the built-in prompt"
+            )
+
+    def _check_reward(self) -> None:
+        if self.reward_type not in get_args(RewardType):
+            raise EnvConfigError(
+                f"reward_type={self.reward_type!r}: set reward_type to one of "
+                f"{', '.join(get_args(RewardType))}"
+            )
+        for name in ("format_weight", "retrieval_weight"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise EnvConfigError(f"{name}={value}: set {name} between 0 and 1 (0 turns it off)")
+        if self.format_weight + self.retrieval_weight > 1.0:
+            raise EnvConfigError(
+                f"format_weight + retrieval_weight = {self.format_weight + self.retrieval_weight}: keep the "
+                "sum at most 1, so that a correct answer always earns at least as much as good form"
+            )
+        if not 0.0 <= self.search_cost <= 1.0:
+            raise EnvConfigError(
+                f"search_cost={self.search_cost}: set search_cost between 0 and 1 (0 = free)"
+            )

@@ -1,0 +1,96 @@
+"""Retrieved passages as an ``<information>`` block that fits its token budget, trimmed per document.
+
+Search-R1 cuts an over-long observation at its end with a warning (issue #127), so the last documents
+vanish; here every document gets a fair share of the budget instead, and short documents hand what they
+do not use to the longer ones.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from env.prompts import document_header, information_block
+from env.tokens import TextMeter
+from retriever.base import Passage
+
+# Tokenizers may merge across the joins of headers and texts, so the assembled block can count a few
+# tokens more than its parts; each retry takes the excess off the longest document.
+_MAX_REFITS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class InformationBlock:
+    """An observation made of retrieved documents.
+
+    Attributes:
+        text: the block, exactly as it is appended to the model's context.
+        shown_ids: corpus ids of the documents in the block, in order (a document whose header alone
+            does not fit is left out, lowest-ranked first).
+        num_tokens: the block's size in budget units.
+    """
+
+    text: str
+    shown_ids: tuple[str, ...]
+    num_tokens: int
+
+
+def share_budget(lengths: Sequence[int], budget: int) -> list[int]:
+    """Split ``budget`` across items of the given lengths: equal shares, unused share passed on.
+
+    Each item gets ``min(length, fair share)``, where the shares of short items that need less go to
+    the longer ones (water-filling), so the sum never exceeds ``max(budget, 0)``.
+
+    Examples:
+        >>> share_budget([10, 100, 100], 90)
+        [10, 40, 40]
+        >>> share_budget([5, 5], 100)
+        [5, 5]
+        >>> share_budget([7, 7, 7], 10)
+        [3, 3, 4]
+    """
+    allowance = [0] * len(lengths)
+    remaining = max(budget, 0)
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index])
+    for position, index in enumerate(order):
+        share = remaining // (len(order) - position)
+        allowance[index] = min(lengths[index], share)
+        remaining -= allowance[index]
+    return allowance
+
+
+def fit_information(passages: Sequence[Passage], *, meter: TextMeter, max_tokens: int) -> InformationBlock:
+    """The ``<information>`` block of ``passages`` within ``max_tokens`` units of ``meter``.
+
+    Titles are kept whole; each text is trimmed to its share of what the tags and titles leave. If even
+    the headers do not fit, documents are dropped from the lowest-ranked up; an empty block is the result
+    when none fits (it is returned even if the tags alone exceed a tiny budget).
+    """
+    documents = list(passages)
+    while documents:
+        block = _fit_texts(documents, meter=meter, max_tokens=max_tokens)
+        if block is not None:
+            return block
+        documents.pop()
+    empty = information_block([])
+    return InformationBlock(empty, (), meter.count(empty))
+
+
+def _fit_texts(passages: list[Passage], *, meter: TextMeter, max_tokens: int) -> InformationBlock | None:
+    """The block with every passage's text trimmed to fit, or None when no trimming of the texts fits."""
+    titles = [passage.title for passage in passages]
+    texts = [passage.text for passage in passages]
+    fixed = meter.count(information_block([])) + sum(
+        meter.count(document_header(rank, title)) for rank, title in enumerate(titles, 1)
+    )
+    if fixed > max_tokens:
+        return None
+    lengths = [meter.count(text) for text in texts]
+    allowance = share_budget(lengths, max_tokens - fixed)
+    for _ in range(_MAX_REFITS):
+        trimmed = [meter.truncate(text, units) for text, units in zip(texts, allowance, strict=True)]
+        block = information_block(list(zip(titles, trimmed, strict=True)))
+        excess = meter.count(block) - max_tokens
+        if excess <= 0:
+            return InformationBlock(block, tuple(passage.id for passage in passages), excess + max_tokens)
+        longest = max(range(len(allowance)), key=allowance.__getitem__)
+        allowance[longest] = max(allowance[longest] - excess, 0)
+    return None

@@ -1,0 +1,91 @@
+"""The texts the environment shows the model: the prompt, retrieved information and short notices.
+
+Every observation after the prompt is exactly the text to append to the model's context after its action,
+so it starts and ends with a blank line and never repeats earlier context.
+"""
+
+from env.config import QUESTION_PLACEHOLDER, PromptStyle
+
+PROTOCOL = (
+    "Answer the question below. Reason step by step inside <think> and </think> first, and again each time "
+    "you receive new information. When you are missing a fact, search a Wikipedia index by writing "
+    "<search> your query </search>; the best passages come back between <information> and </information>. "
+    "You may search more than once. When you know the answer, write it inside <answer> and </answer> as a "
+    "short phrase without explanation, for example <answer> Marie Curie </answer>."
+)
+
+# Chat style: this is the user message; the policy adds the chat template and the assistant turn start.
+CHAT_TEMPLATE = f"{PROTOCOL}\n\nQuestion: {QUESTION_PLACEHOLDER}"
+# Plain style: the whole context of a base model, ending with the cue that it continues.
+PLAIN_TEMPLATE = f"{PROTOCOL}\n\nQuestion: {QUESTION_PLACEHOLDER}\n\nAssistant:"
+
+INFORMATION_OPEN = "\n\n<information>"
+INFORMATION_CLOSE = "</information>\n\n"
+
+LAST_TURN_NOTICE = (
+    "(This is your last turn: do not search again; give your final answer inside <answer> and </answer>.)\n\n"
+)
+SEARCHES_SPENT_NOTICE = (
+    "(You have used all your searches: give your final answer inside <answer> and </answer>.)\n\n"
+)
+SEARCH_REFUSED_NOTICE = (
+    "\n\n(Search refused: you have used all your searches. Give your final answer inside <answer> and "
+    "</answer>.)\n\n"
+)
+
+
+def build_prompt(question: str, *, style: PromptStyle, template: str | None = None) -> str:
+    r"""The reset observation: the protocol and the question, inserted verbatim (never truncated).
+
+    Examples:
+        >>> build_prompt("Who wrote Hamlet?", style="plain", template="Q: {question}\nA:")
+        'Q: Who wrote Hamlet?\nA:'
+        >>> build_prompt("Who wrote Hamlet?", style="chat").endswith("Question: Who wrote Hamlet?")
+        True
+    """
+    if template is None:
+        template = CHAT_TEMPLATE if style == "chat" else PLAIN_TEMPLATE
+    # str.replace, not str.format: questions and user templates may contain braces of their own.
+    return template.replace(QUESTION_PLACEHOLDER, question)
+
+
+def document_header(rank: int, title: str) -> str:
+    """The line start of the ``rank``-th document (1-based) of an information block."""
+    return f"Doc {rank}(Title: {title}) "
+
+
+def information_block(documents: list[tuple[str, str]]) -> str:
+    r"""The observation for ``(title, text)`` documents, best first, one line each.
+
+    Examples:
+        >>> information_block([("Paris", "Capital."), ("Lyon", "A city.")])
+        '\n\n<information>Doc 1(Title: Paris) Capital.\nDoc 2(Title: Lyon) A city.\n</information>\n\n'
+    """
+    lines = "".join(
+        f"{document_header(rank, title)}{text}\n" for rank, (title, text) in enumerate(documents, 1)
+    )
+    return f"{INFORMATION_OPEN}{lines}{INFORMATION_CLOSE}"
+
+
+# Keyed by env.actions.InvalidReason values, plus the env's own refusal reasons.
+_INVALID_REASON_TEXT = {
+    "no_tag": "no <search> or <answer> tag",
+    "unclosed_tag": "a tag was opened but not closed",
+    "nested_tags": "tags inside one another",
+    "empty_query": "the search query is empty",
+    "empty_answer": "the answer is empty",
+}
+
+
+def invalid_action_notice(reason: str) -> str:
+    """The corrective observation after an invalid action: what went wrong and the protocol again.
+
+    Examples:
+        >>> print(invalid_action_notice("empty_query").strip())  # doctest: +NORMALIZE_WHITESPACE
+        (Invalid action: the search query is empty. To search, write <search> your query </search>;
+        to finish, write <answer> your answer </answer>.)
+    """
+    return (
+        f"\n\n(Invalid action: {_INVALID_REASON_TEXT.get(reason, reason)}. To search, write "
+        "<search> your query </search>; to finish, write <answer> your answer </answer>.)\n\n"
+    )

@@ -1,0 +1,373 @@
+"""SearchEnv: one search-and-answer episode as a Gymnasium environment with text observations and actions."""
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, SupportsFloat
+
+import gymnasium
+
+from env import prompts
+from env.actions import Answer, Invalid, Search, parse_action
+from env.config import EnvConfig
+from env.data import QAExample, load_dataset
+from env.observations import fit_information
+from env.retrieval import RetrievalResult, retrieve_batch
+from env.rewards import (
+    RewardBreakdown,
+    answer_in_passages,
+    cover_exact_match,
+    exact_match,
+    f1_score,
+    format_reward,
+    score_answer,
+    search_penalty,
+)
+from env.spaces import MAX_ACTION_CHARS, MAX_OBSERVATION_CHARS, UnicodeText
+from env.tokens import Tokenizer, make_meter
+from retriever.base import Retriever
+from searchgym.errors import SearchgymError
+
+DatasetLike = str | os.PathLike[str] | Sequence[QAExample | Mapping[str, Any]]
+
+# Reasons an action parsed as a search was not carried out (beside env.actions.InvalidReason).
+SEARCH_BUDGET_SPENT = "search_budget_spent"
+SEARCH_ON_LAST_TURN = "search_on_last_turn"
+
+
+class EpisodeStateError(SearchgymError):
+    """``step`` was called with no running episode."""
+
+
+@dataclass(slots=True)
+class _Episode:
+    """The mutable state of the running episode."""
+
+    example: QAExample
+    turn: int = 0
+    num_searches: int = 0
+    well_formed: bool = True
+    done: bool = False
+    retrieved_ids: list[str] = field(default_factory=list)
+    retrieved_texts: list[str] = field(default_factory=list)
+    transcript: list[str] = field(default_factory=list)
+    pending: Search | Answer | Invalid | None = None
+
+
+class SearchEnv(gymnasium.Env[str, str]):
+    r"""A question to answer with the help of a search engine, one model turn per step.
+
+    ## Description
+    Each episode is one QA example. The model reasons in ``<think>`` blocks, searches with
+    ``<search> query </search>`` and ends with ``<answer> text </answer>``; the env parses each turn with
+    :func:`env.actions.parse_action` (the first complete tag wins), runs searches on its retriever and
+    returns what to append to the model's context.
+
+    ## Action Space
+    :class:`~env.spaces.UnicodeText`: one turn of model text (any string; the closing tag must be
+    included, so generation should stop *after* ``</search>`` / ``</answer>``).
+
+    ## Observation Space
+    :class:`~env.spaces.UnicodeText`. ``reset`` returns the prompt: with ``prompt_style="chat"`` the user
+    message (the policy applies its chat template), with ``"plain"`` the whole context, ending with
+    ``Assistant:``. ``step`` returns exactly the text to append after the action:
+    ``\n\n<information>Doc 1(Title: T) text\n...</information>\n\n`` after a search (each document
+    trimmed to its share of ``max_observation_tokens``), a short corrective notice after an invalid
+    action, and ``""`` when the episode ends. The observation before the last allowed turn, and the one
+    that spends the last search, say to answer now.
+
+    ## Rewards
+    0.0 on every step but the last; the last step's reward is ``max(outcome, shaping) - search_cost``
+    (:class:`env.rewards.RewardBreakdown`). When the reward cannot be computed (the retriever failed, or
+    the example has no gold answers) the step reward is 0.0 and ``info["reward"]`` is None with
+    ``info["reward_error"]`` saying why: mask those episodes, never train on the 0.0.
+
+    ## Episode End
+    ``terminated`` when the model answers. ``truncated`` when the last turn passes without an answer
+    (a search or an invalid action there) or when the retriever fails (``info["error"]``).
+
+    ## Info
+    Every step: ``example_id``, ``turn`` (1-based), ``action_type`` (``"search"``, ``"answer"`` or
+    ``"invalid"``: what the env did), ``query`` (the parsed query, also for a refused search),
+    ``invalid_reason`` (an :class:`~env.actions.InvalidReason` value, ``"search_budget_spent"`` or
+    ``"search_on_last_turn"``), ``retrieved_ids``, ``retrieval_latency_s``, ``num_searches``,
+    ``observation_tokens``. At the end also: ``answer``, ``em``, ``f1``, ``cover_em``, ``reward``,
+    ``reward_error``, ``reward_outcome``, ``reward_shaping``, ``reward_search_cost``, ``end_reason``
+    (``"answered"``, ``"max_turns"``, ``"retriever_error"``), ``error`` and ``episode_retrieved_ids``.
+
+    ## Arguments
+    ``dataset``: a bundled name (``"wiki-mini-dev"``), a file path, or QA examples; may be None when
+    every reset passes ``options={"example": ...}``. ``retriever``: any :class:`retriever.base.Retriever`
+    (in-process index or HTTP client). ``config``: :class:`env.config.EnvConfig`. ``tokenizer``: counts
+    budgets in the policy's tokens (HF-style ``encode``/``decode``); words without one.
+    ``render_mode="ansi"``: ``render()`` returns the episode's text so far.
+
+    ## Gymnasium checks
+    ``gymnasium.utils.env_checker.check_env`` passes. Gymnasium's ``Text`` space only holds strings over
+    a finite character set, so both spaces are :class:`~env.spaces.UnicodeText`, a ``Text`` that accepts
+    any character; ``action_space.sample()`` draws printable ASCII, which parses as an invalid action.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": ["ansi"]}  # noqa: RUF012  (Gymnasium's class attribute)
+
+    def __init__(
+        self,
+        *,
+        dataset: DatasetLike | None,
+        retriever: Retriever,
+        config: EnvConfig | None = None,
+        tokenizer: Tokenizer | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise SearchgymError(f"render_mode={render_mode!r}: use None or 'ansi'")
+        self.config = config or EnvConfig()
+        self.retriever = retriever
+        self.examples = resolve_examples(dataset)
+        self.render_mode = render_mode
+        self.observation_space = UnicodeText(MAX_OBSERVATION_CHARS)
+        self.action_space = UnicodeText(MAX_ACTION_CHARS)
+        self._meter = make_meter(tokenizer)
+        self._episode: _Episode | None = None
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Start an episode on ``options["example"]``, or on a dataset example drawn with the env's RNG.
+
+        Raises:
+            SearchgymError: an unknown option, or no example given and the env has no dataset.
+        """
+        super().reset(seed=seed)
+        unknown = set(options or {}) - {"example"}
+        if unknown:
+            raise SearchgymError(f"unknown reset options {sorted(unknown)}: the only option is 'example'")
+        example = (options or {}).get("example")
+        if example is None:
+            if not self.examples:
+                raise SearchgymError(
+                    "this SearchEnv has no dataset: pass options={'example': QAExample(...)}"
+                )
+            example = self.examples[int(self.np_random.integers(len(self.examples)))]
+        self._episode = _Episode(example=as_example(example))
+        question = self._episode.example.question
+        if self.config.max_turns == 1:
+            # The first turn is also the last: the notice rides with the question, whatever the template.
+            question = f"{question}\n{prompts.LAST_TURN_NOTICE.strip()}"
+        prompt = prompts.build_prompt(
+            question, style=self.config.prompt_style, template=self.config.prompt_template
+        )
+        self._episode.transcript.append(prompt)
+        return prompt, {"example_id": self._episode.example.id, "question": self._episode.example.question}
+
+    def step(self, action: str) -> tuple[str, SupportsFloat, bool, bool, dict[str, Any]]:
+        """Take one model turn: ``begin_step``, the search if there is one, ``finish_step``."""
+        query = self.begin_step(action)
+        result = None if query is None else retrieve_batch(self.retriever, [query], self.config.topk)[0]
+        return self.finish_step(result)
+
+    def render(self) -> str | None:
+        """The episode so far (prompt, actions and observations) with ``render_mode="ansi"``."""
+        if self.render_mode != "ansi" or self._episode is None:
+            return None
+        return "".join(self._episode.transcript)
+
+    @property
+    def episode_over(self) -> bool:
+        """Whether there is no running episode (never reset, or the last one ended)."""
+        return self._episode is None or self._episode.done
+
+    def begin_step(self, action: str) -> str | None:
+        """First half of ``step``: parse the turn; return the query to search, or None if no search runs.
+
+        :class:`env.vector.SearchVectorEnv` calls this on every sub-env, sends all queries in one retriever
+        call, then calls :meth:`finish_step`.
+
+        Raises:
+            EpisodeStateError: no running episode (call ``reset`` first).
+        """
+        episode = self._running_episode()
+        episode.turn += 1
+        episode.pending = parse_action(action)
+        episode.transcript.append(action)
+        may_search = episode.turn < self.config.max_turns and episode.num_searches < self.config.max_searches
+        if isinstance(episode.pending, Search) and may_search:
+            return episode.pending.query
+        return None
+
+    def finish_step(self, result: RetrievalResult | None) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        """Second half of ``step``: ``result`` is the search's outcome (None when there was no query)."""
+        episode = self._running_episode()
+        action = episode.pending
+        if action is None:
+            raise EpisodeStateError("finish_step() needs a begin_step() first")
+        episode.pending = None
+        info = self._turn_info(action, result)
+        if isinstance(action, Answer):
+            return self._end(info, answer=action.text, end_reason="answered", terminated=True)
+        if result is not None and result.error is not None:
+            return self._end(
+                info, answer=None, end_reason="retriever_error", terminated=False, error=result.error
+            )
+        if episode.turn >= self.config.max_turns:
+            return self._end(info, answer=None, end_reason="max_turns", terminated=False)
+        if result is None:
+            episode.well_formed = False
+            body = (
+                prompts.SEARCH_REFUSED_NOTICE
+                if isinstance(action, Search)
+                else prompts.invalid_action_notice(info["invalid_reason"])
+            )
+            observation = body + self._closing_notice(searched=False)
+        else:
+            observation = self._information(result)
+        info["observation_tokens"] = self._meter.count(observation)
+        episode.transcript.append(observation)
+        return observation, 0.0, False, False, info
+
+    def _running_episode(self) -> _Episode:
+        if self._episode is None or self._episode.done:
+            raise EpisodeStateError(
+                "no running episode: call reset() before step() (the last episode has ended)"
+            )
+        return self._episode
+
+    def _turn_info(self, action: Search | Answer | Invalid, result: RetrievalResult | None) -> dict[str, Any]:
+        episode = self._running_episode()
+        if result is not None:
+            action_type, invalid_reason = "search", None
+        elif isinstance(action, Answer):
+            action_type, invalid_reason = "answer", None
+        elif isinstance(action, Search):
+            last_turn = episode.turn >= self.config.max_turns
+            action_type, invalid_reason = "invalid", SEARCH_ON_LAST_TURN if last_turn else SEARCH_BUDGET_SPENT
+        else:
+            action_type, invalid_reason = "invalid", str(action.reason)
+        passages = () if result is None else result.passages
+        return {
+            "example_id": episode.example.id,
+            "turn": episode.turn,
+            "action_type": action_type,
+            "query": action.query if isinstance(action, Search) else None,
+            "invalid_reason": invalid_reason,
+            "retrieved_ids": tuple(passage.id for passage in passages),
+            "retrieval_latency_s": 0.0 if result is None else result.latency_s,
+            "num_searches": episode.num_searches + int(result is not None and result.error is None),
+            "observation_tokens": 0,
+        }
+
+    def _information(self, result: RetrievalResult) -> str:
+        """The observation after a successful search; records what was retrieved."""
+        episode = self._running_episode()
+        episode.num_searches += 1
+        episode.retrieved_ids.extend(passage.id for passage in result.passages)
+        episode.retrieved_texts.extend(passage.contents for passage in result.passages)
+        notice = self._closing_notice(searched=True)
+        budget = self.config.max_observation_tokens - self._meter.count(notice)
+        block = fit_information(result.passages, meter=self._meter, max_tokens=budget)
+        return block.text + notice
+
+    def _closing_notice(self, *, searched: bool) -> str:
+        """Answer now, said when the next turn is the last or this turn's search spent the last one."""
+        episode = self._running_episode()
+        if episode.turn + 1 >= self.config.max_turns:
+            return prompts.LAST_TURN_NOTICE
+        if searched and episode.num_searches >= self.config.max_searches:
+            return prompts.SEARCHES_SPENT_NOTICE
+        return ""
+
+    def _end(
+        self,
+        info: dict[str, Any],
+        *,
+        answer: str | None,
+        end_reason: str,
+        terminated: bool,
+        error: str | None = None,
+    ) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        episode = self._running_episode()
+        episode.done = True
+        well_formed = episode.well_formed and answer is not None
+        info |= {
+            "answer": answer,
+            "end_reason": end_reason,
+            "error": error,
+            "episode_retrieved_ids": tuple(episode.retrieved_ids),
+        }
+        info |= episode_scores(
+            episode.example,
+            answer=answer,
+            retrieved_texts=episode.retrieved_texts,
+            well_formed=well_formed,
+            num_searches=episode.num_searches,
+            config=self.config,
+            error=error,
+        )
+        reward = 0.0 if info["reward"] is None else info["reward"]
+        return "", reward, terminated, not terminated, info
+
+
+def episode_scores(
+    example: QAExample,
+    *,
+    answer: str | None,
+    retrieved_texts: Sequence[str],
+    well_formed: bool,
+    num_searches: int,
+    config: EnvConfig,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The final ``info`` entries of an episode: metrics, reward and its parts, or None with a reason."""
+    missing = {"em": None, "f1": None, "cover_em": None, "reward": None}
+    parts = {"reward_outcome": None, "reward_shaping": None, "reward_search_cost": None}
+    if error is not None:
+        return missing | parts | {"reward_error": f"retriever failed: {error}"}
+    golds = example.golden_answers
+    if not golds:
+        return missing | parts | {"reward_error": f"example {example.id!r} has no golden answers"}
+    shaping = format_reward(
+        well_formed=well_formed,
+        answer_retrieved=config.retrieval_weight > 0 and answer_in_passages(retrieved_texts, golds),
+        format_weight=config.format_weight,
+        retrieval_weight=config.retrieval_weight,
+    )
+    breakdown = RewardBreakdown(
+        outcome=score_answer(answer, golds, config.reward_type),
+        shaping=shaping,
+        search_cost=search_penalty(num_searches, config.search_cost),
+    )
+    return {
+        "em": exact_match(answer, golds),
+        "f1": f1_score(answer, golds),
+        "cover_em": cover_exact_match(answer, golds),
+        "reward": breakdown.total,
+        "reward_error": None,
+        "reward_outcome": breakdown.outcome,
+        "reward_shaping": breakdown.shaping,
+        "reward_search_cost": breakdown.search_cost,
+    }
+
+
+def as_example(example: QAExample | Mapping[str, Any]) -> QAExample:
+    """A QA example from an example or a FlashRAG record.
+
+    Raises:
+        SearchgymError: ``example`` is neither.
+    """
+    if isinstance(example, QAExample):
+        return example
+    if not isinstance(example, Mapping):
+        raise SearchgymError(
+            f"expected a QAExample or a FlashRAG record {{'id', 'question', 'golden_answers'}}, "
+            f"got {type(example).__name__}"
+        )
+    return QAExample.from_record(example, where="the example passed to reset")
+
+
+def resolve_examples(dataset: DatasetLike | None) -> list[QAExample]:
+    """The examples of a dataset argument: a bundled name or a path is loaded; records are converted."""
+    if dataset is None:
+        return []
+    if isinstance(dataset, str | os.PathLike):
+        return load_dataset(dataset)
+    return [as_example(example) for example in dataset]
