@@ -61,6 +61,10 @@ class ModelLoadError(SearchgymError):
     """A policy model or tokenizer could not be loaded."""
 
 
+class PromptFormatError(SearchgymError):
+    """A prompt cannot be put in the form asked for (a chat prompt for a model without a chat template)."""
+
+
 def default_device() -> torch.device:
     """The first GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,18 +80,34 @@ def is_chat_model(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, *, chat: bool | None = None) -> list[int]:
     """Token ids of an env prompt: the user message of a chat for instruct models, raw text for base models.
 
     For chat models the generation prompt (the assistant header) is added, so the policy's first token
     starts its answer; the env's text is never altered.
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        text: the env's reset observation.
+        chat: wrap the text in the chat template (the env's ``prompt_style="chat"``) or not
+            (``"plain"``); None decides by whether the tokenizer has a chat template.
+
+    Raises:
+        PromptFormatError: a chat prompt was asked for but the tokenizer has no chat template.
     """
-    if is_chat_model(tokenizer):
-        messages = [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        # transformers 5 returns a BatchEncoding here; older versions a plain list.
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if chat is None:
+        chat = is_chat_model(tokenizer)
+    if not chat:
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if not is_chat_model(tokenizer):
+        raise PromptFormatError(
+            "the policy's tokenizer has no chat template: use prompt_style='plain' in the env config for "
+            "base models, or load an instruct model"
+        )
+    messages = [{"role": "user", "content": text}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding here; older versions a plain list.
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def load_policy(

@@ -1,0 +1,153 @@
+"""Log-probs of final sequences: the trainer's source of truth, and its mismatch with the sampler's.
+
+The trainer re-scores every response with the model it is updating; the sampler's log-probs (from the
+generation backend) differ by numerics (batching, kernels, bf16) and, for vLLM, by weights that lag a
+step behind. ``logprob_mismatch`` measures that gap on the policy tokens only.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceBatch:
+    """Prompt and response ids of a batch, left-padded prompts and right-padded responses.
+
+    Attributes:
+        input_ids: (B, P + R) prompt then response; P and R are the longest prompt and response.
+        attention_mask: (B, P + R) 1 on real tokens.
+        response_mask: (B, R) 1 on real response tokens (padding 0).
+        prompt_width: P, where every response starts.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_width: int
+
+    @classmethod
+    def from_ids(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        *,
+        pad_token_id: int,
+        device: torch.device | str = "cpu",
+    ) -> "SequenceBatch":
+        """Pack token-id lists: prompts aligned on their right edge so that all responses start at P."""
+        prompt_width = max(len(p) for p in prompts)
+        response_width = max(max(len(r) for r in responses), 1)
+        rows, masks, response_masks = [], [], []
+        for prompt, response in zip(prompts, responses, strict=True):
+            left = prompt_width - len(prompt)
+            right = response_width - len(response)
+            rows.append([pad_token_id] * left + [*prompt, *response] + [pad_token_id] * right)
+            masks.append([0] * left + [1] * (len(prompt) + len(response)) + [0] * right)
+            response_masks.append([1] * len(response) + [0] * right)
+        return cls(
+            input_ids=torch.tensor(rows, device=device),
+            attention_mask=torch.tensor(masks, device=device),
+            response_mask=torch.tensor(response_masks, device=device),
+            prompt_width=prompt_width,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Per-token scores of the response tokens.
+
+    Attributes:
+        logprobs: (B, R) log-prob of each response token given everything before it (0 on padding).
+        entropy: (B, R) entropy of the next-token distribution at each response position, or None.
+    """
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def sequence_logprobs(
+    model: PreTrainedModel,
+    batch: SequenceBatch,
+    *,
+    temperature: float = 1.0,
+    micro_batch_size: int = 8,
+    with_entropy: bool = False,
+) -> TokenLogprobs:
+    """Log-probs (and optionally entropies) of the response tokens, micro-batched, with gradients.
+
+    Args:
+        model: the causal LM being trained (its mode and grad context are the caller's).
+        batch: the packed sequences.
+        temperature: the sampling temperature; logits are divided by it, as the sampler did (0 is
+            treated as 1: greedy sampling scores the raw distribution).
+        micro_batch_size: rows per forward pass (memory bound).
+        with_entropy: also return the entropy at each response position.
+    """
+    scale = temperature if temperature > 0 else 1.0
+    logprob_chunks, entropy_chunks = [], []
+    for start in range(0, batch.input_ids.shape[0], micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        logits = _response_logits(model, batch, rows) / scale
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        targets = batch.input_ids[rows, batch.prompt_width :]
+        mask = batch.response_mask[rows]
+        token_logprobs = log_probs.gather(-1, targets[..., None]).squeeze(-1)
+        logprob_chunks.append(token_logprobs * mask)
+        if with_entropy:
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            entropy_chunks.append(entropy * mask)
+    return TokenLogprobs(
+        logprobs=torch.cat(logprob_chunks),
+        entropy=torch.cat(entropy_chunks) if with_entropy else None,
+    )
+
+
+def _response_logits(model: PreTrainedModel, batch: SequenceBatch, rows: slice) -> torch.Tensor:
+    """(b, R, V) logits that predict each response token (the positions one to its left)."""
+    attention_mask = batch.attention_mask[rows]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    response_width = batch.response_mask.shape[1]
+    # Position t predicts token t + 1: keep the R positions from P - 1 to P + R - 2.
+    output = model(
+        input_ids=batch.input_ids[rows],
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        logits_to_keep=response_width + 1,
+    )
+    return output.logits[:, :-1, :]
+
+
+@dataclass(frozen=True, slots=True)
+class LogprobMismatch:
+    """How far the sampler's log-probs are from the trainer's, over the policy tokens.
+
+    Attributes:
+        mean_abs_diff: mean of ``|trainer - sampler|``.
+        max_abs_diff: the largest ``|trainer - sampler|``.
+        mean_prob_ratio: mean of ``exp(trainer - sampler)`` (1 when they agree; the importance weight
+            an off-policy correction would apply).
+        num_tokens: how many tokens were compared.
+    """
+
+    mean_abs_diff: float
+    max_abs_diff: float
+    mean_prob_ratio: float
+    num_tokens: int
+
+
+def logprob_mismatch(trainer: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> LogprobMismatch:
+    """Compare trainer and sampler log-probs ``(B, R)`` where ``mask`` (the loss mask) is 1."""
+    selected = mask.bool()
+    diff = (trainer.detach().float() - sampler.float())[selected]
+    if diff.numel() == 0:
+        return LogprobMismatch(0.0, 0.0, 1.0, 0)
+    return LogprobMismatch(
+        mean_abs_diff=diff.abs().mean().item(),
+        max_abs_diff=diff.abs().max().item(),
+        mean_prob_ratio=diff.exp().mean().item(),
+        num_tokens=int(diff.numel()),
+    )
