@@ -19,6 +19,18 @@ CHAT_TEMPLATE = f"{PROTOCOL}\n\nQuestion: {QUESTION_PLACEHOLDER}"
 # Plain style: the whole context of a base model, ending with the cue that it continues.
 PLAIN_TEMPLATE = f"{PROTOCOL}\n\nQuestion: {QUESTION_PLACEHOLDER}\n\nAssistant:"
 
+# The one-turn baselines of the evaluation (``searchgym eval --mode direct|rag``): the same answer protocol
+# without search, so that the same parser reads their answers.
+DIRECT_PROTOCOL = (
+    "Answer the question below from what you know. Write the answer inside <answer> and </answer> as a short "
+    "phrase without explanation, for example <answer> Marie Curie </answer>."
+)
+RAG_PROTOCOL = (
+    "Answer the question below with the help of the Wikipedia passages between <information> and "
+    "</information>. Write the answer inside <answer> and </answer> as a short phrase without explanation, "
+    "for example <answer> Marie Curie </answer>."
+)
+
 INFORMATION_OPEN = "\n\n<information>"
 INFORMATION_CLOSE = "</information>\n\n"
 
@@ -89,3 +101,30 @@ def invalid_action_notice(reason: str) -> str:
         f"\n\n(Invalid action: {_INVALID_REASON_TEXT.get(reason, reason)}. To search, write "
         "<search> your query </search>; to finish, write <answer> your answer </answer>.)\n\n"
     )
+
+
+def build_baseline_prompt(question: str, *, style: PromptStyle, information: str | None = None) -> str:
+    """The prompt of a one-turn baseline: direct (no ``information``) or RAG (an :func:`information_block`).
+
+    The retrieved passages come before the question, formatted as the agent's observations are; the
+    question is inserted verbatim. Plain style ends with the assistant's cue, as :func:`build_prompt`.
+
+    Examples:
+        >>> build_baseline_prompt("Who wrote Hamlet?", style="chat").endswith("Question: Who wrote Hamlet?")
+        True
+        >>> block = information_block([("Hamlet", "A play.")])
+        >>> print(build_baseline_prompt("Who?", style="plain", information=block).split("</answer>.")[-1])
+        <BLANKLINE>
+        <BLANKLINE>
+        <information>Doc 1(Title: Hamlet) A play.
+        </information>
+        <BLANKLINE>
+        Question: Who?
+        <BLANKLINE>
+        Assistant:
+    """
+    if information is None:
+        text = f"{DIRECT_PROTOCOL}\n\nQuestion: {question}"
+    else:
+        text = f"{RAG_PROTOCOL}{information}Question: {question}"
+    return text if style == "chat" else f"{text}\n\nAssistant:"
