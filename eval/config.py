@@ -1,6 +1,7 @@
 """The settings of one evaluation run, validated before any work starts."""
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import PurePath
 from typing import Any
 
 from searchgym.errors import SearchgymError
@@ -9,6 +10,20 @@ MODES = ("agent", "rag", "direct")
 BACKENDS = ("hf", "vllm")
 SEARCH_R1_BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
 """The seven benchmarks of the Search-R1 paper's main table, in its column order (``--benchmarks all``)."""
+DATA_FILE_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
+
+
+def dataset_label(benchmark: str) -> str:
+    """The column name of a benchmark: its name, or a data file's name without folder and suffix.
+
+    >>> dataset_label("nq"), dataset_label("data/my_questions.jsonl.gz")
+    ('nq', 'my_questions')
+    """
+    name = PurePath(benchmark).name
+    for suffix in DATA_FILE_SUFFIXES:
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +81,16 @@ class EvalConfig:
                 raise SearchgymError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise SearchgymError(f"--limit must be at least 1, got {self.limit}")
+        labels = self.dataset_labels
+        if len(set(labels)) != len(labels):
+            raise SearchgymError(
+                f"two benchmarks share a table column name ({', '.join(labels)}): rename one of the files"
+            )
+
+    @property
+    def dataset_labels(self) -> tuple[str, ...]:
+        """The table column (and ``Prediction.dataset``) of each benchmark, in order."""
+        return tuple(dataset_label(benchmark) for benchmark in self.benchmarks)
 
     @property
     def uses_retrieval(self) -> bool:

@@ -28,6 +28,8 @@ class Prediction:
         gold_recall: share of ``gold_doc_ids`` among everything retrieved; None when unknown or nothing
             could be retrieved (``direct`` mode).
         trajectory: the full text the model saw and wrote after the prompt (actions and observations).
+        end_reason: how the episode ended (``answered``, ``max_turns``, ``context_budget``, ``no_answer``,
+            ``retriever_error``, ...), as the env and the rollout name it.
         error: why the episode ended abnormally (e.g. the retriever failed), else None.
     """
 
@@ -47,6 +49,7 @@ class Prediction:
     gold_doc_ids: list[str] | None = None
     gold_recall: float | None = None
     trajectory: str = ""
+    end_reason: str | None = None
     error: str | None = None
 
     @property

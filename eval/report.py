@@ -77,16 +77,16 @@ class RunResults:
     def from_predictions(
         cls, config: EvalConfig, predictions: Iterable[Prediction], *, seconds: float, num_new: int
     ) -> Self:
-        """Aggregate predictions of the datasets in ``config.benchmarks`` (others are ignored).
+        """Aggregate the predictions of the run's datasets (predictions of other datasets are ignored).
 
         Raises:
             ValueError: a dataset of ``config.benchmarks`` has no prediction.
         """
         by_dataset = summarize(predictions)
-        missing = [name for name in config.benchmarks if name not in by_dataset]
+        missing = [name for name in config.dataset_labels if name not in by_dataset]
         if missing:
             raise ValueError(f"no predictions for {missing}")
-        per_dataset = [by_dataset[name] for name in config.benchmarks]
+        per_dataset = [by_dataset[name] for name in config.dataset_labels]
         speed = num_new / seconds if seconds > 0 else 0.0
         return cls(config, per_dataset, macro_average(per_dataset), seconds, speed)
 

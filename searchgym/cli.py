@@ -8,6 +8,7 @@ declares arguments; the heavy imports (torch, faiss, vllm, ray) happen inside th
 import argparse
 import sys
 
+from eval.cli import add_eval_command
 from retriever.cli import add_index_command, add_serve_command
 from searchgym import __version__
 from searchgym.errors import SearchgymError
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_index_command(subparsers)
     add_serve_command(subparsers)
+    add_eval_command(subparsers)
     return parser
 
 

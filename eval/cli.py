@@ -1,0 +1,134 @@
+"""``searchgym eval``: EM / F1 tables for a checkpoint and its baselines, and side-by-side comparisons.
+
+Only arguments are declared here; torch, transformers and the retriever backends are imported by the
+handler, so ``searchgym --help`` stays instant.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from eval.config import BACKENDS, MODES, SEARCH_R1_BENCHMARKS, EvalConfig
+from eval.report import COMPARABLE_METRICS, compare_runs, format_run_table
+
+DEFAULT_BENCHMARKS = "wiki-mini-dev"
+RUNS_DIR = Path("runs") / "eval"
+
+
+def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``searchgym eval``."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a model (EM / F1 per dataset) in agent, rag or direct mode, or compare finished runs",
+        description=(
+            "Evaluate a policy on QA benchmarks with the training parser and reward code, and print a "
+            "table with one column per dataset. A run directory keeps predictions.jsonl, results.json and "
+            "results.md; running the same command again resumes an interrupted run."
+        ),
+    )
+    what = parser.add_argument_group("what to evaluate")
+    what.add_argument("--model", help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    what.add_argument(
+        "--benchmarks",
+        default=DEFAULT_BENCHMARKS,
+        help=(
+            f"comma-separated dataset names or files (FlashRAG .jsonl / Search-R1 .parquet); 'all' is "
+            f"{','.join(SEARCH_R1_BENCHMARKS)} (default: {DEFAULT_BENCHMARKS})"
+        ),
+    )
+    what.add_argument("--mode", choices=MODES, default="agent", help="agent (search policy), rag or direct")
+    what.add_argument("--limit", type=int, help="questions per dataset, sampled with --seed (default: all)")
+    what.add_argument("--seed", type=int, default=0, help="sampling seed of --limit (default: 0)")
+    what.add_argument("--exclude", type=Path, help="file of example ids to leave out, one per line")
+    search = parser.add_argument_group("retrieval (agent and rag modes)")
+    where = search.add_mutually_exclusive_group()
+    where.add_argument("--index", type=Path, help="index folder built by `searchgym index`")
+    where.add_argument("--retriever-url", help="URL of a running `searchgym serve` (or Search-R1 server)")
+    search.add_argument("--topk", type=int, default=3, help="passages per search (default: 3)")
+    search.add_argument(
+        "--max-turns", type=int, default=4, help="turns per question in agent mode (default: 4)"
+    )
+    decoding = parser.add_argument_group("decoding (greedy)")
+    decoding.add_argument("--backend", choices=BACKENDS, default="hf", help="transformers (hf) or vllm")
+    decoding.add_argument("--max-new-tokens", type=int, default=500, help="tokens per turn (default: 500)")
+    decoding.add_argument(
+        "--batch-size", type=int, default=32, help="questions decoded together (default: 32)"
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", type=Path, help=f"run directory (default: {RUNS_DIR}/<model>-<mode>)")
+    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare = parser.add_argument_group("comparing finished runs")
+    compare.add_argument(
+        "--compare", nargs="+", type=Path, metavar="RUN_DIR", help="print these runs side by side"
+    )
+    compare.add_argument(
+        "--metric",
+        choices=COMPARABLE_METRICS,
+        default="exact_match",
+        help="metric of --compare (default: EM)",
+    )
+    compare.add_argument(
+        "--reported",
+        nargs="+",
+        default=(),
+        metavar="ROW",
+        help="Search-R1 paper rows to add: all, a model (qwen2.5-7b) or one row (qwen2.5-3b/rag)",
+    )
+    parser.set_defaults(run=run_eval_command)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """Compare finished runs, or evaluate and print the run's table."""
+    if args.compare:
+        print(compare_runs(args.compare, metric=args.metric, reported=args.reported))
+        return 0
+    from eval.runner import run_evaluation  # torch and transformers load here, not at --help
+
+    config = config_from_args(args)
+    run_dir = args.out or default_run_dir(config)
+    results = run_evaluation(config, run_dir, show_progress=not args.no_progress)
+    print(format_run_table(results))
+    if args.reported:
+        print("\n" + compare_runs([run_dir], reported=args.reported))
+    print(f"\nrun directory: {run_dir}", file=sys.stderr)
+    return 0
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The run's settings from the command line (validated by :class:`EvalConfig`)."""
+    return EvalConfig(
+        benchmarks=parse_benchmarks(args.benchmarks),
+        model=args.model,
+        mode=args.mode,
+        retriever_url=args.retriever_url,
+        index=str(args.index) if args.index else None,
+        topk=args.topk,
+        max_turns=args.max_turns,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        seed=args.seed,
+        exclude=str(args.exclude) if args.exclude else None,
+        backend=args.backend,
+        batch_size=args.batch_size,
+    )
+
+
+def parse_benchmarks(spec: str) -> tuple[str, ...]:
+    """Split ``nq,hotpotqa``; ``all`` stands for the seven Search-R1 benchmarks; duplicates are dropped.
+
+    >>> parse_benchmarks("hotpotqa, all")
+    ('hotpotqa', 'nq', 'triviaqa', 'popqa', '2wikimultihopqa', 'musique', 'bamboogle')
+    """
+    names: list[str] = []
+    for item in (part.strip() for part in spec.split(",")):
+        for name in SEARCH_R1_BENCHMARKS if item == "all" else (item,) if item else ():
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def default_run_dir(config: EvalConfig) -> Path:
+    """``runs/eval/<model>-<mode>``: the same command finds its own run again and resumes it."""
+    model = Path(config.model).name if config.model else "smollm2-135m-instruct"
+    return RUNS_DIR / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}-{config.mode}"

@@ -1,0 +1,136 @@
+"""Everything a run needs, opened and checked before the first question: a bad input fails in seconds.
+
+Each function raises :class:`~searchgym.errors.SearchgymError` with a message that says what to fix.
+"""
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from env import QAExample, load_dataset
+from eval.config import EvalConfig
+from eval.records import Prediction
+from eval.report import PREDICTIONS_FILE, RUN_FILE, read_predictions
+from eval.selection import check_unique_ids, read_id_file, select_examples
+from policy.generation import Generator
+from retriever.base import Retriever
+from searchgym.errors import SearchgymError
+
+PROBE_QUERY = "searchgym connectivity check"
+
+
+@dataclass(frozen=True, slots=True)
+class EvalItem:
+    """One question to evaluate and the table column it belongs to."""
+
+    dataset: str
+    example: QAExample
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(dataset, example id), as :attr:`eval.records.Prediction.key`."""
+        return (self.dataset, self.example.id)
+
+
+def load_items(config: EvalConfig) -> list[EvalItem]:
+    """The questions of the run, per benchmark: exclusions dropped, then the seeded sample.
+
+    Raises:
+        SearchgymError: an unknown benchmark name (the message lists the valid ones), an unreadable file,
+            repeated ids, an example without gold answers, or nothing left to evaluate.
+    """
+    exclude = read_id_file(Path(config.exclude)) if config.exclude else set()
+    items: list[EvalItem] = []
+    for benchmark, label in zip(config.benchmarks, config.dataset_labels, strict=True):
+        examples = load_dataset(benchmark)
+        check_unique_ids(label, examples)
+        unscorable = next((example.id for example in examples if not example.golden_answers), None)
+        if unscorable is not None:
+            raise SearchgymError(
+                f"{label}: example {unscorable!r} has no golden answers, so it cannot be scored"
+            )
+        chosen = select_examples(examples, exclude=exclude, limit=config.limit, seed=config.seed)
+        if not chosen:
+            raise SearchgymError(
+                f"{label}: every example is excluded by {config.exclude}; nothing to evaluate"
+            )
+        items += [EvalItem(label, example) for example in chosen]
+    return items
+
+
+def open_retriever(config: EvalConfig) -> Retriever | None:
+    """The retriever of ``agent`` and ``rag`` runs (None for ``direct``), checked with one probe query.
+
+    Raises:
+        SearchgymError: the index folder is missing or not an index, or the server does not answer.
+    """
+    if not config.uses_retrieval:
+        return None
+    from retriever.index import load_retriever
+
+    if config.index is not None:
+        if not Path(config.index).is_dir():
+            raise SearchgymError(
+                f"index folder {config.index} does not exist: build it with "
+                f"`searchgym index --corpus CORPUS --out {config.index}`"
+            )
+        retriever = load_retriever(config.index)
+    else:
+        assert config.retriever_url is not None  # EvalConfig requires one of the two
+        retriever = load_retriever(config.retriever_url)
+    try:
+        retriever.search([PROBE_QUERY], 1)
+    except Exception as error:  # any backend failure means the run cannot search: say so before starting
+        where = config.index or config.retriever_url
+        raise SearchgymError(
+            f"the retriever at {where} does not answer ({type(error).__name__}: {error}); "
+            "start it with `searchgym serve --index DIR` or check the URL"
+        ) from error
+    return retriever
+
+
+def load_generator(config: EvalConfig) -> Generator:
+    """The policy's generation backend (transformers or vLLM), with the model loaded.
+
+    Raises:
+        SearchgymError: the model cannot be loaded (``policy.models.ModelLoadError``), or vLLM is missing.
+    """
+    if config.backend == "vllm":
+        from policy.models import DEFAULT_POLICY, default_policy_path
+        from policy.vllm_backend import VLLMGenerator
+
+        model = config.model if config.model not in (None, DEFAULT_POLICY) else default_policy_path()
+        return VLLMGenerator(model)
+    from policy.generation import TransformersGenerator
+    from policy.models import load_policy
+
+    return TransformersGenerator(load_policy(config.model), max_batch_size=config.batch_size)
+
+
+def resume_predictions(run_dir: Path, config: EvalConfig) -> list[Prediction]:
+    """The predictions an earlier, interrupted run left in ``run_dir`` (none for a new run).
+
+    A line cut off by the interruption is removed from the file, so that new lines append cleanly.
+
+    Raises:
+        SearchgymError: the directory holds a run made with other settings.
+    """
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        if (run_dir / PREDICTIONS_FILE).exists():
+            raise SearchgymError(f"{run_dir} has predictions but no {RUN_FILE}: choose another --out")
+        return []
+    earlier = EvalConfig.from_dict(json.loads(run_file.read_text(encoding="utf-8")))
+    changed = config.changed_settings(earlier)
+    if changed:
+        raise SearchgymError(
+            f"{run_dir} holds a run with other settings ({', '.join(changed)} differ): "
+            "resume it with the same settings, or choose another --out"
+        )
+    predictions = read_predictions(run_dir / PREDICTIONS_FILE, repair=True)
+    if predictions:
+        print(
+            f"searchgym eval: resuming {run_dir}: {len(predictions)} questions already done", file=sys.stderr
+        )
+    return predictions

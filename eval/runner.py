@@ -1,0 +1,322 @@
+"""Running an evaluation: check everything it needs, then generate in batches, score and write the run files.
+
+The three modes share the training code end to end: answers are read by ``env.actions.parse_action`` and
+scored by ``env.rewards``; ``agent`` episodes run through ``policy.rollout.run_episodes`` and the vector env
+(all searches of a turn in one retriever call), exactly as in training but greedy.
+"""
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from env import Answer, EnvConfig, SearchVectorEnv, parse_action
+from env.observations import fit_information
+from env.prompts import build_baseline_prompt
+from env.retrieval import retrieve_batch
+from env.rewards import cover_exact_match, exact_match, f1_score
+from env.tokens import TokenizerMeter
+from eval.config import EvalConfig
+from eval.inputs import EvalItem, load_generator, load_items, open_retriever, resume_predictions
+from eval.metrics import gold_passage_recall
+from eval.records import Prediction
+from eval.report import (
+    PREDICTIONS_FILE,
+    RUN_FILE,
+    PredictionsWriter,
+    RunResults,
+    write_json_atomic,
+    write_run_files,
+)
+from policy.generation import Generation, Generator, SamplingParams
+from policy.models import encode_prompt, is_chat_model
+from policy.rollout import TokenBudgets, run_episodes
+from policy.trajectory import Trajectory
+from retriever.base import Retriever
+from searchgym.errors import SearchgymError
+
+ANSWER_STOP = ("</answer>",)
+
+
+@dataclass(slots=True)
+class Engine:
+    """What generates and retrieves, with the settings every mode shares.
+
+    Attributes:
+        generator: the policy's generation backend.
+        retriever: the search backend; None in ``direct`` mode.
+        env_config: the env settings of ``agent`` mode; ``rag`` trims its passages to the same
+            observation budget and both use its prompt style.
+        budgets: the token budgets of ``agent`` episodes.
+        max_new_tokens: tokens per generation call.
+        batch_size: questions per batch (the vector env's size in ``agent`` mode).
+    """
+
+    generator: Generator
+    retriever: Retriever | None
+    env_config: EnvConfig
+    budgets: TokenBudgets
+    max_new_tokens: int
+    batch_size: int
+    _vector_env: SearchVectorEnv | None = None
+
+    @classmethod
+    def for_config(cls, config: EvalConfig, generator: Generator, retriever: Retriever | None) -> "Engine":
+        """The engine of a run: prompt style from the tokenizer (chat template or not), greedy decoding."""
+        style = "chat" if is_chat_model(generator.tokenizer) else "plain"
+        env_config = EnvConfig(
+            max_turns=config.max_turns,
+            max_searches=config.max_turns - 1,
+            topk=config.topk,
+            prompt_style=style,
+        )
+        budgets = TokenBudgets(max_turn_tokens=config.max_new_tokens)
+        return cls(generator, retriever, env_config, budgets, config.max_new_tokens, config.batch_size)
+
+    def sampling(self, stop: tuple[str, ...] | None = None) -> SamplingParams:
+        """Greedy decoding (evaluation is deterministic), stopping at the protocol's closing tags."""
+        if stop is None:
+            return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, stop=stop)
+
+    @property
+    def vector_env(self) -> SearchVectorEnv:
+        """The vector env of ``agent`` mode, made once and reset on each batch."""
+        if self.retriever is None:
+            raise SearchgymError("agent mode needs a retriever: give --index or --retriever-url")
+        if self._vector_env is None:
+            self._vector_env = SearchVectorEnv(
+                num_envs=self.batch_size,
+                dataset=None,
+                retriever=self.retriever,
+                config=self.env_config,
+                tokenizer=self.generator.tokenizer,
+            )
+        return self._vector_env
+
+    def encode(self, prompt: str) -> list[int]:
+        """A prompt's ids, in the chat template or raw as the env's prompt style says."""
+        return encode_prompt(self.generator.tokenizer, prompt, chat=self.env_config.prompt_style == "chat")
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of generated ids."""
+        return self.generator.tokenizer.decode(list(token_ids))
+
+
+# ---------------------------------------------------------------------------------------------- the modes
+def agent_predictions(items: Sequence[EvalItem], engine: Engine) -> list[Prediction]:
+    """Multi-turn search episodes through the training rollout and the vector env, greedy."""
+    trajectories = run_episodes(
+        engine.generator,
+        engine.vector_env,
+        [item.example for item in items],
+        sampling=engine.sampling(),
+        budgets=engine.budgets,
+    )
+    return [
+        trajectory_prediction(item, trajectory, engine)
+        for item, trajectory in zip(items, trajectories, strict=True)
+    ]
+
+
+def trajectory_prediction(item: EvalItem, trajectory: Trajectory, engine: Engine) -> Prediction:
+    """Score an agent episode from its final answer and keep what it did, turn by turn."""
+    info = trajectory.info
+    searches = [turn for turn in trajectory.turns if turn.action_type == "search"]
+    retrieved = [list(turn.retrieved_ids) for turn in searches]
+    return scored_prediction(
+        item,
+        answer=info.get("answer"),
+        num_searches=int(info.get("num_searches", len(searches))),
+        num_turns=len(trajectory.turns),
+        num_response_tokens=trajectory.num_policy_tokens,
+        queries=[turn.query for turn in searches if turn.query is not None],
+        retrieved_ids=retrieved,
+        trajectory=engine.decode(trajectory.response_ids),
+        end_reason=info.get("end_reason"),
+        error=info.get("error"),
+    )
+
+
+def rag_predictions(items: Sequence[EvalItem], engine: Engine) -> list[Prediction]:
+    """Retrieve top-k with each question once (one retriever call per batch), then answer in one turn."""
+    if engine.retriever is None:
+        raise SearchgymError("rag mode needs a retriever: give --index or --retriever-url")
+    questions = [item.example.question for item in items]
+    results = retrieve_batch(engine.retriever, questions, engine.env_config.topk)
+    meter = TokenizerMeter(engine.generator.tokenizer)
+    blocks = [
+        fit_information(result.passages, meter=meter, max_tokens=engine.env_config.max_observation_tokens)
+        for result in results
+    ]
+    style = engine.env_config.prompt_style
+    prompts = [
+        build_baseline_prompt(item.example.question, style=style, information=block.text)
+        for item, block in zip(items, blocks, strict=True)
+    ]
+    generations = engine.generator.generate([engine.encode(p) for p in prompts], engine.sampling(ANSWER_STOP))
+    return [
+        one_turn_prediction(
+            item,
+            generation,
+            engine,
+            queries=[item.example.question],
+            retrieved=[list(block.shown_ids)],
+            error=result.error,
+        )
+        for item, generation, block, result in zip(items, generations, blocks, results, strict=True)
+    ]
+
+
+def direct_predictions(items: Sequence[EvalItem], engine: Engine) -> list[Prediction]:
+    """Answer each question in one turn, without retrieval."""
+    style = engine.env_config.prompt_style
+    prompts = [engine.encode(build_baseline_prompt(item.example.question, style=style)) for item in items]
+    generations = engine.generator.generate(prompts, engine.sampling(ANSWER_STOP))
+    return [
+        one_turn_prediction(item, generation, engine)
+        for item, generation in zip(items, generations, strict=True)
+    ]
+
+
+def one_turn_prediction(
+    item: EvalItem,
+    generation: Generation,
+    engine: Engine,
+    *,
+    queries: Sequence[str] = (),
+    retrieved: list[list[str]] | None = None,
+    error: str | None = None,
+) -> Prediction:
+    """Score a one-turn baseline: its answer is what the training parser reads in the generated text."""
+    text = engine.decode(generation.token_ids)
+    action = parse_action(text)
+    return scored_prediction(
+        item,
+        answer=action.text if isinstance(action, Answer) else None,
+        num_searches=len(queries),
+        num_turns=1,
+        num_response_tokens=len(generation.token_ids),
+        queries=list(queries),
+        retrieved_ids=retrieved,
+        trajectory=text,
+        end_reason="answered" if isinstance(action, Answer) else "no_answer",
+        error=error,
+    )
+
+
+def scored_prediction(
+    item: EvalItem,
+    *,
+    answer: str | None,
+    num_searches: int,
+    num_turns: int,
+    num_response_tokens: int,
+    queries: list[str],
+    retrieved_ids: list[list[str]] | None,
+    trajectory: str,
+    end_reason: str | None,
+    error: str | None,
+) -> Prediction:
+    """A prediction scored with the training reward code.
+
+    ``retrieved_ids`` is None in a mode without retrieval; gold-passage recall is computed where the
+    example's gold ids are known and the mode retrieves (an agent that never searched scores 0).
+    """
+    example = item.example
+    golds = list(example.golden_answers)
+    gold_ids = list(example.gold_doc_ids or ())
+    return Prediction(
+        example_id=example.id,
+        dataset=item.dataset,
+        question=example.question,
+        golden_answers=golds,
+        prediction=answer,
+        exact_match=exact_match(answer, golds),
+        cover_exact_match=cover_exact_match(answer, golds),
+        f1=f1_score(answer, golds),
+        num_searches=num_searches,
+        num_turns=num_turns,
+        num_response_tokens=num_response_tokens,
+        queries=queries,
+        retrieved_ids=retrieved_ids or [],
+        gold_doc_ids=gold_ids or None,
+        gold_recall=None
+        if retrieved_ids is None or not gold_ids
+        else gold_passage_recall(retrieved_ids, gold_ids),
+        trajectory=trajectory,
+        end_reason=end_reason,
+        error=error,
+    )
+
+
+MODES: dict[str, Callable[[Sequence[EvalItem], Engine], list[Prediction]]] = {
+    "agent": agent_predictions,
+    "rag": rag_predictions,
+    "direct": direct_predictions,
+}
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def evaluate(
+    items: Sequence[EvalItem],
+    engine: Engine,
+    *,
+    mode: str,
+    writer: PredictionsWriter | None = None,
+    progress: tqdm | None = None,
+) -> list[Prediction]:
+    """Predict every item, ``engine.batch_size`` at a time, appending each batch to ``writer`` when given."""
+    predict = MODES[mode]
+    predictions: list[Prediction] = []
+    for start in range(0, len(items), engine.batch_size):
+        batch = predict(items[start : start + engine.batch_size], engine)
+        if writer is not None:
+            writer.write(batch)
+        predictions += batch
+        if progress is not None:
+            progress.update(len(batch))
+            progress.set_postfix(em=f"{sum(p.exact_match for p in predictions) / len(predictions):.3f}")
+    return predictions
+
+
+def run_evaluation(config: EvalConfig, run_dir: Path, *, show_progress: bool = True) -> RunResults:
+    """Evaluate ``config`` into ``run_dir``, resuming what an interrupted run there left.
+
+    Every input is checked before the first question runs: the benchmarks, the exclusion file, the
+    retriever, the run directory's earlier settings, then the model, which loads last.
+
+    Raises:
+        SearchgymError: a bad input; the message says what to fix.
+    """
+    run_dir = Path(run_dir)
+    items = load_items(config)
+    retriever = open_retriever(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {item.key for item in items}
+    done = [prediction for prediction in resume_predictions(run_dir, config) if prediction.key in wanted]
+    done_keys = {prediction.key for prediction in done}
+    todo = [item for item in items if item.key not in done_keys]
+    new: list[Prediction] = []
+    started = time.perf_counter()
+    if todo:
+        engine = Engine.for_config(config, load_generator(config), retriever)
+        write_json_atomic(run_dir / RUN_FILE, config.to_dict())
+        started = time.perf_counter()
+        with (
+            PredictionsWriter(run_dir / PREDICTIONS_FILE) as writer,
+            tqdm(
+                total=len(items),
+                initial=len(done),
+                unit="q",
+                desc=f"eval {config.mode}",
+                disable=not show_progress,
+            ) as bar,
+        ):
+            new = evaluate(todo, engine, mode=config.mode, writer=writer, progress=bar)
+    seconds = time.perf_counter() - started
+    results = RunResults.from_predictions(config, [*done, *new], seconds=seconds, num_new=len(new))
+    write_run_files(run_dir, results)
+    return results
