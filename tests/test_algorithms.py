@@ -9,7 +9,6 @@ from train.algorithms import (
     aggregate_loss,
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
     gae_advantages,
     grpo_advantages,
     kl_estimate,
@@ -144,11 +143,6 @@ def test_clipped_value_loss() -> None:
     # clipped predictions 0.7 and 0.3: 0.5 * 1.69 and 0.5 * 0.09
     close(loss.loss, (0.845 + 0.045) / 2)
     close(loss.clip_fraction, 1.0)
-
-
-def test_entropy_of_uniform_and_peaked_distributions() -> None:
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
-    close(entropy_from_logits(logits), [math.log(4.0), 0.0])
 
 
 def test_observation_tokens_change_neither_advantages_nor_policy_loss() -> None:

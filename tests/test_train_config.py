@@ -65,6 +65,7 @@ def test_derived_sizes() -> None:
         [
             "algorithm.name=grpo",
             "rollout.samples_per_prompt=4",
+            "kl.placement=loss",
             "batch.prompts_per_step=8",
             "batch.mini_batch_prompts=4",
             "batch.micro_batch_size=2",
@@ -82,6 +83,7 @@ def test_derived_sizes() -> None:
         (["optim.actor_lrr=1e-6"], "did you mean optim.actor_lr"),
         (["algorithm.name=ppg"], "set one of ppo, grpo"),
         (["algorithm.name=grpo"], "rollout.samples_per_prompt >= 2"),
+        (["algorithm.name=grpo", "rollout.samples_per_prompt=4"], "set kl.placement=loss"),
         (["batch.prompts_per_step=6", "batch.mini_batch_prompts=4"], "multiple of batch.mini_batch_prompts"),
         (["batch.micro_batch_size=100"], "batch.micro_batch_size to a divisor"),
         (["optim.actor_lr=fast"], "optim.actor_lr must be float"),

@@ -291,9 +291,3 @@ def clipped_value_loss(
     loss = aggregate_loss(token_losses, mask, mode=aggregation, denominator=denominator)
     clip_fraction = masked_mean((clipped_error > unclipped_error).float(), mask)
     return ValueLoss(loss=loss, clip_fraction=clip_fraction.detach())
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """(..., ) entropy of the categorical distribution over the last dimension of ``logits`` (..., V)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1)

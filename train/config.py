@@ -352,6 +352,11 @@ class TrainConfig:
             "GRPO compares the samples of one prompt: set rollout.samples_per_prompt >= 2 (Search-R1 uses 5)",
         )
         _require(
+            self.algorithm.name != "grpo" or self.kl.coef == 0 or self.kl.placement == "loss",
+            "GRPO normalises outcome rewards within a group, so a KL reward penalty would be lost: set "
+            "kl.placement=loss (Search-R1 uses kl.estimator=low_var_kl) or kl.coef=0",
+        )
+        _require(
             self.mini_batch_trajectories % self.batch.micro_batch_size == 0,
             f"a mini-batch holds {self.mini_batch_trajectories} episodes (batch.mini_batch_prompts x "
             f"rollout.samples_per_prompt); set batch.micro_batch_size to a divisor of it",

@@ -1,0 +1,191 @@
+"""The training loop end to end on the toy task: it learns, resumes exactly, logs, guards and exports."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures import (
+    SimulatedCrash,
+    TargetTokenRollout,
+    run_toy,
+    tiny_model,
+    tiny_tokenizer,
+    toy_config,
+    toy_examples,
+)
+from transformers import AutoModelForCausalLM
+
+from train.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
+from train.loop import ExampleSampler, train
+from train.tracking import read_metrics
+
+FIXTURES = Path(__file__).parent / "train_fixtures.py"
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def learn(run_dir: Path, *overrides: str) -> list[float]:
+    """Mean reward of each step of a 20-step run on the toy task (target token emitted by the policy)."""
+    config = toy_config(
+        run_dir,
+        "total_steps=20",
+        "optim.actor_lr=3e-3",
+        "optim.critic_lr=3e-3",
+        "algorithm.entropy_coef=0",
+        "checkpoint.every=0",
+        "checkpoint.export_final=false",
+        "dev.every=0",
+        "dev.before_training=false",
+        "logging.samples_every=0",
+        *overrides,
+    )
+    torch.manual_seed(0)
+    result = train(
+        config,
+        policy=tiny_model(),
+        tokenizer=tiny_tokenizer(),
+        rollout=TargetTokenRollout(),
+        train_examples=toy_examples(16),
+    )
+    return [row["rollout/reward"] for row in result.history]
+
+
+def test_ppo_learns_to_emit_the_rewarded_token(tmp_path: Path) -> None:
+    rewards = learn(
+        tmp_path,
+        "batch.prompts_per_step=8",
+        "batch.mini_batch_prompts=4",
+        "batch.micro_batch_size=4",
+        "kl.coef=0",
+    )
+    # A random policy writes the target in about 16% of episodes (4 tokens, 24 words).
+    assert mean(rewards[:3]) < 0.35
+    assert mean(rewards[-3:]) > 0.8, rewards
+
+
+def test_grpo_learns_to_emit_the_rewarded_token(tmp_path: Path) -> None:
+    rewards = learn(
+        tmp_path,
+        "algorithm.name=grpo",
+        "rollout.samples_per_prompt=4",
+        "batch.prompts_per_step=4",
+        "batch.mini_batch_prompts=2",
+        "batch.micro_batch_size=4",
+        "kl.placement=loss",
+        "kl.estimator=low_var_kl",
+    )
+    assert mean(rewards[:3]) < 0.35
+    assert mean(rewards[-3:]) > 0.8, rewards
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Metrics without wall-clock timings, which differ between any two runs."""
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    straight_policy = tiny_model()
+    straight = run_toy(tmp_path / "straight", policy=straight_policy)
+
+    with pytest.raises(SimulatedCrash):
+        run_toy(tmp_path / "resumed", rollout=TargetTokenRollout(crash_at_step=3))
+    assert [row["step"] for row in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [0, 1, 2]
+    resumed_policy = tiny_model()
+    resumed = run_toy(tmp_path / "resumed", policy=resumed_policy)
+
+    assert [row["step"] for row in resumed.history] == [3, 4]
+    straight_rows = read_metrics(straight.run_dir / "metrics.jsonl")
+    assert comparable(read_metrics(resumed.run_dir / "metrics.jsonl")) == comparable(straight_rows)
+    for a, b in zip(straight_policy.parameters(), resumed_policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert straight_rows[-1]["actor/optimizer_steps"] == 2  # two mini-batches per step: the update happened
+
+
+def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    straight = run_toy(tmp_path / "straight")
+    killed = subprocess.run(
+        [sys.executable, str(FIXTURES), str(tmp_path / "resumed"), "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr
+    run_toy(tmp_path / "resumed")
+    resumed_rows = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert comparable(resumed_rows) == comparable(read_metrics(straight.run_dir / "metrics.jsonl"))
+
+
+def test_run_folder_holds_logs_samples_checkpoints_and_an_hf_export(tmp_path: Path) -> None:
+    result = run_toy(tmp_path, "logging.tensorboard=true", "logging.plots=true", "checkpoint.keep_last=2")
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
+    assert "dev/em" in rows[0] and "dev/em" in rows[-1]
+    for name in ("rollout/reward", "rollout/searches", "actor/entropy", "critic/value_loss", "experience/kl"):
+        assert name in rows[1], name
+    for phase in ("rollout", "experience", "update", "generation", "retrieval"):
+        assert f"time/{phase}" in rows[1], phase
+    sample = (result.run_dir / "samples" / "step_00000004.txt").read_text()
+    assert "--- policy" in sample and "--- environment" in sample and "w7 w3" in sample
+    assert list((result.run_dir / "tensorboard").iterdir())
+    assert (result.run_dir / "curves.png").stat().st_size > 10_000
+    kept = CheckpointManager(result.run_dir / "checkpoints", keep_last=2).checkpoints()
+    assert [path.name for path in kept] == [step_dir_name(3), step_dir_name(4)]
+    assert result.final_model is not None
+    exported = AutoModelForCausalLM.from_pretrained(result.final_model)
+    assert (result.final_model / "tokenizer.json").is_file()
+    assert exported.config.vocab_size == len(tiny_tokenizer())
+
+
+def test_missing_rewards_are_counted_and_do_not_stop_training(tmp_path: Path) -> None:
+    rollout = TargetTokenRollout(missing_reward_ids=["q0", "q1"])
+    result = run_toy(tmp_path, "total_steps=2", "dev.every=0", rollout=rollout)
+    missing = [row["rollout/missing_rewards"] for row in result.history if "rollout/missing_rewards" in row]
+    assert sum(missing) > 0
+    assert all(row["actor/skipped_steps"] == 0 for row in result.history if "actor/skipped_steps" in row)
+
+
+def test_guards_roll_back_to_the_last_healthy_checkpoint(tmp_path: Path) -> None:
+    # The first step samples from the reference policy itself (KL 0); every later one has drifted further
+    # than the threshold allows, so the second bad step in a row triggers the roll-back.
+    result = run_toy(
+        tmp_path,
+        "total_steps=4",
+        "guards.max_kl=1e-6",
+        "guards.rollback_after=2",
+        "checkpoint.keep_last=1",
+        "dev.every=0",
+    )
+    by_step = {int(row["step"]): row for row in result.history}
+    assert by_step[1]["guards/warnings"] == 0
+    assert by_step[2]["guards/bad_streak"] == 1
+    assert by_step[3]["guards/rolled_back_to"] == 1
+    # Step 3 ends on the restored weights (healthy); step 4 drifts again. keep_last=1 keeps the newest
+    # checkpoint and, beside it, the newest healthy one.
+    checkpoints = CheckpointManager(tmp_path / "checkpoints", keep_last=1).checkpoints()
+    states = [read_trainer_state(path) for path in checkpoints]
+    assert [(state.step, state.healthy) for state in states] == [(3, True), (4, False)]
+
+
+def test_interrupted_checkpoint_writes_are_ignored(tmp_path: Path) -> None:
+    run_toy(tmp_path, "total_steps=2", "dev.every=0")
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    half_written = tmp_path / "checkpoints" / f".{step_dir_name(3)}.tmp-999"
+    half_written.mkdir()
+    (half_written / "models.pt").write_bytes(b"truncated")
+    assert manager.latest() == tmp_path / "checkpoints" / step_dir_name(2)
+
+
+def test_example_sampler_resumes_mid_epoch() -> None:
+    examples = toy_examples(5)
+    sampler = ExampleSampler(examples, seed=3, shuffle=True)
+    first = sampler.take(3)
+    state = sampler.state_dict()
+    rest = sampler.take(6)
+    resumed = ExampleSampler(examples, seed=3, shuffle=True)
+    resumed.load_state_dict(state)
+    assert resumed.take(6) == rest
+    assert {e.id for e in first + rest[:2]} == {e.id for e in examples}  # every question once per epoch

@@ -1,0 +1,213 @@
+"""A tiny word-level tokenizer, a tiny random Llama and a toy one-turn rollout for the trainer's tests.
+
+The toy task: the policy writes two tokens, the "environment" answers with two observation tokens, the
+policy writes two more. The reward is 1 when the policy wrote the target token at least once (a random
+policy does so about one time in five), else 0. Observation tokens include the target: they must not earn
+the policy anything, since they are not its actions.
+"""
+
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from env.data import QAExample
+from policy.trajectory import Trajectory, TurnRecord
+from searchgym.paths import REPO_ROOT
+from train.config import TrainConfig, load_config
+from train.loop import TrainResult, train
+
+WORDS = [f"w{i}" for i in range(21)]
+VOCABULARY = ["<pad>", "<eos>", "<unk>", *WORDS]
+TARGET = "w7"
+OBSERVATION = ("w7", "w3")
+TURN_TOKENS = 2
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(VOCABULARY)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def tiny_model(seed: int = 0) -> PreTrainedModel:
+    config = LlamaConfig(
+        vocab_size=len(VOCABULARY),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()
+
+
+def toy_examples(count: int) -> list[QAExample]:
+    """Examples whose question is a few words (prompts differ in length, to exercise padding)."""
+    return [
+        QAExample(
+            id=f"q{i}",
+            question=" ".join(WORDS[(i + j) % 5 + 10] for j in range(2 + i % 3)),
+            golden_answers=(),
+        )
+        for i in range(count)
+    ]
+
+
+@torch.no_grad()
+def _sample(model: PreTrainedModel, context: torch.Tensor, count: int, temperature: float) -> torch.Tensor:
+    """(B, count) tokens sampled after ``context`` (B, L) (all rows the same length), or greedy at 0."""
+    tokens = context
+    for _ in range(count):
+        logits = model(input_ids=tokens, use_cache=False).logits[:, -1].float()
+        if temperature == 0:
+            step = logits.argmax(dim=-1, keepdim=True)
+        else:
+            step = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
+        tokens = torch.cat([tokens, step], dim=-1)
+    return tokens[:, context.shape[1] :]
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by the toy rollout to stop a run mid-way, as a crash would."""
+
+
+class TargetTokenRollout:
+    """A :class:`train.loop.RolloutFunc`: two policy turns around one observation, reward for the target.
+
+    Args:
+        temperature: sampling temperature (0: greedy, for evaluation).
+        missing_reward_ids: example ids whose reward is reported as missing (None).
+        crash_at_step: raise :class:`SimulatedCrash` when asked for this step's episodes.
+        kill_at_step: kill the process with SIGKILL (kill -9) when asked for this step's episodes.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        missing_reward_ids: Sequence[str] = (),
+        crash_at_step: int | None = None,
+        kill_at_step: int | None = None,
+    ) -> None:
+        self.temperature = temperature
+        self.missing_reward_ids = set(missing_reward_ids)
+        self.crash_at_step = crash_at_step
+        self.kill_at_step = kill_at_step
+
+    def __call__(
+        self,
+        policy_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: Sequence[QAExample],
+        step: int,
+    ) -> list[Trajectory]:
+        if step == self.crash_at_step:
+            raise SimulatedCrash(f"crash at step {step}")
+        if step == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return [self._episode(policy_model, tokenizer, example) for example in examples]
+
+    def _episode(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, example: QAExample
+    ) -> Trajectory:
+        prompt = tokenizer(example.question)["input_ids"]
+        observation = tokenizer.convert_tokens_to_ids(list(OBSERVATION))
+        first = _sample(model, torch.tensor([prompt]), TURN_TOKENS, self.temperature)[0].tolist()
+        context = torch.tensor([prompt + first + observation])
+        second = _sample(model, context, TURN_TOKENS, self.temperature)[0].tolist()
+        target = tokenizer.convert_tokens_to_ids(TARGET)
+        hit = target in first + second
+        reward = None if example.id in self.missing_reward_ids else float(hit)
+        return Trajectory(
+            example_id=example.id,
+            group_id=example.id,
+            prompt_ids=prompt,
+            response_ids=first + observation + second,
+            loss_mask=[1] * TURN_TOKENS + [0] * len(observation) + [1] * TURN_TOKENS,
+            turn_index=[0] * (TURN_TOKENS + len(observation)) + [1] * TURN_TOKENS,
+            reward=reward,
+            terminated=True,
+            turns=[
+                TurnRecord(
+                    action_type="search", text=tokenizer.decode(first), query="w7", num_policy_tokens=2
+                ),
+                TurnRecord(action_type="answer", text=tokenizer.decode(second), num_policy_tokens=2),
+            ],
+            info={"em": float(hit)},
+        )
+
+
+class TargetTokenDevEval:
+    """A :class:`train.loop.DevEvalFunc`: greedy episodes on fixed questions, ``em`` = target hit rate."""
+
+    def __init__(self, count: int = 4) -> None:
+        self.examples = toy_examples(count)
+        self.rollout = TargetTokenRollout(temperature=0.0)
+
+    def __call__(
+        self, policy_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, step: int
+    ) -> dict[str, float]:
+        episodes = self.rollout(policy_model, tokenizer, self.examples, step)
+        return {"em": sum(e.reward or 0.0 for e in episodes) / len(episodes)}
+
+
+def toy_config(run_dir: Path, *overrides: str) -> TrainConfig:
+    """configs/tiny.yaml for the toy task in ``run_dir``: PPO with critic, reference and dev evaluation."""
+    return load_config(
+        REPO_ROOT / "configs" / "tiny.yaml",
+        [
+            f"logging.run_dir={run_dir}",
+            "total_steps=4",
+            "batch.prompts_per_step=4",
+            "batch.mini_batch_prompts=2",
+            "batch.micro_batch_size=2",
+            "optim.actor_lr=1e-2",
+            "optim.critic_lr=1e-2",
+            "logging.tensorboard=false",
+            "logging.plots=false",
+            *overrides,
+        ],
+    )
+
+
+def run_toy(
+    run_dir: Path,
+    *overrides: str,
+    rollout: TargetTokenRollout | None = None,
+    policy: PreTrainedModel | None = None,
+) -> TrainResult:
+    """Train a fresh tiny model on the toy task (resuming from ``run_dir`` when it holds a checkpoint)."""
+    return train(
+        toy_config(run_dir, *overrides),
+        policy=policy if policy is not None else tiny_model(),
+        tokenizer=tiny_tokenizer(),
+        rollout=rollout or TargetTokenRollout(),
+        train_examples=toy_examples(6),
+        dev_eval=TargetTokenDevEval(),
+    )
+
+
+if __name__ == "__main__":
+    # python tests/train_fixtures.py RUN_DIR KILL_AT_STEP: a toy run that kills itself with SIGKILL.
+    torch.set_num_threads(1)
+    run_toy(Path(sys.argv[1]), rollout=TargetTokenRollout(kill_at_step=int(sys.argv[2])))

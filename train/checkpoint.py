@@ -1,0 +1,246 @@
+"""Checkpoints that a killed run resumes from as if nothing had happened, and the final model export.
+
+A checkpoint is a folder ``step_00000012/`` holding the trained weights (policy, critic), the optimizer
+and schedule states, the random-number generators (python, numpy, torch, CUDA) and the trainer's own
+state (step, data position, guard statistics). It is written under a temporary name and renamed into
+place, so a crash mid-write never leaves a half checkpoint that a resume would trust.
+"""
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from searchgym.errors import SearchgymError
+from train.learner import Optimizers
+from train.models import TrainModels
+
+_PREFIX = "step_"
+_MODELS, _OPTIMIZERS, _TORCH_RNG, _STATE = "models.pt", "optimizers.pt", "torch_rng.pt", "state.json"
+
+
+class CheckpointError(SearchgymError):
+    """A checkpoint does not fit the run that tries to load it."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainerState:
+    """The trainer's own state beside the tensors.
+
+    Attributes:
+        step: training steps completed.
+        data_position: where the example sampler stands (see ``ExampleSampler.state_dict``).
+        guards: the guards' running statistics.
+        healthy: whether the guards saw no bad step in a row at save time (roll-back targets).
+    """
+
+    step: int
+    data_position: dict[str, int]
+    guards: dict[str, float]
+    healthy: bool = True
+
+
+def step_dir_name(step: int) -> str:
+    """``step_00000012`` for step 12 (zero-padded so names sort by step)."""
+    return f"{_PREFIX}{step:08d}"
+
+
+class CheckpointManager:
+    """Saves, lists, loads and prunes the checkpoints of one run.
+
+    Args:
+        directory: the run's checkpoint folder.
+        keep_last: how many of the newest checkpoints to keep; the newest healthy one is kept as well.
+    """
+
+    def __init__(self, directory: Path, *, keep_last: int) -> None:
+        self.directory = directory
+        self.keep_last = keep_last
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
+        return sorted(p for p in found if (p / _STATE).is_file())
+
+    def latest(self, *, healthy_only: bool = False) -> Path | None:
+        """The newest checkpoint (the newest healthy one with ``healthy_only``), or None."""
+        for path in reversed(self.checkpoints()):
+            if not healthy_only or read_trainer_state(path).healthy:
+                return path
+        return None
+
+    def save(self, *, models: TrainModels, optimizers: Optimizers, state: TrainerState) -> Path:
+        """Write a checkpoint of the current run atomically, then prune old ones."""
+        target = self.directory / step_dir_name(state.step)
+        staging = self.directory / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        torch.save(_model_states(models), staging / _MODELS)
+        torch.save(_optimizer_states(optimizers), staging / _OPTIMIZERS)
+        torch.save(_torch_rng_state(), staging / _TORCH_RNG)
+        state_record = {
+            "trainer": asdict(state),
+            "python_rng": _python_rng_state(),
+            "numpy_rng": _numpy_rng_state(),
+        }
+        (staging / _STATE).write_text(json.dumps(state_record))
+        _fsync_tree(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        _fsync_dir(self.directory)
+        self._prune()
+        return target
+
+    def load(
+        self, path: Path, *, models: TrainModels, optimizers: Optimizers, restore_rng: bool = True
+    ) -> TrainerState:
+        """Load the weights and optimizer states of ``path`` into the run; optionally its RNG states too.
+
+        Raises:
+            CheckpointError: the checkpoint holds other models than this run (PPO vs GRPO).
+        """
+        device = next(models.policy.parameters()).device
+        model_states = torch.load(path / _MODELS, map_location=device, weights_only=True)
+        if ("critic" in model_states) != (models.critic is not None):
+            raise CheckpointError(
+                f"{path} was written by a run {'with' if 'critic' in model_states else 'without'} a critic; "
+                "resume with the same algorithm.name, or start afresh with checkpoint.resume=false or "
+                "another logging.run_dir"
+            )
+        models.policy.load_state_dict(model_states["policy"])
+        if models.critic is not None:
+            models.critic.load_state_dict(model_states["critic"])
+        _load_optimizer_states(
+            optimizers, torch.load(path / _OPTIMIZERS, map_location=device, weights_only=True)
+        )
+        record = json.loads((path / _STATE).read_text())
+        if restore_rng:
+            random.setstate(_as_tuple(record["python_rng"]))
+            np.random.set_state(_as_numpy_state(record["numpy_rng"]))
+            _set_torch_rng_state(torch.load(path / _TORCH_RNG, weights_only=True))
+        return _state_from_json(record["trainer"])
+
+    def _prune(self) -> None:
+        existing = self.checkpoints()
+        keep = set(existing[-self.keep_last :])
+        newest_healthy = self.latest(healthy_only=True)
+        if newest_healthy is not None:
+            keep.add(newest_healthy)
+        for path in existing:
+            if path not in keep:
+                shutil.rmtree(path)
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    """The trainer state of the checkpoint at ``path`` (without loading any tensor)."""
+    return _state_from_json(json.loads((path / _STATE).read_text())["trainer"])
+
+
+def export_hf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> Path:
+    """Write ``model`` and ``tokenizer`` as a plain Hugging Face model folder, atomically.
+
+    The folder loads with ``AutoModelForCausalLM.from_pretrained``, ``searchgym eval --model`` and vLLM.
+    """
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    _fsync_tree(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def _model_states(models: TrainModels) -> dict[str, Any]:
+    states = {"policy": models.policy.state_dict()}
+    if models.critic is not None:
+        states["critic"] = models.critic.state_dict()
+    return states
+
+
+def _optimizer_states(optimizers: Optimizers) -> dict[str, Any]:
+    states = {
+        "actor": optimizers.actor.state_dict(),
+        "actor_schedule": optimizers.actor_schedule.state_dict(),
+    }
+    if optimizers.critic is not None and optimizers.critic_schedule is not None:
+        states["critic"] = optimizers.critic.state_dict()
+        states["critic_schedule"] = optimizers.critic_schedule.state_dict()
+    return states
+
+
+def _load_optimizer_states(optimizers: Optimizers, states: dict[str, Any]) -> None:
+    optimizers.actor.load_state_dict(states["actor"])
+    optimizers.actor_schedule.load_state_dict(states["actor_schedule"])
+    if optimizers.critic is not None and optimizers.critic_schedule is not None:
+        optimizers.critic.load_state_dict(states["critic"])
+        optimizers.critic_schedule.load_state_dict(states["critic_schedule"])
+
+
+def _python_rng_state() -> list[Any]:
+    version, internal, gauss_next = random.getstate()
+    return [version, list(internal), gauss_next]
+
+
+def _as_tuple(state: list[Any]) -> tuple[Any, ...]:
+    version, internal, gauss_next = state
+    return (version, tuple(internal), gauss_next)
+
+
+def _numpy_rng_state() -> list[Any]:
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()  # type: ignore[misc]
+    return [name, keys.tolist(), position, has_gauss, cached_gaussian]
+
+
+def _as_numpy_state(state: list[Any]) -> tuple[Any, ...]:
+    name, keys, position, has_gauss, cached_gaussian = state
+    return (name, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian)
+
+
+def _torch_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_torch_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _state_from_json(record: dict[str, Any]) -> TrainerState:
+    return TrainerState(
+        step=int(record["step"]),
+        data_position={k: int(v) for k, v in record["data_position"].items()},
+        guards={k: float(v) for k, v in record["guards"].items()},
+        healthy=bool(record["healthy"]),
+    )
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` to disk, so the rename never publishes data still in flight."""
+    for path in (p for p in root.rglob("*") if p.is_file()):
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

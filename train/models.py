@@ -1,0 +1,98 @@
+"""The models a run trains or consults: policy, critic (PPO) and frozen reference, and their forward passes.
+
+Every forward pass here reads a :class:`~train.batch.Batch` and returns ``(B, R)`` tensors aligned with the
+response: position ``t`` holds what the model says about response token ``t`` given everything before it.
+"""
+
+import copy
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from policy.logprobs import sequence_logprobs
+from train.batch import Batch
+
+
+class ValueModel(nn.Module):
+    """The critic: a language model's transformer body with a fresh, bias-free linear value head.
+
+    Args:
+        body: the base model of a causal LM (without its LM head); returns ``last_hidden_state``.
+        hidden_size: width of the body's hidden states.
+    """
+
+    def __init__(self, body: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.body = body
+        self.value_head = nn.Linear(hidden_size, 1, bias=False)
+        # Zero values at the start: the critic's first predictions match an outcome reward of 0 rather than
+        # random numbers whose errors would dominate the first advantages.
+        nn.init.zeros_(self.value_head.weight)
+
+    @classmethod
+    def from_causal_lm(cls, model: PreTrainedModel) -> "ValueModel":
+        """A critic whose body is a copy of ``model``'s base model (the LM head is dropped)."""
+        body = copy.deepcopy(model.base_model)
+        return cls(body, model.config.hidden_size).to(model.device)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        """(B, T) the value of each position's state."""
+        hidden = self.body(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+
+@dataclass(slots=True)
+class TrainModels:
+    """What a run holds in memory.
+
+    Attributes:
+        policy: the causal LM being trained (the actor).
+        reference: a frozen copy of the initial policy, or None when the KL coefficient is 0.
+        critic: the value model (PPO), or None (GRPO).
+    """
+
+    policy: PreTrainedModel
+    reference: PreTrainedModel | None
+    critic: ValueModel | None
+
+
+def build_train_models(
+    policy: PreTrainedModel, *, with_reference: bool, with_critic: bool, gradient_checkpointing: bool = False
+) -> TrainModels:
+    """Wrap the initial ``policy`` with the reference copy and the critic the algorithm needs.
+
+    Both are taken from the policy before any update, so a resumed run rebuilds them identically from the
+    same starting model (and then loads the critic's trained weights from its checkpoint).
+    """
+    reference = None
+    if with_reference:
+        reference = copy.deepcopy(policy).eval()
+        reference.requires_grad_(False)
+    critic = ValueModel.from_causal_lm(policy) if with_critic else None
+    if gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        if critic is not None:
+            critic.body.gradient_checkpointing_enable()
+    return TrainModels(policy=policy, reference=reference, critic=critic)
+
+
+def response_logprobs(model: PreTrainedModel, batch: Batch, *, temperature: float) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropies of the response tokens under ``model`` at sampling ``temperature``.
+
+    Returns:
+        ``(logprobs, entropy)``, both (B, R) in float32 and 0 on padding.
+    """
+    scores = sequence_logprobs(
+        model, batch.sequences, temperature=temperature, micro_batch_size=batch.size, with_entropy=True
+    )
+    assert scores.entropy is not None  # asked for with_entropy
+    return scores.logprobs, scores.entropy
+
+
+def response_values(critic: ValueModel, batch: Batch) -> Tensor:
+    """(B, R) the critic's value of the state before each response token, in float32."""
+    values = critic(batch.sequences.input_ids, batch.sequences.attention_mask, batch.position_ids)
+    return values[:, -batch.response_length - 1 : -1].float()
