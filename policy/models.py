@@ -198,7 +198,8 @@ def tiny_random_model(*, seed: int = 0, hidden_size: int = 64, num_layers: int =
 
     It has the real tokenizer (chat template, special tokens) so that token bookkeeping is tested on
     real byte-level BPE, and a few hundred thousand non-embedding weights so that it runs in milliseconds.
-    The SmolLM2 cache is converted on first use.
+    Its weights are drawn wider than a real initialisation, so that greedy text varies from token to
+    token instead of repeating one token. The SmolLM2 cache is converted on first use.
     """
     tokenizer = load_tokenizer(default_policy_path())
     config = LlamaConfig(
@@ -213,6 +214,7 @@ def tiny_random_model(*, seed: int = 0, hidden_size: int = 64, num_layers: int =
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=0.3,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

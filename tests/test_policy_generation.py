@@ -1,0 +1,182 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from policy.generation import SamplingError, SamplingParams, StopMatcher, TransformersGenerator
+from policy.logprobs import SequenceBatch, sequence_logprobs
+from policy.models import tiny_random_model
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, stop=())
+QUESTIONS = (
+    "What is the capital of France?",
+    "hi",
+    "Who wrote Hamlet, and in which year was it first staged?",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_random_model()
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    return [tiny.encode_prompt(question) for question in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def greedy_outputs(tiny, prompts):
+    return TransformersGenerator(tiny).generate(prompts, GREEDY)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_new_tokens": 0},
+        {"temperature": -1.0},
+        {"temperature": float("nan")},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"stop": ("</search>", "")},
+    ],
+)
+def test_sampling_params_reject_out_of_range_values(kwargs):
+    with pytest.raises(SamplingError):
+        SamplingParams(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    return tiny.tokenizer
+
+
+class TestStopMatcher:
+    def first_completing(self, tokenizer, ids, stop):
+        matcher = StopMatcher(tokenizer, stop)
+        return next((end for end in range(1, len(ids) + 1) if matcher.completed(ids[:end])), None)
+
+    def test_stop_string_split_over_several_tokens_ends_at_its_last_token(self, tokenizer):
+        ids = tokenizer.encode("<search> capital of France </search> and more", add_special_tokens=False)
+        end = self.first_completing(tokenizer, ids, ("</search>",))
+        assert tokenizer.decode(ids[:end]).endswith("</search>")
+        assert "</search>" not in tokenizer.decode(ids[: end - 1])
+
+    def test_token_that_runs_past_the_stop_string_is_kept_whole(self, tokenizer):
+        ids = tokenizer.encode("<answer> Paris </answer>\n\nThe end", add_special_tokens=False)
+        # "answer" followed by ">\n\n" in one token: the stop ends inside the completing token.
+        end = self.first_completing(tokenizer, ids, ("</answer>\n",))
+        assert "</answer>\n" in tokenizer.decode(ids[:end])
+        assert "</answer>\n" not in tokenizer.decode(ids[: end - 1])
+
+    def test_earliest_of_several_stop_strings_wins(self, tokenizer):
+        ids = tokenizer.encode("<answer> x </answer> <search> y </search>", add_special_tokens=False)
+        end = self.first_completing(tokenizer, ids, ("</search>", "</answer>"))
+        assert tokenizer.decode(ids[:end]).endswith("</answer>")
+
+    def test_no_stop_string_no_match(self, tokenizer):
+        ids = tokenizer.encode("<search> unfinished query </sear", add_special_tokens=False)
+        assert self.first_completing(tokenizer, ids, ("</search>",)) is None
+        assert not StopMatcher(tokenizer, ()).completed(ids)
+
+    def test_special_tokens_are_skipped_like_vllm_does(self, tokenizer):
+        ids = [*tokenizer.encode("a", add_special_tokens=False), tokenizer.eos_token_id]
+        assert not StopMatcher(tokenizer, ("<|im_end|>",)).completed(ids)
+
+
+def test_greedy_matches_transformers_generate(tiny, prompts, greedy_outputs):
+    for prompt, output in zip(prompts, greedy_outputs, strict=True):
+        reference = tiny.model.generate(
+            torch.tensor([prompt]), max_new_tokens=GREEDY.max_new_tokens, do_sample=False
+        )
+        assert output.token_ids == reference[0, len(prompt) :].tolist()
+        assert output.finish_reason == "length"
+
+
+def test_batched_greedy_equals_one_by_one_with_different_prompt_lengths(tiny, prompts, greedy_outputs):
+    assert len({len(prompt) for prompt in prompts}) == len(prompts)
+    generator = TransformersGenerator(tiny)
+    for prompt, batched in zip(prompts, greedy_outputs, strict=True):
+        alone = generator.generate([prompt], GREEDY)[0]
+        assert alone.token_ids == batched.token_ids
+        assert alone.logprobs == pytest.approx(batched.logprobs, abs=1e-4)
+
+
+def test_small_batches_give_the_same_greedy_results(tiny, prompts, greedy_outputs):
+    chunked = TransformersGenerator(tiny, max_batch_size=2).generate(prompts, GREEDY)
+    assert [g.token_ids for g in chunked] == [g.token_ids for g in greedy_outputs]
+
+
+def test_generation_is_trimmed_right_after_the_token_completing_a_stop_string(tiny, prompts, greedy_outputs):
+    tokenizer = tiny.tokenizer
+    full = greedy_outputs[0].token_ids
+    # The first token from the 5th on whose text has 2+ characters; the stop string ends inside it.
+    end = next(k for k in range(5, len(full)) if len(tokenizer.decode(full[k - 1 : k])) >= 2)
+    before, through = tokenizer.decode(full[: end - 1]), tokenizer.decode(full[:end])
+    stop = through[len(before) - 3 : len(through) - 1]
+    assert stop not in before
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, stop=(stop,))
+    output = TransformersGenerator(tiny).generate([prompts[0]], params)[0]
+    assert output.finish_reason == "stop"
+    assert output.token_ids == full[:end]
+    assert len(output.logprobs) == end
+
+
+def test_eos_ends_generation_and_is_kept(tiny, prompts, greedy_outputs):
+    full = greedy_outputs[2].token_ids
+    eos = full[4]
+    tiny.model.generation_config.eos_token_id = eos
+    try:
+        output = TransformersGenerator(tiny).generate([prompts[2]], GREEDY)[0]
+    finally:
+        tiny.model.generation_config.eos_token_id = tiny.tokenizer.eos_token_id
+    assert output.finish_reason == "eos"
+    assert output.token_ids == full[: full.index(eos) + 1]
+
+
+def test_per_prompt_token_limits(tiny, prompts, greedy_outputs):
+    outputs = TransformersGenerator(tiny).generate(prompts, GREEDY, max_new_tokens=[3, 12, 7])
+    assert [len(o.token_ids) for o in outputs] == [3, 12, 7]
+    assert all(o.finish_reason == "length" for o in outputs)
+    assert outputs[0].token_ids == greedy_outputs[0].token_ids[:3]
+    with pytest.raises(SamplingError):
+        TransformersGenerator(tiny).generate(prompts, GREEDY, max_new_tokens=[3, 12])
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny, prompts):
+    generator = TransformersGenerator(tiny)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7, stop=())
+    first = [g.token_ids for g in generator.generate(prompts, params)]
+    again = [g.token_ids for g in generator.generate(prompts, params)]
+    other = [g.token_ids for g in generator.generate(prompts, replace(params, seed=8))]
+    assert first == again
+    assert first != other
+
+
+def test_identical_prompts_in_one_batch_get_different_samples(tiny, prompts):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=0, stop=())
+    outputs = TransformersGenerator(tiny).generate([prompts[0]] * 4, params)
+    assert len({tuple(o.token_ids) for o in outputs}) > 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_match_the_trainer_logprobs(tiny, prompts, temperature):
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, seed=3, stop=())
+    outputs = TransformersGenerator(tiny).generate(prompts, params)
+    batch = SequenceBatch.from_ids(
+        prompts, [o.token_ids for o in outputs], pad_token_id=tiny.tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        scored = sequence_logprobs(tiny.model, batch, temperature=temperature)
+    for row, output in enumerate(outputs):
+        expected = scored.logprobs[row, : len(output.token_ids)].tolist()
+        assert output.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_top_k_one_is_greedy(tiny, prompts, greedy_outputs):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=1, seed=0, stop=())
+    outputs = TransformersGenerator(tiny).generate(prompts, params)
+    assert [o.token_ids for o in outputs] == [g.token_ids for g in greedy_outputs]
+    # The sampled-from distribution has one token left: its log-prob is 0.
+    assert all(lp == pytest.approx(0.0) for o in outputs for lp in o.logprobs)
