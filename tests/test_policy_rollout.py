@@ -1,0 +1,251 @@
+import numpy as np
+import pytest
+import torch
+from env_fixtures import EXAMPLES, FakeRetriever
+from gymnasium.vector import AutoresetMode
+from policy_fixtures import SCRIPTED_LOGPROB, ScriptedGenerator
+
+from env import EnvConfig, SearchVectorEnv
+from policy.generation import SamplingParams, TransformersGenerator
+from policy.logprobs import SequenceBatch, logprob_mismatch, sequence_logprobs
+from policy.models import tiny_random_model
+from policy.rollout import RolloutError, TokenBudgets, run_episodes
+
+FRANCE, HAMLET, STAMBOLIC, MOON = EXAMPLES
+SEARCH_THEN_ANSWER = [
+    "<think>I need the capital.</think> <search> capital of France </search>",
+    "<answer> Paris </answer>",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_random_model()
+
+
+def make_env(tokenizer, *, num_envs=4, retriever=None, **config):
+    return SearchVectorEnv(
+        num_envs=num_envs,
+        dataset=None,
+        retriever=retriever or FakeRetriever(),
+        config=EnvConfig(**config),
+        tokenizer=tokenizer,
+    )
+
+
+def masked(trajectory, value):
+    return [i for i, m in zip(trajectory.response_ids, trajectory.loss_mask, strict=True) if m == value]
+
+
+def spans(trajectory, value):
+    """The runs of consecutive response tokens whose mask is ``value``."""
+    runs, current = [], []
+    for token, mask in zip(trajectory.response_ids, trajectory.loss_mask, strict=True):
+        if mask == value:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return [*runs, current] if current else runs
+
+
+def test_mask_is_one_exactly_on_the_policy_tokens(tiny):
+    scripts = {FRANCE.question: SEARCH_THEN_ANSWER}
+    generator = ScriptedGenerator(tiny.tokenizer, scripts)
+    trajectory = run_episodes(generator, make_env(tiny.tokenizer), [FRANCE])[0]
+    decode = tiny.tokenizer.decode
+    assert [decode(run) for run in spans(trajectory, 1)] == SEARCH_THEN_ANSWER
+    (observation,) = [decode(run) for run in spans(trajectory, 0)]
+    assert observation.startswith("\n\n<information>Doc 1(Title: Paris)")
+    assert observation.endswith("</information>\n\n")
+    assert decode(masked(trajectory, 1)) == "".join(turn.text for turn in trajectory.turns)
+    assert decode(trajectory.prompt_ids).count(FRANCE.question) == 1
+
+
+def test_policy_ids_are_exactly_the_generated_ids_never_re_tokenized(tiny):
+    generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: SEARCH_THEN_ANSWER})
+    trajectory = run_episodes(generator, make_env(tiny.tokenizer), [FRANCE])[0]
+    generated = [i for turn in generator.generated[FRANCE.question] for i in turn]
+    assert masked(trajectory, 1) == generated
+    # The scripted ids are not the tokenizer's own: re-tokenizing the text would have changed them.
+    assert tiny.tokenizer.encode("".join(SEARCH_THEN_ANSWER), add_special_tokens=False) != generated
+
+
+def test_trajectory_records_turns_reward_and_sampler_logprobs(tiny):
+    generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: SEARCH_THEN_ANSWER})
+    trajectory = run_episodes(generator, make_env(tiny.tokenizer), [FRANCE])[0]
+    assert trajectory.terminated and not trajectory.truncated
+    assert trajectory.reward == 1.0 and trajectory.info["em"] == 1.0
+    assert trajectory.info["answer"] == "Paris"
+    search, answer = trajectory.turns
+    assert (search.action_type, search.query, search.retrieved_ids[0]) == (
+        "search",
+        "capital of France",
+        "d0",
+    )
+    assert (answer.action_type, answer.num_observation_tokens) == ("answer", 0)
+    assert search.num_policy_tokens + search.num_observation_tokens + answer.num_policy_tokens == len(
+        trajectory.response_ids
+    )
+    assert (
+        trajectory.turn_index
+        == [0] * (search.num_policy_tokens + search.num_observation_tokens) + [1] * answer.num_policy_tokens
+    )
+    expected = [SCRIPTED_LOGPROB if m else 0.0 for m in trajectory.loss_mask]
+    assert trajectory.sampler_logprobs == expected
+    assert trajectory.example_id == "q0" and trajectory.group_id == "fake:q0"
+
+
+def test_all_searches_of_a_step_go_to_the_retriever_in_one_call(tiny):
+    scripts = {
+        FRANCE.question: SEARCH_THEN_ANSWER,
+        HAMLET.question: [
+            "<search> Hamlet author </search>",
+            "<search> Shakespeare </search>",
+            "<answer> x </answer>",
+        ],
+        STAMBOLIC.question: ["<answer> Ivanjica </answer>"],
+    }
+    retriever = FakeRetriever()
+    trajectories = run_episodes(
+        ScriptedGenerator(tiny.tokenizer, scripts),
+        make_env(tiny.tokenizer, retriever=retriever),
+        [FRANCE, HAMLET, STAMBOLIC],
+    )
+    assert retriever.calls == [["capital of France", "Hamlet author"], ["Shakespeare"]]
+    assert [t.reward for t in trajectories] == [1.0, 0.0, 1.0]
+    assert [len(t.turns) for t in trajectories] == [2, 3, 1]
+    assert trajectories[0].timings == trajectories[2].timings
+    assert trajectories[0].timings.generation >= 0 and trajectories[0].timings.bookkeeping >= 0
+
+
+def test_more_examples_than_sub_envs_run_in_order_batch_by_batch(tiny):
+    scripts = {example.question: [f"<answer> {example.golden_answers[0]} </answer>"] for example in EXAMPLES}
+    generator = ScriptedGenerator(tiny.tokenizer, scripts)
+    examples = [MOON, FRANCE, HAMLET, STAMBOLIC, FRANCE]
+    trajectories = run_episodes(generator, make_env(tiny.tokenizer, num_envs=2), examples)
+    assert [t.example_id for t in trajectories] == [e.id for e in examples]
+    assert all(t.reward == 1.0 for t in trajectories)
+    assert [len(limits) for limits in generator.calls] == [2, 2, 1]
+
+
+def test_a_prompt_over_budget_is_an_error_naming_the_setting(tiny):
+    generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: SEARCH_THEN_ANSWER})
+    budgets = TokenBudgets(max_prompt_tokens=50)
+    with pytest.raises(RolloutError, match="max_prompt_tokens=50"):
+        run_episodes(generator, make_env(tiny.tokenizer), [FRANCE], budgets=budgets)
+
+
+def test_turn_budget_cuts_the_turn_and_the_cut_text_goes_to_the_env(tiny):
+    long_turn = "<think>" + "very " * 40 + "long</think> <answer> Paris </answer>"
+    generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: [long_turn, "<answer> Paris </answer>"]})
+    budgets = TokenBudgets(max_turn_tokens=30)
+    trajectory = run_episodes(generator, make_env(tiny.tokenizer), [FRANCE], budgets=budgets)[0]
+    assert generator.calls[0] == [30]
+    first, second = trajectory.turns
+    assert first.num_policy_tokens == 30 and first.action_type == "invalid"
+    assert second.action_type == "answer" and trajectory.reward == 1.0
+
+
+def test_context_budget_ends_the_episode_as_truncated_when_an_observation_does_not_fit(tiny):
+    generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: SEARCH_THEN_ANSWER})
+    env = make_env(tiny.tokenizer)
+    probe = run_episodes(generator, env, [FRANCE])[0]
+    prompt_length, search_length = len(probe.prompt_ids), probe.turns[0].num_policy_tokens
+    generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: SEARCH_THEN_ANSWER})
+    budgets = TokenBudgets(
+        max_prompt_tokens=prompt_length, max_context_tokens=prompt_length + search_length + 10
+    )
+    trajectory = run_episodes(generator, env, [FRANCE], budgets=budgets)[0]
+    assert trajectory.truncated and not trajectory.terminated
+    assert trajectory.info["end_reason"] == "context_budget"
+    assert trajectory.reward == 0.0 and trajectory.info["answer"] is None
+    assert trajectory.loss_mask == [1] * len(trajectory.response_ids)  # the observation was not appended
+    assert len(trajectory.turns) == 1 and trajectory.turns[0].query == "capital of France"
+
+
+def test_context_budget_ends_the_episode_when_no_room_is_left_for_a_turn(tiny):
+    scripts = {
+        FRANCE.question: ["<search> capital of France </search>", "<answer> " + "Paris " * 30 + "</answer>"]
+    }
+    generator = ScriptedGenerator(tiny.tokenizer, scripts)
+    env = make_env(tiny.tokenizer)
+    probe = run_episodes(ScriptedGenerator(tiny.tokenizer, scripts), env, [FRANCE])[0]
+    first_turn = probe.turns[0]
+    context = len(probe.prompt_ids) + first_turn.num_policy_tokens + first_turn.num_observation_tokens
+    budgets = TokenBudgets(max_prompt_tokens=len(probe.prompt_ids), max_context_tokens=context + 10)
+    trajectory = run_episodes(generator, env, [FRANCE], budgets=budgets)[0]
+    assert generator.calls[1] == [10]
+    assert len(trajectory.prompt_ids) + len(trajectory.response_ids) == context + 10
+    assert trajectory.info["end_reason"] == "context_budget" and trajectory.truncated
+
+
+def test_observation_budget_ends_the_episode_as_truncated(tiny):
+    generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: SEARCH_THEN_ANSWER})
+    trajectory = run_episodes(
+        generator, make_env(tiny.tokenizer), [FRANCE], budgets=TokenBudgets(max_observation_tokens=20)
+    )[0]
+    assert trajectory.info["end_reason"] == "observation_budget" and trajectory.truncated
+    assert 0 not in trajectory.loss_mask
+
+
+def test_an_episode_without_answer_is_truncated_by_the_env_at_max_turns(tiny):
+    generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: ["I do not know.", "Still no idea."]})
+    trajectory = run_episodes(generator, make_env(tiny.tokenizer, max_turns=2, max_searches=1), [FRANCE])[0]
+    assert trajectory.truncated and trajectory.info["end_reason"] == "max_turns"
+    assert [turn.action_type for turn in trajectory.turns] == ["invalid", "invalid"]
+    notice = tiny.tokenizer.decode(spans(trajectory, 0)[0])
+    assert "Invalid action" in notice
+
+
+def test_group_ids_default_to_the_example_and_can_be_given(tiny):
+    scripts = {FRANCE.question: ["<answer> Paris </answer>"] * 2}
+    generator = ScriptedGenerator(tiny.tokenizer, scripts)
+    trajectories = run_episodes(generator, make_env(tiny.tokenizer), [FRANCE, FRANCE], group_ids=["a", "b"])
+    assert [t.group_id for t in trajectories] == ["a", "b"]
+    with pytest.raises(RolloutError, match="group ids"):
+        run_episodes(generator, make_env(tiny.tokenizer), [FRANCE], group_ids=["a", "b"])
+
+
+def test_an_autoresetting_env_is_refused(tiny):
+    env = SearchVectorEnv(
+        num_envs=2, dataset=None, retriever=FakeRetriever(), autoreset_mode=AutoresetMode.NEXT_STEP
+    )
+    with pytest.raises(RolloutError, match="DISABLED"):
+        run_episodes(ScriptedGenerator(tiny.tokenizer, {}), env, [FRANCE])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting"),
+    [({"max_turn_tokens": 0}, "max_turn_tokens"), ({"max_prompt_tokens": 4096}, "max_context_tokens")],
+)
+def test_budgets_are_validated(kwargs, setting):
+    with pytest.raises(RolloutError, match=setting):
+        TokenBudgets(**kwargs)
+
+
+def test_tiny_model_rollout_keeps_exact_tokens_and_sampler_logprobs_match_the_trainer(tiny):
+    generator = TransformersGenerator(tiny)
+    sampling = SamplingParams(max_new_tokens=16, temperature=1.0, seed=0)
+    trajectories = run_episodes(
+        generator, make_env(tiny.tokenizer, max_turns=3, max_searches=2), list(EXAMPLES), sampling=sampling
+    )
+    for trajectory in trajectories:
+        assert all(turn.num_policy_tokens > 0 for turn in trajectory.turns)
+        policy_text = tiny.tokenizer.decode(masked(trajectory, 1))
+        assert policy_text == "".join(turn.text for turn in trajectory.turns)
+        assert trajectory.truncated  # random text never answers
+    batch = SequenceBatch.from_ids(
+        [t.prompt_ids for t in trajectories],
+        [t.response_ids for t in trajectories],
+        pad_token_id=tiny.tokenizer.pad_token_id,
+    )
+    with torch.no_grad():
+        scored = sequence_logprobs(tiny.model, batch)
+    width = batch.response_mask.shape[1]
+    mask = torch.tensor([t.loss_mask + [0] * (width - len(t.loss_mask)) for t in trajectories])
+    sampler = torch.tensor([t.sampler_logprobs + [0.0] * (width - len(t.loss_mask)) for t in trajectories])
+    mismatch = logprob_mismatch(scored.logprobs, sampler, mask)
+    assert mismatch.num_tokens == sum(t.num_policy_tokens for t in trajectories)
+    assert mismatch.max_abs_diff < 1e-3
+    assert np.isclose(mismatch.mean_prob_ratio, 1.0, atol=1e-3)
