@@ -18,6 +18,7 @@ from retriever.base import Retriever
 from searchgym.errors import SearchgymError
 
 PROBE_QUERY = "searchgym connectivity check"
+PROBE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +76,18 @@ def open_retriever(config: EvalConfig) -> Retriever | None:
                 f"index folder {config.index} does not exist: build it with "
                 f"`searchgym index --corpus CORPUS --out {config.index}`"
             )
-        retriever = load_retriever(config.index)
+        retriever = probe = load_retriever(config.index)
     else:
-        assert config.retriever_url is not None  # EvalConfig requires one of the two
-        retriever = load_retriever(config.retriever_url)
+        url = str(config.retriever_url)
+        retriever = load_retriever(url)
+        # The run's client keeps retrying for a while; the probe retries once, so a wrong URL fails fast.
+        probe = load_retriever(url, max_retries=1, timeout_s=PROBE_TIMEOUT_S)
     try:
-        retriever.search([PROBE_QUERY], 1)
-    except Exception as error:  # any backend failure means the run cannot search: say so before starting
-        where = config.index or config.retriever_url
+        probe.search([PROBE_QUERY], 1)
+    except Exception as error:  # whatever the backend raises, the run could not search: say so now
         raise SearchgymError(
-            f"the retriever at {where} does not answer ({type(error).__name__}: {error}); "
-            "start it with `searchgym serve --index DIR` or check the URL"
+            f"the retriever at {config.index or config.retriever_url} does not answer "
+            f"({type(error).__name__}: {error}); start it with `searchgym serve --index DIR` or check the URL"
         ) from error
     return retriever
 
@@ -94,18 +96,41 @@ def load_generator(config: EvalConfig) -> Generator:
     """The policy's generation backend (transformers or vLLM), with the model loaded.
 
     Raises:
-        SearchgymError: the model cannot be loaded (``policy.models.ModelLoadError``), or vLLM is missing.
+        SearchgymError: the model folder is missing or holds no model, the model does not load, or vLLM
+            is not installed.
     """
+    if config.model is not None:
+        check_model_folder(config.model)
     if config.backend == "vllm":
         from policy.models import DEFAULT_POLICY, default_policy_path
         from policy.vllm_backend import VLLMGenerator
 
-        model = config.model if config.model not in (None, DEFAULT_POLICY) else default_policy_path()
-        return VLLMGenerator(model)
+        embedded = config.model in (None, DEFAULT_POLICY)
+        return VLLMGenerator(default_policy_path() if embedded else str(config.model))
     from policy.generation import TransformersGenerator
     from policy.models import load_policy
 
-    return TransformersGenerator(load_policy(config.model), max_batch_size=config.batch_size)
+    try:
+        policy = load_policy(config.model)
+    except ValueError as error:  # transformers' answer to files it cannot make sense of
+        raise SearchgymError(f"cannot load the model {config.model}: {error}") from error
+    return TransformersGenerator(policy, max_batch_size=config.batch_size)
+
+
+def check_model_folder(model: str) -> None:
+    """Refuse a local path that is not a model folder; hub ids (``org/name``) pass through to the loader.
+
+    Raises:
+        SearchgymError: the path is missing, or is a folder without ``config.json``.
+    """
+    path = Path(model)
+    if path.exists() and not (path / "config.json").is_file():
+        raise SearchgymError(
+            f"{model} is not a model folder (no config.json): pass a Hugging Face model folder, "
+            "e.g. the export of `searchgym train`"
+        )
+    if not path.exists() and (path.is_absolute() or model.startswith(".")):
+        raise SearchgymError(f"model folder {model} does not exist")
 
 
 def resume_predictions(run_dir: Path, config: EvalConfig) -> list[Prediction]:

@@ -335,9 +335,9 @@ def compare_runs(
         raise SearchgymError(f"unknown metric {metric!r} to compare: choose one of {choices}")
     if reported and metric != "exact_match":
         raise SearchgymError("the paper reports EM only: drop --reported or compare --metric exact_match")
+    paper_rows = reported_table_rows(select_reported(load_reported(), reported)) if reported else []
     rows = []
     for run_dir in run_dirs:
         results = load_results(Path(run_dir))
         rows.append(run_row(f"{Path(run_dir).name} ({results.config.mode})", results, metric))
-    rows += reported_table_rows(select_reported(load_reported(), reported)) if reported else []
-    return format_comparison(rows, metric=metric)
+    return format_comparison([*rows, *paper_rows], metric=metric)

@@ -282,18 +282,34 @@ def evaluate(
     return predictions
 
 
-def run_evaluation(config: EvalConfig, run_dir: Path, *, show_progress: bool = True) -> RunResults:
+def run_evaluation(
+    config: EvalConfig,
+    run_dir: Path,
+    *,
+    show_progress: bool = True,
+    generator: Generator | None = None,
+    retriever: Retriever | None = None,
+) -> RunResults:
     """Evaluate ``config`` into ``run_dir``, resuming what an interrupted run there left.
 
     Every input is checked before the first question runs: the benchmarks, the exclusion file, the
     retriever, the run directory's earlier settings, then the model, which loads last.
+
+    Args:
+        config: what to evaluate.
+        run_dir: where ``run.json``, ``predictions.jsonl``, ``results.json`` and ``results.md`` go.
+        show_progress: show a progress bar.
+        generator: a loaded generation backend to use instead of loading ``config.model`` (a trainer
+            evaluating the policy it holds); ``config.model`` then only names it.
+        retriever: a retriever to use instead of opening ``config.index`` / ``config.retriever_url``.
 
     Raises:
         SearchgymError: a bad input; the message says what to fix.
     """
     run_dir = Path(run_dir)
     items = load_items(config)
-    retriever = open_retriever(config)
+    if retriever is None:
+        retriever = open_retriever(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     wanted = {item.key for item in items}
     done = [prediction for prediction in resume_predictions(run_dir, config) if prediction.key in wanted]
@@ -302,19 +318,17 @@ def run_evaluation(config: EvalConfig, run_dir: Path, *, show_progress: bool = T
     new: list[Prediction] = []
     started = time.perf_counter()
     if todo:
-        engine = Engine.for_config(config, load_generator(config), retriever)
+        engine = Engine.for_config(config, generator or load_generator(config), retriever)
         write_json_atomic(run_dir / RUN_FILE, config.to_dict())
         started = time.perf_counter()
-        with (
-            PredictionsWriter(run_dir / PREDICTIONS_FILE) as writer,
-            tqdm(
-                total=len(items),
-                initial=len(done),
-                unit="q",
-                desc=f"eval {config.mode}",
-                disable=not show_progress,
-            ) as bar,
-        ):
+        bar = tqdm(
+            total=len(items),
+            initial=len(done),
+            unit="q",
+            desc=f"eval {config.mode}",
+            disable=not show_progress,
+        )
+        with PredictionsWriter(run_dir / PREDICTIONS_FILE) as writer, bar:
             new = evaluate(todo, engine, mode=config.mode, writer=writer, progress=bar)
     seconds = time.perf_counter() - started
     results = RunResults.from_predictions(config, [*done, *new], seconds=seconds, num_new=len(new))
