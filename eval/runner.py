@@ -30,7 +30,7 @@ from eval.report import (
     write_json_atomic,
     write_run_files,
 )
-from policy.generation import Generation, Generator, SamplingParams
+from policy.generation import DEFAULT_STOP, Generation, Generator, SamplingParams
 from policy.models import encode_prompt, is_chat_model
 from policy.rollout import TokenBudgets, run_episodes
 from policy.trajectory import Trajectory
@@ -75,10 +75,8 @@ class Engine:
         budgets = TokenBudgets(max_turn_tokens=config.max_new_tokens)
         return cls(generator, retriever, env_config, budgets, config.max_new_tokens, config.batch_size)
 
-    def sampling(self, stop: tuple[str, ...] | None = None) -> SamplingParams:
+    def sampling(self, stop: tuple[str, ...] = DEFAULT_STOP) -> SamplingParams:
         """Greedy decoding (evaluation is deterministic), stopping at the protocol's closing tags."""
-        if stop is None:
-            return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0)
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, stop=stop)
 
     @property
@@ -228,6 +226,7 @@ def scored_prediction(
     example = item.example
     golds = list(example.golden_answers)
     gold_ids = list(example.gold_doc_ids or ())
+    recall = None if retrieved_ids is None or not gold_ids else gold_passage_recall(retrieved_ids, gold_ids)
     return Prediction(
         example_id=example.id,
         dataset=item.dataset,
@@ -243,9 +242,7 @@ def scored_prediction(
         queries=queries,
         retrieved_ids=retrieved_ids or [],
         gold_doc_ids=gold_ids or None,
-        gold_recall=None
-        if retrieved_ids is None or not gold_ids
-        else gold_passage_recall(retrieved_ids, gold_ids),
+        gold_recall=recall,
         trajectory=trajectory,
         end_reason=end_reason,
         error=error,
