@@ -8,7 +8,7 @@ do not use to the longer ones.
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from env.prompts import document_header, information_block
+from env.prompts import information_block
 from env.tokens import TextMeter
 from retriever.base import Passage
 
@@ -22,10 +22,10 @@ class InformationBlock:
     """An observation made of retrieved documents.
 
     Attributes:
-        text: the block, exactly as it is appended to the model's context.
+        text: the block and its suffix, exactly as they are appended to the model's context.
         shown_ids: corpus ids of the documents in the block, in order (a document whose header alone
             does not fit is left out, lowest-ranked first).
-        num_tokens: the block's size in budget units.
+        num_tokens: the text's size in budget units.
     """
 
     text: str
@@ -57,40 +57,48 @@ def share_budget(lengths: Sequence[int], budget: int) -> list[int]:
     return allowance
 
 
-def fit_information(passages: Sequence[Passage], *, meter: TextMeter, max_tokens: int) -> InformationBlock:
-    """The ``<information>`` block of ``passages`` within ``max_tokens`` units of ``meter``.
+def fit_information(
+    passages: Sequence[Passage], *, meter: TextMeter, max_tokens: int, suffix: str = ""
+) -> InformationBlock:
+    """The ``<information>`` block of ``passages``, followed by ``suffix``, within ``max_tokens`` units.
 
-    Titles are kept whole; each text is trimmed to its share of what the tags and titles leave. If even
-    the headers do not fit, documents are dropped from the lowest-ranked up; an empty block is the result
-    when none fits (it is returned even if the tags alone exceed a tiny budget).
+    Titles are kept whole; each text is trimmed to its share of what the tags, titles and suffix leave.
+    If even the headers do not fit, documents are dropped from the lowest-ranked up; an empty block is
+    the result when none fits (it is returned even if the tags alone exceed a tiny budget).
+
+    Args:
+        passages: retrieved passages, best first.
+        meter: counts budget units (words or the policy's tokens).
+        max_tokens: the budget of the whole text, suffix included.
+        suffix: text that must follow the block in the same observation (a notice).
     """
     documents = list(passages)
     while documents:
-        block = _fit_texts(documents, meter=meter, max_tokens=max_tokens)
+        block = _fit_texts(documents, meter=meter, max_tokens=max_tokens, suffix=suffix)
         if block is not None:
             return block
         documents.pop()
-    empty = information_block([])
+    empty = information_block([]) + suffix
     return InformationBlock(empty, (), meter.count(empty))
 
 
-def _fit_texts(passages: list[Passage], *, meter: TextMeter, max_tokens: int) -> InformationBlock | None:
+def _fit_texts(
+    passages: list[Passage], *, meter: TextMeter, max_tokens: int, suffix: str
+) -> InformationBlock | None:
     """The block with every passage's text trimmed to fit, or None when no trimming of the texts fits."""
     titles = [passage.title for passage in passages]
-    texts = [passage.text for passage in passages]
-    fixed = meter.count(information_block([])) + sum(
-        meter.count(document_header(rank, title)) for rank, title in enumerate(titles, 1)
-    )
+    fixed = meter.count(information_block([(title, "") for title in titles]) + suffix)
     if fixed > max_tokens:
         return None
-    lengths = [meter.count(text) for text in texts]
-    allowance = share_budget(lengths, max_tokens - fixed)
+    # Each text is encoded once; the cuts below only decode prefixes of it.
+    texts = [meter.measure(passage.text) for passage in passages]
+    allowance = share_budget([text.count for text in texts], max_tokens - fixed)
     for _ in range(_MAX_REFITS):
-        trimmed = [meter.truncate(text, units) for text, units in zip(texts, allowance, strict=True)]
-        block = information_block(list(zip(titles, trimmed, strict=True)))
-        excess = meter.count(block) - max_tokens
-        if excess <= 0:
-            return InformationBlock(block, tuple(passage.id for passage in passages), excess + max_tokens)
+        trimmed = [text.prefix(units) for text, units in zip(texts, allowance, strict=True)]
+        block = information_block(list(zip(titles, trimmed, strict=True))) + suffix
+        size = meter.count(block)
+        if size <= max_tokens:
+            return InformationBlock(block, tuple(passage.id for passage in passages), size)
         longest = max(range(len(allowance)), key=allowance.__getitem__)
-        allowance[longest] = max(allowance[longest] - excess, 0)
+        allowance[longest] = max(allowance[longest] - (size - max_tokens), 0)
     return None

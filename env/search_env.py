@@ -219,9 +219,9 @@ class SearchEnv(gymnasium.Env[str, str]):
                 else prompts.invalid_action_notice(info["invalid_reason"])
             )
             observation = body + self._closing_notice(searched=False)
+            info["observation_tokens"] = self._meter.count(observation)
         else:
-            observation = self._information(result)
-        info["observation_tokens"] = self._meter.count(observation)
+            observation, info["observation_tokens"] = self._information(result)
         episode.transcript.append(observation)
         return observation, 0.0, False, False, info
 
@@ -256,16 +256,19 @@ class SearchEnv(gymnasium.Env[str, str]):
             "observation_tokens": 0,
         }
 
-    def _information(self, result: RetrievalResult) -> str:
-        """The observation after a successful search; records what was retrieved."""
+    def _information(self, result: RetrievalResult) -> tuple[str, int]:
+        """The observation after a successful search and its size; records what was retrieved."""
         episode = self._running_episode()
         episode.num_searches += 1
         episode.retrieved_ids.extend(passage.id for passage in result.passages)
         episode.retrieved_texts.extend(passage.contents for passage in result.passages)
-        notice = self._closing_notice(searched=True)
-        budget = self.config.max_observation_tokens - self._meter.count(notice)
-        block = fit_information(result.passages, meter=self._meter, max_tokens=budget)
-        return block.text + notice
+        block = fit_information(
+            result.passages,
+            meter=self._meter,
+            max_tokens=self.config.max_observation_tokens,
+            suffix=self._closing_notice(searched=True),
+        )
+        return block.text, block.num_tokens
 
     def _closing_notice(self, *, searched: bool) -> str:
         """Answer now, said when the next turn is the last or this turn's search spent the last one."""

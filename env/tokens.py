@@ -1,11 +1,13 @@
 """Counting and trimming text in budget units: the policy's tokens when the env has its tokenizer, else words.
 
 Any object with Hugging Face-style ``encode(text, add_special_tokens=False)`` and ``decode(ids)`` works as a
-tokenizer; nothing here imports transformers.
+tokenizer; nothing here imports transformers. A text is encoded once to be both counted and trimmed
+(:meth:`TextMeter.measure`), since encoding is what an observation's budget costs.
 """
 
 import re
-from itertools import islice
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 _WORD = re.compile(r"\S+")
@@ -24,16 +26,63 @@ class Tokenizer(Protocol):
         ...
 
 
+class Measured(Protocol):
+    """A text with its size in budget units, ready to be cut to fewer."""
+
+    @property
+    def count(self) -> int:
+        """Units in the text."""
+        ...
+
+    def prefix(self, max_units: int) -> str:
+        """The text cut to at most ``max_units`` units (the whole text if it fits)."""
+        ...
+
+
 class TextMeter(Protocol):
-    """Measures text in budget units and cuts it to a number of them."""
+    """Measures text in budget units."""
 
     def count(self, text: str) -> int:
         """Units in ``text``."""
         ...
 
-    def truncate(self, text: str, max_units: int) -> str:
-        """The longest prefix of ``text`` with at most ``max_units`` units (``text`` itself if it fits)."""
+    def measure(self, text: str) -> Measured:
+        """``text`` measured once, to be counted and cut."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class _MeasuredWords:
+    text: str
+    word_ends: Sequence[int]
+
+    @property
+    def count(self) -> int:
+        return len(self.word_ends)
+
+    def prefix(self, max_units: int) -> str:
+        if max_units >= len(self.word_ends):
+            return self.text
+        return self.text[: self.word_ends[max_units - 1]] if max_units > 0 else ""
+
+
+@dataclass(frozen=True, slots=True)
+class _MeasuredTokens:
+    text: str
+    ids: list[int]
+    tokenizer: Tokenizer
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    def prefix(self, max_units: int) -> str:
+        if max_units >= len(self.ids):
+            return self.text
+        if max_units <= 0:
+            return ""
+        # A cut inside a multi-byte character decodes to U+FFFD; drop it rather than show garbage.
+        return self.tokenizer.decode(self.ids[:max_units]).rstrip("\ufffd")
 
 
 class WordMeter:
@@ -43,7 +92,7 @@ class WordMeter:
         >>> meter = WordMeter()
         >>> meter.count("to be  or not")
         4
-        >>> meter.truncate("to be  or not", 3)
+        >>> meter.measure("to be  or not").prefix(3)
         'to be  or'
     """
 
@@ -51,14 +100,9 @@ class WordMeter:
         """Words in ``text``."""
         return len(text.split())
 
-    def truncate(self, text: str, max_units: int) -> str:
-        """The first ``max_units`` words, with the original spacing between them."""
-        if max_units <= 0:
-            return ""
-        words = list(islice(_WORD.finditer(text), max_units + 1))
-        if len(words) <= max_units:
-            return text
-        return text[: words[max_units - 1].end()]
+    def measure(self, text: str) -> Measured:
+        """``text`` with the end offset of each word, so that a cut keeps the original spacing."""
+        return _MeasuredWords(text, [match.end() for match in _WORD.finditer(text)])
 
 
 class TokenizerMeter:
@@ -71,15 +115,9 @@ class TokenizerMeter:
         """Tokens in ``text``."""
         return len(self._tokenizer.encode(text, add_special_tokens=False))
 
-    def truncate(self, text: str, max_units: int) -> str:
-        """The text of the first ``max_units`` tokens, without a dangling partial character."""
-        if max_units <= 0:
-            return ""
-        ids = self._tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) <= max_units:
-            return text
-        # A cut inside a multi-byte character decodes to U+FFFD; drop it rather than show garbage.
-        return self._tokenizer.decode(ids[:max_units]).rstrip("\ufffd")
+    def measure(self, text: str) -> Measured:
+        """``text`` with its token ids; a cut decodes a prefix of them."""
+        return _MeasuredTokens(text, self._tokenizer.encode(text, add_special_tokens=False), self._tokenizer)
 
 
 def make_meter(tokenizer: Tokenizer | None) -> TextMeter:

@@ -57,6 +57,14 @@ def test_blocks_fit_any_budget_in_tokenizer_units(budget, sizes):
     assert block.text.startswith("\n\n<information>") and block.text.endswith("</information>\n\n")
 
 
+def test_the_suffix_counts_against_the_budget():
+    meter = TokenizerMeter(CharTokenizer())
+    suffix = "(answer now)\n\n"
+    block = fit_information(CORPUS[:3], meter=meter, max_tokens=200, suffix=suffix)
+    assert block.text.endswith("</information>\n\n" + suffix)
+    assert block.num_tokens == len(block.text) <= 200 and block.shown_ids == ("d0", "d1", "d2")
+
+
 def test_documents_whose_headers_do_not_fit_are_dropped_lowest_ranked_first():
     passages = [long_passage(str(i), "A" * 30, 50) for i in range(5)]
     meter = TokenizerMeter(CharTokenizer())
@@ -66,9 +74,16 @@ def test_documents_whose_headers_do_not_fit_are_dropped_lowest_ranked_first():
     assert fit_information(passages, meter=meter, max_tokens=10).shown_ids == ()
 
 
-def test_meters_truncate_to_a_prefix():
-    assert WordMeter().truncate("a  b\nc d", 3) == "a  b\nc"
-    assert WordMeter().truncate("a b", 5) == "a b"
-    assert TokenizerMeter(CharTokenizer()).truncate("abcdef", 4) == "abcd"
+def test_meters_cut_a_measured_text_to_a_prefix():
+    words = WordMeter().measure("a  b\nc d ")
+    assert (words.count, words.prefix(3), words.prefix(4), words.prefix(9), words.prefix(0)) == (
+        4,
+        "a  b\nc",
+        "a  b\nc d ",
+        "a  b\nc d ",
+        "",
+    )
+    tokens = TokenizerMeter(CharTokenizer()).measure("abcdef")
+    assert (tokens.count, tokens.prefix(4), tokens.prefix(6)) == (6, "abcd", "abcdef")
     assert isinstance(make_meter(None), WordMeter)
     assert isinstance(make_meter(CharTokenizer()), TokenizerMeter)
