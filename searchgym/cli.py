@@ -12,6 +12,7 @@ from eval.cli import add_eval_command
 from retriever.cli import add_index_command, add_serve_command
 from searchgym import __version__
 from searchgym.errors import SearchgymError
+from train.cli import add_train_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_command(subparsers)
     add_serve_command(subparsers)
     add_eval_command(subparsers)
+    add_train_command(subparsers)
     return parser
 
 

@@ -11,8 +11,10 @@ from typing import Any, Literal
 
 from env.config import EnvConfig
 from train import config_io
-from train.algorithms import KLEstimator, LossAggregation
 from train.config_io import ConfigError
+
+KLEstimator = Literal["k1", "k3", "low_var_kl"]
+LossAggregation = Literal["token-mean", "seq-mean"]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -27,13 +29,11 @@ def _require_positive(section: str, **values: float) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """The policy being trained and the critic's starting point."""
+    """The policy being trained; the critic (PPO) is the same base model with a fresh value head."""
 
     path: str = "smollm2-135m-instruct"
     """The policy: a local Hugging Face model directory, a hub id this machine can reach, or
     `smollm2-135m-instruct` for the embedded SmolLM2-135M-Instruct."""
-    critic_path: str | None = None
-    """The critic's base model (PPO), given a fresh bias-free value head; null: the same as `path`."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
 
@@ -67,9 +67,9 @@ class DataConfig:
     dev: str = "wiki-mini-dev"
     """Dev questions for the EM evaluation during training: a dataset name or a path."""
     train_limit: int | None = None
-    """Use only this many training questions (a seeded sample); null uses all."""
+    """Use only the first this many training questions; null uses all."""
     dev_limit: int | None = None
-    """Evaluate on only this many dev questions (a seeded sample); null uses all."""
+    """Evaluate on only the first this many dev questions; null uses all."""
     shuffle: bool = True
     """Visit the training questions in a new seeded order every epoch."""
 
@@ -109,11 +109,20 @@ class RolloutConfig:
     """Nucleus sampling mass."""
     max_new_tokens: int = 500
     """Tokens the policy may generate per turn."""
+    max_prompt_tokens: int = 1024
+    """The longest prompt (chat template included); a longer one is an error, never truncated."""
+    max_context_tokens: int = 4096
+    """Prompt and response together; an episode with no room left for a turn ends truncated."""
     vllm_gpu_memory_utilization: float = 0.6
     """Share of GPU memory vLLM may take (the rest holds the trained models)."""
 
     def __post_init__(self) -> None:
         _require_positive("rollout", temperature=self.temperature, max_new_tokens=self.max_new_tokens)
+        _require(
+            0 < self.max_prompt_tokens < self.max_context_tokens,
+            f"rollout.max_prompt_tokens ({self.max_prompt_tokens}) must be positive and below "
+            f"rollout.max_context_tokens ({self.max_context_tokens})",
+        )
         _require(self.samples_per_prompt >= 1, "rollout.samples_per_prompt must be >= 1")
         _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _require(
@@ -235,9 +244,12 @@ class DevConfig:
     """Evaluate every this many steps (and after the last); 0 never evaluates during training."""
     before_training: bool = True
     """Also evaluate the untrained policy, so the curve starts at step 0."""
+    batch_size: int = 64
+    """Dev questions decoded together."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, f"dev.every must be >= 0, got {self.every}")
+        _require(self.batch_size >= 1, f"dev.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True, kw_only=True)
