@@ -189,3 +189,10 @@ def test_example_sampler_resumes_mid_epoch() -> None:
     resumed.load_state_dict(state)
     assert resumed.take(6) == rest
     assert {e.id for e in first + rest[:2]} == {e.id for e in examples}  # every question once per epoch
+
+
+def test_bfloat16_autocast_with_activation_checkpointing_trains(tmp_path: Path) -> None:
+    result = run_toy(tmp_path, "system.dtype=bfloat16", "model.gradient_checkpointing=true", "total_steps=2")
+    last = result.history[-1]
+    assert last["actor/optimizer_steps"] == 2 and last["actor/skipped_steps"] == 0
+    assert last["critic/optimizer_steps"] == 2 and last["critic/skipped_steps"] == 0

@@ -196,6 +196,7 @@ class UpdateStats:
     value_loss: float | None = None
     value_clip_fraction: float | None = None
     critic_grad_norm: float | None = None
+    critic_steps: int | None = None
     critic_skipped_steps: int | None = None
 
     def to_metrics(self) -> dict[str, float]:
@@ -212,6 +213,7 @@ class UpdateStats:
             "critic/value_loss": self.value_loss,
             "critic/clip_fraction": self.value_clip_fraction,
             "critic/grad_norm": self.critic_grad_norm,
+            "critic/optimizer_steps": self.critic_steps,
             "critic/skipped_steps": self.critic_skipped_steps,
         }
         return {name: float(value) for name, value in metrics.items() if value is not None}
@@ -280,6 +282,7 @@ def update(
         value_loss=means.mean("value_loss"),
         value_clip_fraction=means.mean("value_clip_fraction"),
         critic_grad_norm=means.mean("critic_grad_norm"),
+        critic_steps=means.total("critic_steps") if models.critic is not None else None,
         critic_skipped_steps=means.total("critic_skipped") if models.critic is not None else None,
     )
 

@@ -73,9 +73,9 @@ def build_train_models(
         reference.requires_grad_(False)
     critic = ValueModel.from_causal_lm(policy) if with_critic else None
     if gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        policy.activation_checkpointing_enable()
         if critic is not None:
-            critic.body.gradient_checkpointing_enable()
+            critic.body.activation_checkpointing_enable()
     return TrainModels(policy=policy, reference=reference, critic=critic)
 
 
