@@ -62,9 +62,10 @@ def fit_information(
 ) -> InformationBlock:
     """The ``<information>`` block of ``passages``, followed by ``suffix``, within ``max_tokens`` units.
 
-    Titles are kept whole; each text is trimmed to its share of what the tags, titles and suffix leave.
-    If even the headers do not fit, documents are dropped from the lowest-ranked up; an empty block is
-    the result when none fits (it is returned even if the tags alone exceed a tiny budget).
+    Each document is one line: line breaks inside a passage become spaces. Titles are kept whole; each
+    text is trimmed to its share of what the tags, titles and suffix leave. If even the headers do not
+    fit, documents are dropped from the lowest-ranked up; an empty block is the result when none fits
+    (it is returned even if the tags alone exceed a tiny budget).
 
     Args:
         passages: retrieved passages, best first.
@@ -72,7 +73,9 @@ def fit_information(
         max_tokens: the budget of the whole text, suffix included.
         suffix: text that must follow the block in the same observation (a notice).
     """
-    documents = list(passages)
+    documents = [
+        _Document(passage.id, passage.title, " ".join(passage.text.splitlines())) for passage in passages
+    ]
     while documents:
         block = _fit_texts(documents, meter=meter, max_tokens=max_tokens, suffix=suffix)
         if block is not None:
@@ -82,23 +85,30 @@ def fit_information(
     return InformationBlock(empty, (), meter.count(empty))
 
 
+@dataclass(frozen=True, slots=True)
+class _Document:
+    id: str
+    title: str
+    text: str
+
+
 def _fit_texts(
-    passages: list[Passage], *, meter: TextMeter, max_tokens: int, suffix: str
+    documents: list[_Document], *, meter: TextMeter, max_tokens: int, suffix: str
 ) -> InformationBlock | None:
-    """The block with every passage's text trimmed to fit, or None when no trimming of the texts fits."""
-    titles = [passage.title for passage in passages]
+    """The block with every document's text trimmed to fit, or None when no trimming of the texts fits."""
+    titles = [document.title for document in documents]
     fixed = meter.count(information_block([(title, "") for title in titles]) + suffix)
     if fixed > max_tokens:
         return None
     # Each text is encoded once; the cuts below only decode prefixes of it.
-    texts = [meter.measure(passage.text) for passage in passages]
+    texts = [meter.measure(document.text) for document in documents]
     allowance = share_budget([text.count for text in texts], max_tokens - fixed)
     for _ in range(_MAX_REFITS):
         trimmed = [text.prefix(units) for text, units in zip(texts, allowance, strict=True)]
         block = information_block(list(zip(titles, trimmed, strict=True))) + suffix
         size = meter.count(block)
         if size <= max_tokens:
-            return InformationBlock(block, tuple(passage.id for passage in passages), size)
+            return InformationBlock(block, tuple(document.id for document in documents), size)
         longest = max(range(len(allowance)), key=allowance.__getitem__)
         allowance[longest] = max(allowance[longest] - (size - max_tokens), 0)
     return None

@@ -57,6 +57,12 @@ def test_blocks_fit_any_budget_in_tokenizer_units(budget, sizes):
     assert block.text.startswith("\n\n<information>") and block.text.endswith("</information>\n\n")
 
 
+def test_each_document_is_one_line():
+    passage = Passage("n", '"Title"\nFirst paragraph.\nSecond paragraph.\r\nThird.', 1.0)
+    block = fit_information([passage], meter=WordMeter(), max_tokens=200)
+    assert block.text == information_block([("Title", "First paragraph. Second paragraph. Third.")])
+
+
 def test_the_suffix_counts_against_the_budget():
     meter = TokenizerMeter(CharTokenizer())
     suffix = "(answer now)\n\n"
