@@ -58,3 +58,13 @@ def test_a_batch_of_dev_questions_makes_one_retriever_call_per_step(bm25):
     _, _, terminated, _, _ = vector.step(["<answer> unknown </answer>"] * 64)
     assert terminated.all() and retriever.batch_sizes == [64]
     assert np.mean([info["em"] for info in vector.final_infos]) == 0.0
+
+
+def test_the_readme_episode(bm25):
+    search_env = gymnasium.make(env.ENV_ID, dataset="wiki-mini-dev", retriever=bm25)
+    _, info = search_env.reset(seed=0)
+    assert info["example_id"] == "wikimini_hotpotqa_dev_5a713a5a5542994082a3e6a9"
+    observation, *_ = search_env.step(f"<search> {info['question']} </search>")
+    assert "Manchester United" in observation
+    *_, info = search_env.step("<answer> Manchester United </answer>")
+    assert (info["answer"], info["em"], info["f1"], info["reward"]) == ("Manchester United", 1.0, 1.0, 1.0)
