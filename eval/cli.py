@@ -11,6 +11,7 @@ from pathlib import Path
 
 from eval.config import BACKENDS, MODES, SEARCH_R1_BENCHMARKS, EvalConfig
 from eval.report import COMPARABLE_METRICS, compare_runs, format_run_table
+from searchgym.errors import SearchgymError
 
 DEFAULT_BENCHMARKS = "wiki-mini-dev"
 RUNS_DIR = Path("runs") / "eval"
@@ -37,7 +38,14 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
             f"{','.join(SEARCH_R1_BENCHMARKS)} (default: {DEFAULT_BENCHMARKS})"
         ),
     )
-    what.add_argument("--mode", choices=MODES, default="agent", help="agent (search policy), rag or direct")
+    what.add_argument(
+        "--mode",
+        default="agent",
+        help=(
+            "agent (the search policy), rag or direct; several, comma-separated (agent,rag,direct), evaluate "
+            "the model and its baselines in one command (default: agent)"
+        ),
+    )
     what.add_argument("--limit", type=int, help="questions per dataset, sampled with --seed (default: all)")
     what.add_argument("--seed", type=int, default=0, help="sampling seed of --limit (default: 0)")
     what.add_argument("--exclude", type=Path, help="file of example ids to leave out, one per line")
@@ -79,28 +87,31 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    """Compare finished runs, or evaluate and print the run's table."""
+    """Compare finished runs, or evaluate (one run per mode) and print the tables."""
     if args.compare:
         print(compare_runs(args.compare, metric=args.metric, reported=args.reported))
         return 0
-    from eval.runner import run_evaluation  # torch and transformers load here, not at --help
+    from eval.runner import run_evaluations  # torch and transformers load here, not at --help
 
-    config = config_from_args(args)
-    run_dir = args.out or default_run_dir(config)
-    results = run_evaluation(config, run_dir, show_progress=not args.no_progress)
-    print(format_run_table(results))
-    if args.reported:
-        print("\n" + compare_runs([run_dir], reported=args.reported))
-    print(f"\nrun directory: {run_dir}", file=sys.stderr)
+    modes = parse_list(args.mode, everything=MODES)
+    if not modes:
+        raise SearchgymError(f"no mode given: set --mode to one or more of {', '.join(MODES)}")
+    configs = [config_from_args(args, mode) for mode in modes]
+    run_dirs = [run_dir_for(args.out, config, several=len(configs) > 1) for config in configs]
+    for results in run_evaluations(configs, run_dirs, show_progress=not args.no_progress):
+        print(format_run_table(results) + "\n")
+    if len(configs) > 1 or args.reported:
+        print(compare_runs(run_dirs, reported=args.reported))
+    print(f"run directories: {', '.join(map(str, run_dirs))}", file=sys.stderr)
     return 0
 
 
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    """The run's settings from the command line (validated by :class:`EvalConfig`)."""
+def config_from_args(args: argparse.Namespace, mode: str) -> EvalConfig:
+    """The settings of one mode's run from the command line (validated by :class:`EvalConfig`)."""
     return EvalConfig(
-        benchmarks=parse_benchmarks(args.benchmarks),
+        benchmarks=parse_list(args.benchmarks, everything=SEARCH_R1_BENCHMARKS),
         model=args.model,
-        mode=args.mode,
+        mode=mode,
         retriever_url=args.retriever_url,
         index=str(args.index) if args.index else None,
         topk=args.topk,
@@ -114,21 +125,26 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     )
 
 
-def parse_benchmarks(spec: str) -> tuple[str, ...]:
-    """Split ``nq,hotpotqa``; ``all`` stands for the seven Search-R1 benchmarks; duplicates are dropped.
+def parse_list(spec: str, *, everything: tuple[str, ...]) -> tuple[str, ...]:
+    """Split a comma-separated list; ``all`` stands for ``everything``; duplicates are dropped.
 
-    >>> parse_benchmarks("hotpotqa, all")
+    >>> parse_list("hotpotqa, all", everything=SEARCH_R1_BENCHMARKS)
     ('hotpotqa', 'nq', 'triviaqa', 'popqa', '2wikimultihopqa', 'musique', 'bamboogle')
     """
     names: list[str] = []
     for item in (part.strip() for part in spec.split(",")):
-        for name in SEARCH_R1_BENCHMARKS if item == "all" else (item,) if item else ():
+        for name in everything if item == "all" else (item,) if item else ():
             if name not in names:
                 names.append(name)
     return tuple(names)
 
 
-def default_run_dir(config: EvalConfig) -> Path:
-    """``runs/eval/<model>-<mode>``: the same command finds its own run again and resumes it."""
+def run_dir_for(out: Path | None, config: EvalConfig, *, several: bool) -> Path:
+    """``--out`` for one run, ``--out/<mode>`` for several; by default ``runs/eval/<model>-<mode>``.
+
+    The default is stable, so the same command finds its own run again and resumes it.
+    """
+    if out is not None:
+        return out / config.mode if several else out
     model = Path(config.model).name if config.model else "smollm2-135m-instruct"
     return RUNS_DIR / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', model)}-{config.mode}"

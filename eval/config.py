@@ -110,12 +110,21 @@ class EvalConfig:
         known["benchmarks"] = tuple(known.get("benchmarks", ()))
         return cls(**known)
 
+    def prediction_settings(self) -> dict[str, Any]:
+        """The settings that can change a prediction in this mode (retrieval ones only where it searches)."""
+        names = ["model", "mode", "max_new_tokens", "limit", "seed", "exclude", "backend"]
+        if self.uses_retrieval:
+            names += ["index", "retriever_url", "topk"]
+        if self.mode == "agent":
+            names.append("max_turns")
+        return {name: getattr(self, name) for name in names}
+
     def changed_settings(self, other: "EvalConfig") -> list[str]:
         """The settings that differ from ``other`` and would change a prediction.
 
         A resumed run must match its earlier part on these; the batch size only changes speed, and the
         benchmark list may grow or shrink (predictions are kept per dataset).
         """
-        ignored = {"benchmarks", "batch_size"}
-        mine, theirs = self.to_dict(), other.to_dict()
-        return [name for name in mine if name not in ignored and mine[name] != theirs[name]]
+        mine, theirs = self.prediction_settings(), other.prediction_settings()
+        names = [*mine, *(name for name in theirs if name not in mine)]
+        return [name for name in names if mine.get(name) != theirs.get(name)]

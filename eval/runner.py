@@ -279,6 +279,102 @@ def evaluate(
     return predictions
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedRun:
+    """A run whose inputs have been checked: its questions, and which of them an earlier run already did."""
+
+    config: EvalConfig
+    run_dir: Path
+    items: list[EvalItem]
+    done: list[Prediction]
+
+    @property
+    def todo(self) -> list[EvalItem]:
+        """The questions still to evaluate."""
+        done_keys = {prediction.key for prediction in self.done}
+        return [item for item in self.items if item.key not in done_keys]
+
+
+def plan_run(config: EvalConfig, run_dir: Path) -> PlannedRun:
+    """Check a run's questions and its directory (resuming what an earlier run there left).
+
+    Raises:
+        SearchgymError: a bad benchmark or exclusion file, or a run directory made with other settings.
+    """
+    run_dir = Path(run_dir)
+    items = load_items(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {item.key for item in items}
+    done = [prediction for prediction in resume_predictions(run_dir, config) if prediction.key in wanted]
+    return PlannedRun(config, run_dir, items, done)
+
+
+def execute_run(
+    run: PlannedRun, generator: Generator | None, retriever: Retriever | None, *, show_progress: bool
+) -> RunResults:
+    """Evaluate a planned run's remaining questions and write its files.
+
+    ``generator`` may be None when no question is left (the files are then rebuilt from the predictions).
+    """
+    new: list[Prediction] = []
+    started = time.perf_counter()
+    if run.todo:
+        if generator is None:
+            raise ValueError("a generator is needed: this run has questions left")
+        engine = Engine.for_config(run.config, generator, retriever)
+        write_json_atomic(run.run_dir / RUN_FILE, run.config.to_dict())
+        started = time.perf_counter()
+        desc = f"eval {run.config.mode}"
+        bar = tqdm(
+            total=len(run.items), initial=len(run.done), unit="q", desc=desc, disable=not show_progress
+        )
+        with PredictionsWriter(run.run_dir / PREDICTIONS_FILE) as writer, bar:
+            new = evaluate(run.todo, engine, mode=run.config.mode, writer=writer, progress=bar)
+    seconds = time.perf_counter() - started
+    results = RunResults.from_predictions(run.config, [*run.done, *new], seconds=seconds, num_new=len(new))
+    write_run_files(run.run_dir, results)
+    return results
+
+
+def run_evaluations(
+    configs: Sequence[EvalConfig],
+    run_dirs: Sequence[Path],
+    *,
+    show_progress: bool = True,
+    generator: Generator | None = None,
+    retriever: Retriever | None = None,
+) -> list[RunResults]:
+    """Evaluate several runs of one model (e.g. its agent, rag and direct modes), loading it once.
+
+    Every input of every run is checked before the model loads and the first question runs: the
+    benchmarks, the exclusion file, the run directories' earlier settings, the retriever; then the model.
+    A run directory that an interrupted run left is resumed.
+
+    Args:
+        configs: the runs, sharing one model and one retriever (typically one config per mode).
+        run_dirs: one per run: where ``run.json``, ``predictions.jsonl``, ``results.json`` and
+            ``results.md`` go.
+        show_progress: show a progress bar.
+        generator: a loaded generation backend to use instead of loading the configs' model (a trainer
+            evaluating the policy it holds); the configs' ``model`` then only names it.
+        retriever: a retriever to use instead of opening the configs' index or URL.
+
+    Raises:
+        SearchgymError: a bad input; the message says what to fix.
+    """
+    models = {(config.model, config.backend) for config in configs}
+    retrievers = {(config.index, config.retriever_url) for config in configs if config.uses_retrieval}
+    if len(models) > 1 or len(retrievers) > 1:
+        raise ValueError("runs evaluated together must share one model and one retriever")
+    runs = [plan_run(config, run_dir) for config, run_dir in zip(configs, run_dirs, strict=True)]
+    searching = next((config for config in configs if config.uses_retrieval), None)
+    if retriever is None and searching is not None:
+        retriever = open_retriever(searching)
+    if generator is None and any(run.todo for run in runs):
+        generator = load_generator(configs[0])
+    return [execute_run(run, generator, retriever, show_progress=show_progress) for run in runs]
+
+
 def run_evaluation(
     config: EvalConfig,
     run_dir: Path,
@@ -287,47 +383,8 @@ def run_evaluation(
     generator: Generator | None = None,
     retriever: Retriever | None = None,
 ) -> RunResults:
-    """Evaluate ``config`` into ``run_dir``, resuming what an interrupted run there left.
-
-    Every input is checked before the first question runs: the benchmarks, the exclusion file, the
-    retriever, the run directory's earlier settings, then the model, which loads last.
-
-    Args:
-        config: what to evaluate.
-        run_dir: where ``run.json``, ``predictions.jsonl``, ``results.json`` and ``results.md`` go.
-        show_progress: show a progress bar.
-        generator: a loaded generation backend to use instead of loading ``config.model`` (a trainer
-            evaluating the policy it holds); ``config.model`` then only names it.
-        retriever: a retriever to use instead of opening ``config.index`` / ``config.retriever_url``.
-
-    Raises:
-        SearchgymError: a bad input; the message says what to fix.
-    """
-    run_dir = Path(run_dir)
-    items = load_items(config)
-    if retriever is None:
-        retriever = open_retriever(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    wanted = {item.key for item in items}
-    done = [prediction for prediction in resume_predictions(run_dir, config) if prediction.key in wanted]
-    done_keys = {prediction.key for prediction in done}
-    todo = [item for item in items if item.key not in done_keys]
-    new: list[Prediction] = []
-    started = time.perf_counter()
-    if todo:
-        engine = Engine.for_config(config, generator or load_generator(config), retriever)
-        write_json_atomic(run_dir / RUN_FILE, config.to_dict())
-        started = time.perf_counter()
-        bar = tqdm(
-            total=len(items),
-            initial=len(done),
-            unit="q",
-            desc=f"eval {config.mode}",
-            disable=not show_progress,
-        )
-        with PredictionsWriter(run_dir / PREDICTIONS_FILE) as writer, bar:
-            new = evaluate(todo, engine, mode=config.mode, writer=writer, progress=bar)
-    seconds = time.perf_counter() - started
-    results = RunResults.from_predictions(config, [*done, *new], seconds=seconds, num_new=len(new))
-    write_run_files(run_dir, results)
+    """Evaluate one run (see :func:`run_evaluations`)."""
+    (results,) = run_evaluations(
+        [config], [run_dir], show_progress=show_progress, generator=generator, retriever=retriever
+    )
     return results

@@ -42,7 +42,12 @@ def test_config_round_trips_and_names_the_settings_that_change_predictions():
     assert config.changed_settings(EvalConfig.from_dict(config.to_dict() | {"batch_size": 1})) == []
     assert config.changed_settings(EvalConfig.from_dict(config.to_dict() | {"benchmarks": ["nq"]})) == []
     other = EvalConfig.from_dict(config.to_dict() | {"topk": 5, "seed": 1})
-    assert config.changed_settings(other) == ["topk", "seed"]
+    assert config.changed_settings(other) == ["seed", "topk"]
+    # Retrieval settings cannot change a direct run's predictions: adding an index resumes it.
+    direct = EvalConfig(benchmarks=("nq",), mode="direct")
+    assert (
+        direct.changed_settings(EvalConfig(benchmarks=("nq",), mode="direct", index="idx", max_turns=2)) == []
+    )
 
 
 def examples(count):
