@@ -79,7 +79,7 @@ def information_block(documents: list[tuple[str, str]]) -> str:
     return f"{INFORMATION_OPEN}{lines}{INFORMATION_CLOSE}"
 
 
-# Keyed by env.actions.InvalidReason values, plus the env's own refusal reasons.
+# Keyed by env.actions.InvalidReason values (a refused search has its own notice above).
 _INVALID_REASON_TEXT = {
     "no_tag": "no <search> or <answer> tag",
     "unclosed_tag": "a tag was opened but not closed",

@@ -103,7 +103,8 @@ class SearchEnv(gymnasium.Env[str, str]):
     ``render_mode="ansi"``: ``render()`` returns the episode's text so far.
 
     ## Gymnasium checks
-    ``gymnasium.utils.env_checker.check_env`` passes. Gymnasium's ``Text`` space only holds strings over
+    ``gymnasium.utils.env_checker.check_env`` passes; its one warning is that ``render_mode="ansi"``
+    declares no ``render_fps`` (text has no frame rate). Gymnasium's ``Text`` space only holds strings over
     a finite character set, so both spaces are :class:`~env.spaces.UnicodeText`, a ``Text`` that accepts
     any character; ``action_space.sample()`` draws printable ASCII, which parses as an invalid action.
     """

@@ -94,7 +94,7 @@ class SearchVectorEnv(VectorEnv):
     @property
     def final_infos(self) -> tuple[dict[str, Any] | None, ...]:
         """Per sub-env, the info of the last step of its latest finished episode (None if none has)."""
-        return tuple(self._final_infos)
+        return tuple(None if info is None else dict(info) for info in self._final_infos)
 
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
