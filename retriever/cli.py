@@ -1,0 +1,174 @@
+"""``searchgym index`` and ``searchgym serve``: argument declarations here, heavy imports in the handlers."""
+
+import argparse
+import dataclasses
+import inspect
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from retriever.config import API_KEY_ENV, DEFAULT_ENCODER, ServerConfig
+from retriever.manifest import METHODS
+from searchgym.paths import WIKI_MINI_CORPUS
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def default_index_dir(corpus: Path, method: str) -> Path:
+    """``indexes/<corpus name>-<method>``, e.g. ``indexes/wiki-mini-bm25``."""
+    name = corpus.name.removesuffix(".gz").removesuffix(".jsonl")
+    return Path("indexes") / f"{name}-{method}"
+
+
+def add_index_command(subparsers: Any) -> None:
+    """Declare ``searchgym index``."""
+    parser = subparsers.add_parser(
+        "index",
+        help="build a BM25 or dense index of a corpus",
+        description="Build a BM25 (bm25s or pyserini) or dense (FAISS) index of a .jsonl / .jsonl.gz corpus.",
+    )
+    parser.add_argument(
+        "--corpus", type=Path, default=WIKI_MINI_CORPUS, help="corpus file (default: wiki-mini)"
+    )
+    parser.add_argument(
+        "--method", choices=METHODS, default="bm25", help="bm25 (bm25s), pyserini (Java 21), dense"
+    )
+    parser.add_argument("--out", type=Path, help="index folder (default: indexes/<corpus>-<method>)")
+    parser.add_argument(
+        "--model", default=DEFAULT_ENCODER, help="dense: sentence-transformers / HF model path"
+    )
+    parser.add_argument(
+        "--faiss-type", default="Flat", help="dense: FAISS index_factory string (Flat, HNSW32...)"
+    )
+    parser.add_argument(
+        "--query-prefix", help="dense: query prefix (default: 'query: ' for e5 models, else none)"
+    )
+    parser.add_argument(
+        "--passage-prefix", help="dense: passage prefix (default: 'passage: ' for e5, else none)"
+    )
+    parser.add_argument("--device", default="auto", help="dense: auto, cpu or cuda (fp16)")
+    parser.add_argument("--batch-size", type=int, default=64, help="dense: passages per encoder forward pass")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_run_index)
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from retriever.index import IndexSpec, build_index
+
+    spec = IndexSpec(
+        corpus=args.corpus,
+        out=args.out or default_index_dir(args.corpus, args.method),
+        method=args.method,
+        model=args.model,
+        faiss_type=args.faiss_type,
+        query_prefix=args.query_prefix,
+        passage_prefix=args.passage_prefix,
+        device=args.device,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    started = time.perf_counter()
+    manifest = build_index(spec)
+    print(
+        f"indexed {manifest.num_documents} documents of {spec.corpus} ({manifest.method}) into {spec.out} "
+        f"in {time.perf_counter() - started:.1f} s; serve it with: searchgym serve --index {spec.out}"
+    )
+    return 0
+
+
+def add_serve_command(subparsers: Any) -> None:
+    """Declare ``searchgym serve``."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve an index over HTTP (Search-R1's /retrieve API)",
+        description="Serve an index built by `searchgym index` with Search-R1's POST /retrieve API, "
+        "GET /health and GET /stats.",
+    )
+    parser.add_argument("--index", type=Path, required=True, help="index folder built by `searchgym index`")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    parser.add_argument(
+        "--threads", type=int, default=64, help="HTTP threads; at least the concurrent clients"
+    )
+    parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    parser.add_argument("--corpus", type=Path, help="check that the index was built from this corpus file")
+    parser.add_argument("--model", help="dense: encoder to use instead of the manifest's (must encode alike)")
+    parser.add_argument("--device", default="auto", help="dense: auto, cpu or cuda")
+    parser.add_argument(
+        "--vector-search", choices=("auto", "faiss", "torch"), default="auto", help="dense search"
+    )
+    parser.add_argument(
+        "--faiss-params", default="", help="dense: e.g. nprobe=32 (IVF) or efSearch=128 (HNSW)"
+    )
+    _add_config_flags(parser, ServerConfig, skip=("api_key",))
+    parser.set_defaults(run=_run_serve)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, config_class: type, *, skip: tuple[str, ...]) -> None:
+    """One ``--flag`` per dataclass field, its help taken from the class docstring's Attributes section."""
+    docs = _attribute_docs(config_class)
+    for field in dataclasses.fields(config_class):
+        if field.name not in skip:
+            parser.add_argument(
+                f"--{field.name.replace('_', '-')}",
+                type=type(field.default),
+                default=field.default,
+                help=f"{docs.get(field.name, '')} (default: {field.default})",
+            )
+
+
+def _attribute_docs(config_class: type) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    lines = inspect.getdoc(config_class).partition("Attributes:")[2].splitlines()  # type: ignore[union-attr]
+    name = ""
+    for line in lines:
+        head, sep, text = line.strip().partition(": ")
+        if sep and line.startswith("    ") and not line.startswith("        ") and head.isidentifier():
+            name, docs[head] = head, text
+        elif name and line.strip():
+            docs[name] += " " + line.strip()
+    return docs
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from retriever.index import open_index
+    from retriever.server import RetrievalService, create_app, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if f.name != "api_key"}
+    config = ServerConfig(**fields, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
+    if args.host not in LOOPBACK_HOSTS and config.api_key is None:
+        logging.warning("serving on %s without an API key: anyone who can reach it can query it", args.host)
+    opened = open_index(
+        args.index,
+        corpus=args.corpus,
+        model=args.model,
+        device=args.device,
+        vector_search=args.vector_search,
+        faiss_params=args.faiss_params,
+    )
+    # SIGTERM (docker stop, kill) ends the serve loop like Ctrl-C, so the batcher is stopped cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    def announce(url: str) -> None:
+        print(
+            f"searchgym serve: {opened.manifest.method} index of {opened.manifest.num_documents} documents "
+            f"at {url}/retrieve",
+            flush=True,
+        )
+
+    with RetrievalService(opened.retriever, config) as service:
+        serve(
+            create_app(service, manifest=opened.manifest),
+            host=args.host,
+            port=args.port,
+            threads=args.threads,
+            on_listen=announce,
+        )
+    return 0

@@ -1,0 +1,155 @@
+"""``HttpRetriever``: the retriever interface over HTTP, for ``searchgym serve`` or any Search-R1 server."""
+
+import os
+import random
+import threading
+import time
+from typing import Any
+
+import requests
+
+from retriever.base import Passage
+from retriever.config import API_KEY_ENV
+from searchgym.errors import SearchgymError
+
+_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class RetrievalRequestError(SearchgymError):
+    """The server refused a request (a 4xx other than 429); retrying would not help."""
+
+
+class RetrieverUnavailableError(SearchgymError):
+    """No good answer after the last retry: the server is down, overloaded or failing."""
+
+
+class HttpRetriever:
+    """Searches through a retrieval server; a drop-in for a local index.
+
+    Each ``search`` call sends one POST per ``batch_size`` queries (so the server can batch them), with
+    a timeout, and retries on 429, 5xx, timeouts and connection errors with exponential backoff and
+    jitter (honouring ``Retry-After``). Safe to share between threads.
+
+    Args:
+        url: the server, as ``http://host:port`` or its full ``.../retrieve`` endpoint.
+        timeout_s: per-attempt timeout.
+        max_retries: retries after the first attempt.
+        backoff_s: first retry delay; doubles every retry, up to ``max_backoff_s``.
+        max_backoff_s: longest delay between attempts.
+        api_key: bearer token; defaults to the ``SEARCHGYM_API_KEY`` environment variable.
+        batch_size: most queries per POST (the server's default limit is 1024).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 30.0,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 10.0,
+        api_key: str | None = None,
+        batch_size: int = 512,
+    ) -> None:
+        base = url.rstrip("/")
+        self.url = base if base.endswith("/retrieve") else f"{base}/retrieve"
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.batch_size = batch_size
+        api_key = api_key or os.environ.get(API_KEY_ENV)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._local = threading.local()
+
+    def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        """Return, for each query in order, its best ``k`` passages, best first.
+
+        Raises:
+            RetrievalRequestError: the server refused the request (bad input, wrong API key).
+            RetrieverUnavailableError: still failing after the last retry.
+        """
+        results: list[list[Passage]] = []
+        for start in range(0, len(queries), self.batch_size):
+            chunk = queries[start : start + self.batch_size]
+            body = self._post({"queries": chunk, "topk": k, "return_scores": True})
+            results.extend(_parse_result(body, expected=len(chunk)))
+        return results
+
+    @property
+    def _session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def _post(self, payload: dict[str, Any]) -> Any:
+        failure = ""
+        for attempt in range(self.max_retries + 1):
+            retry_after = 0.0
+            try:
+                response = self._session.post(
+                    self.url, json=payload, headers=self._headers, timeout=self.timeout_s
+                )
+            except (requests.ConnectionError, requests.Timeout) as error:
+                failure = f"{type(error).__name__}: {error}"
+            else:
+                if response.status_code == 200:
+                    return _json_body(response)
+                failure = f"HTTP {response.status_code}: {_error_message(response)}"
+                if response.status_code not in _RETRYABLE_STATUS:
+                    raise RetrievalRequestError(f"{self.url} refused the request: {failure}")
+                retry_after = _retry_after_s(response)
+            if attempt < self.max_retries:
+                time.sleep(max(retry_after, self._backoff(attempt)))
+        raise RetrieverUnavailableError(
+            f"{self.url} gave no answer after {self.max_retries + 1} attempts (last: {failure}); "
+            "is `searchgym serve` running there?"
+        )
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter, so that many clients do not retry in lockstep."""
+        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+def _json_body(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as error:
+        raise RetrievalRequestError(f"{response.url} answered 200 with a body that is not JSON") from error
+
+
+def _error_message(response: requests.Response) -> str:
+    try:
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
+
+
+def _retry_after_s(response: requests.Response) -> float:
+    try:
+        return float(response.headers.get("Retry-After", 0))
+    except ValueError:
+        return 0.0
+
+
+def _parse_result(body: Any, *, expected: int) -> list[list[Passage]]:
+    """Read Search-R1's ``{"result": [[{"document": {...}, "score": s}, ...], ...]}``."""
+    try:
+        result = body["result"]
+        if len(result) != expected:
+            raise ValueError(f"{len(result)} result lists for {expected} queries")
+        return [
+            [
+                Passage(
+                    id=str(hit["document"].get("id", "")),
+                    contents=hit["document"]["contents"],
+                    score=float(hit["score"]),
+                )
+                for hit in hits
+            ]
+            for hits in result
+        ]
+    except (KeyError, TypeError, ValueError) as error:
+        raise RetrievalRequestError(
+            f"the server's response is not Search-R1's result layout: {error!r}"
+        ) from error

