@@ -152,7 +152,7 @@ def load_flashrag_jsonl(path: str | os.PathLike[str], *, limit: int | None = Non
         DatasetError: a line is not a JSON object or misses a required field.
     """
     path = Path(path)
-    examples = []
+    examples: list[QAExample] = []
     for line_number, record in _read_jsonl(path):
         if limit is not None and len(examples) >= limit:
             break

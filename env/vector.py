@@ -146,10 +146,13 @@ class SearchVectorEnv(VectorEnv):
             raise EpisodeStateError("call reset() before step()")
         outputs: list[StepOutput | None] = [self._idle_output(index) for index in range(self.num_envs)]
         stepping = [index for index, output in enumerate(outputs) if output is None]
-        queries = {index: self.envs[index].begin_step(actions[index]) for index in stepping}
-        searching = [index for index in stepping if queries[index] is not None]
-        results = retrieve_batch(self.retriever, [queries[index] for index in searching], self.config.topk)
-        result_of = dict(zip(searching, results, strict=True))
+        queries: dict[int, str] = {}
+        for index in stepping:
+            query = self.envs[index].begin_step(actions[index])
+            if query is not None:
+                queries[index] = query
+        results = retrieve_batch(self.retriever, list(queries.values()), self.config.topk)
+        result_of = dict(zip(queries, results, strict=True))
         for index in stepping:
             outputs[index] = self._after_step(index, self.envs[index].finish_step(result_of.get(index)))
         return self._collect([output for output in outputs if output is not None])
@@ -237,7 +240,7 @@ def stack_infos(infos: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
     stacked: dict[str, Any] = {}
     for key in keys:
         present = [info is not None and key in info for info in infos]
-        values = [info[key] if has else None for info, has in zip(infos, present, strict=True)]
+        values = [None if info is None else info.get(key) for info in infos]
         given = [value for value, has in zip(values, present, strict=True) if has]
         if all(isinstance(value, Mapping) for value in given):
             stacked[key] = stack_infos(
