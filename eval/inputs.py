@@ -19,6 +19,7 @@ from searchgym.errors import SearchgymError
 
 PROBE_QUERY = "searchgym connectivity check"
 PROBE_TIMEOUT_S = 10.0
+CPU_KV_CACHE_GIB = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +103,17 @@ def load_generator(config: EvalConfig) -> Generator:
     if config.model is not None:
         check_model_folder(config.model)
     if config.backend == "vllm":
+        import torch
+
         from policy.models import DEFAULT_POLICY, default_policy_path
         from policy.vllm_backend import VLLMGenerator
 
         embedded = config.model in (None, DEFAULT_POLICY)
-        return VLLMGenerator(default_policy_path() if embedded else str(config.model))
+        # On CPU vLLM would otherwise reserve most of the machine's memory for its KV cache.
+        kv_cache_gib = None if torch.cuda.is_available() else CPU_KV_CACHE_GIB
+        return VLLMGenerator(
+            default_policy_path() if embedded else str(config.model), kv_cache_gib=kv_cache_gib
+        )
     from policy.generation import TransformersGenerator
     from policy.models import load_policy
 
