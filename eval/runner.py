@@ -9,10 +9,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from tqdm import tqdm
 
 from env import Answer, EnvConfig, SearchVectorEnv, parse_action
+from env.config import PromptStyle
 from env.observations import fit_information
 from env.prompts import build_baseline_prompt
 from env.retrieval import retrieve_batch
@@ -65,7 +67,7 @@ class Engine:
     @classmethod
     def for_config(cls, config: EvalConfig, generator: Generator, retriever: Retriever | None) -> "Engine":
         """The engine of a run: prompt style from the tokenizer (chat template or not), greedy decoding."""
-        style = "chat" if is_chat_model(generator.tokenizer) else "plain"
+        style: PromptStyle = "chat" if is_chat_model(generator.tokenizer) else "plain"
         env_config = EnvConfig(
             max_turns=config.max_turns,
             max_searches=config.max_turns - 1,
@@ -100,7 +102,7 @@ class Engine:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """The text of generated ids."""
-        return self.generator.tokenizer.decode(list(token_ids))
+        return cast(str, self.generator.tokenizer.decode(list(token_ids)))
 
 
 # ---------------------------------------------------------------------------------------------- the modes
