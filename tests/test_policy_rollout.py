@@ -9,6 +9,7 @@ from env import EnvConfig, SearchVectorEnv
 from policy.generation import SamplingParams, TransformersGenerator
 from policy.logprobs import SequenceBatch, logprob_mismatch, sequence_logprobs
 from policy.models import tiny_random_model
+from policy.render import render_trajectory
 from policy.rollout import RolloutError, TokenBudgets, run_episodes
 
 FRANCE, HAMLET, STAMBOLIC, MOON = EXAMPLES
@@ -249,3 +250,18 @@ def test_tiny_model_rollout_keeps_exact_tokens_and_sampler_logprobs_match_the_tr
     assert mismatch.num_tokens == sum(t.num_policy_tokens for t in trajectories)
     assert mismatch.max_abs_diff < 1e-3
     assert np.isclose(mismatch.mean_prob_ratio, 1.0, atol=1e-3)
+
+
+def test_render_shows_each_span_with_its_mask(tiny):
+    generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: SEARCH_THEN_ANSWER})
+    trajectory = run_episodes(generator, make_env(tiny.tokenizer), [FRANCE])[0]
+    view = render_trajectory(trajectory, tiny.tokenizer)
+    headers = [line for line in view.splitlines() if line.startswith("== ")]
+    assert [h.split(" (")[0] for h in headers[:-1]] == [
+        "== prompt",
+        "== policy turn 0",
+        "== observation turn 0",
+        "== policy turn 1",
+    ]
+    assert "mask 1" in headers[1] and "mask 0" in headers[2]
+    assert SEARCH_THEN_ANSWER[1] in view and "reward 1.0" in headers[-1]

@@ -1,0 +1,130 @@
+"""Rollout speed: SmolLM2 search-agent episodes on wiki-mini dev with in-process BM25.
+
+For each batch size, one batch of episodes (the first dev questions) runs through ``run_episodes``
+after a short warm-up; it prints episodes/s, policy tokens/s and where the time went (generation,
+retrieval, bookkeeping = everything else: env steps, tokenizing observations, decoding actions).
+
+    .venv/bin/python benchmarks/rollout.py --backend transformers [--batch-sizes 8 32]
+    .venv-vllm/bin/python benchmarks/rollout.py --backend vllm [--batch-sizes 8 32]
+
+The vLLM run needs the retriever's packages in the vllm environment as well:
+``.venv-vllm/bin/pip install bm25s numba PyStemmer pyarrow tqdm``. The BM25 index is built once under
+``searchgym.paths.CACHE_DIR`` and reused.
+"""
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+
+from env import EnvConfig, SearchVectorEnv, load_dataset
+from policy.generation import Generator, SamplingParams, TransformersGenerator
+from policy.models import default_policy_path, load_policy
+from policy.rollout import TokenBudgets, run_episodes
+from policy.trajectory import Trajectory
+from retriever.base import Retriever
+from retriever.index import IndexSpec, ensure_index, load_retriever
+from searchgym import paths
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What one measured batch gives."""
+
+    episodes: int
+    wall_s: float
+    policy_tokens: int
+    observation_tokens: int
+    generation_s: float
+    retrieval_s: float
+    bookkeeping_s: float
+    turns: float
+    searches: float
+    answered: float
+
+
+def make_generator(backend: str, kv_cache_gib: float, max_context: int) -> Generator:
+    if backend == "transformers":
+        return TransformersGenerator(load_policy(), max_batch_size=64)
+    from policy.vllm_backend import VLLMGenerator
+
+    return VLLMGenerator(
+        default_policy_path(), dtype="float32", max_model_len=max_context, kv_cache_gib=kv_cache_gib
+    )
+
+
+def bm25_wiki_mini() -> Retriever:
+    index = paths.CACHE_DIR / "indexes" / "wiki-mini-bm25"
+    ensure_index(IndexSpec(corpus=paths.WIKI_MINI_CORPUS, out=index, method="bm25", progress=False))
+    return load_retriever(index)
+
+
+def measure(generator: Generator, retriever: Retriever, batch_size: int, args: argparse.Namespace) -> Figures:
+    config = EnvConfig(max_turns=args.max_turns, max_searches=args.max_turns - 1, topk=3)
+    vector_env = SearchVectorEnv(
+        num_envs=batch_size, dataset=None, retriever=retriever, config=config, tokenizer=generator.tokenizer
+    )
+    examples = load_dataset("wiki-mini-dev")[:batch_size]
+    sampling = SamplingParams(max_new_tokens=args.max_turn_tokens, temperature=args.temperature, seed=0)
+    budgets = TokenBudgets(max_turn_tokens=args.max_turn_tokens, max_context_tokens=args.max_context)
+    started = time.perf_counter()
+    trajectories = run_episodes(generator, vector_env, examples, sampling=sampling, budgets=budgets)
+    return summarize(trajectories, time.perf_counter() - started)
+
+
+def summarize(trajectories: list[Trajectory], wall_s: float) -> Figures:
+    timings = trajectories[0].timings  # one batch: every episode shares its batch's timings
+    count = len(trajectories)
+    return Figures(
+        episodes=count,
+        wall_s=wall_s,
+        policy_tokens=sum(t.num_policy_tokens for t in trajectories),
+        observation_tokens=sum(len(t.response_ids) - t.num_policy_tokens for t in trajectories),
+        generation_s=timings.generation,
+        retrieval_s=timings.retrieval,
+        bookkeeping_s=timings.bookkeeping,
+        turns=sum(len(t.turns) for t in trajectories) / count,
+        searches=sum(turn.action_type == "search" for t in trajectories for turn in t.turns) / count,
+        answered=sum(t.terminated for t in trajectories) / count,
+    )
+
+
+def report(backend: str, batch_size: int, figures: Figures) -> str:
+    share = 100 / figures.wall_s
+    return (
+        f"| {backend} | {batch_size} | {figures.episodes / figures.wall_s:.3f} | "
+        f"{figures.policy_tokens / figures.wall_s:.1f} | {figures.generation_s * share:.1f}% | "
+        f"{figures.retrieval_s * share:.2f}% | {figures.bookkeeping_s * share:.2f}% | "
+        f"{figures.turns:.2f} | {figures.searches:.2f} | {figures.answered:.2f} | {figures.wall_s:.1f} |"
+    )
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--max-turns", type=int, default=4)
+    parser.add_argument("--max-turn-tokens", type=int, default=256)
+    parser.add_argument("--max-context", type=int, default=4096)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (transformers backend)")
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM's KV cache (CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    retriever = bm25_wiki_mini()
+    generator = make_generator(args.backend, args.kv_cache_gib, args.max_context)
+    warm_up = generator.tokenizer.encode("Hello", add_special_tokens=False)
+    generator.generate([warm_up], SamplingParams(max_new_tokens=4, temperature=0.0))
+    print(
+        "| backend | batch | episodes/s | policy tokens/s | generation | retrieval | bookkeeping "
+        "| turns/episode | searches/episode | answered | wall s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for batch_size in args.batch_sizes:
+        print(report(args.backend, batch_size, measure(generator, retriever, batch_size, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
