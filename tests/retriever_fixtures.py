@@ -1,0 +1,104 @@
+"""A tiny fixed corpus, indexes built from it, and fake backends for the retriever tests."""
+
+import gzip
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from retriever.base import Passage
+from retriever.index import IndexSpec, build_index
+
+TINY_CORPUS = [
+    {"id": "0", "contents": '"Mars"\nMars is the fourth planet from the Sun, often called the Red Planet.'},
+    {"id": "1", "contents": '"Venus"\nVenus is the second planet from the Sun and the hottest planet.'},
+    {"id": "2", "contents": '"Hamlet"\nHamlet is a tragedy written by William Shakespeare around 1600.'},
+    {"id": "3", "contents": '"Paris"\nParis is the capital and largest city of France, on the Seine.'},
+    {"id": "4", "contents": '"Berlin"\nBerlin is the capital of Germany and its largest city.'},
+    {"id": "5", "contents": '"Photosynthesis"\nPlants turn sunlight, water and carbon dioxide into sugar.'},
+    {
+        "id": "6",
+        "contents": '"Mount Everest"\nMount Everest is the highest mountain on Earth, in the Himalayas.',
+    },
+    {
+        "id": "7",
+        "contents": '"Python (language)"\nPython is a programming language created by Guido van Rossum.',
+    },
+    {"id": "8", "contents": '"Macbeth"\nMacbeth is a tragedy by William Shakespeare about a Scottish king.'},
+    {"id": "9", "contents": '"Nile"\nThe Nile is a river in Africa, long held to be the longest river.'},
+    {"id": "10", "contents": '"Jupiter"\nJupiter is the largest planet in the Solar System, a gas giant.'},
+    {"id": "11", "contents": '"Tokyo"\nTokyo is the capital of Japan and the most populous city.'},
+]
+QUERIES = [
+    "which planet is called the red planet",
+    "who wrote the tragedy hamlet",
+    "capital of france",
+    "highest mountain on earth",
+    "who created the python programming language",
+    "longest river in africa",
+]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, object]] | list[str]) -> Path:
+    """Write rows (dicts as JSON, strings verbatim) one a line; gzip when the name ends with .gz."""
+    lines = "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+    if path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(lines.encode()))
+    else:
+        path.write_text(lines)
+    return path
+
+
+_built: dict[str, Path] = {}
+
+
+def tiny_index(tmp_path_factory: pytest.TempPathFactory, method: str) -> Path:
+    """The tiny corpus indexed with ``method`` (bm25 or dense), built once per test session."""
+    if method not in _built:
+        root = tmp_path_factory.mktemp(f"tiny-{method}")
+        corpus = write_jsonl(root / "tiny.jsonl", TINY_CORPUS)
+        spec = IndexSpec(corpus=corpus, out=root / "index", method=method, device="cpu", progress=False)
+        build_index(spec)
+        _built[method] = spec.out
+    return _built[method]
+
+
+class EchoRetriever:
+    """Answers each query with ``k`` passages derived from its text; records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], int]] = []
+        self._lock = threading.Lock()
+
+    def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        with self._lock:
+            self.calls.append((list(queries), k))
+        return [
+            [
+                Passage(id=f"{query}#{rank}", contents=f'"{query}"\nhit {rank}', score=float(k - rank))
+                for rank in range(k)
+            ]
+            for query in queries
+        ]
+
+
+class BlockingRetriever(EchoRetriever):
+    """An :class:`EchoRetriever` that holds each call until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        self.entered.set()
+        self.release.wait(timeout=30)
+        return super().search(queries, k)
+
+
+class FailingRetriever:
+    """Raises on every call, like a backend that lost its index."""
+
+    def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        raise RuntimeError("index file vanished")

@@ -1,0 +1,108 @@
+"""The two commands as a user runs them: subprocesses, and one server over a real loopback socket."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import requests
+from retriever_fixtures import QUERIES, TINY_CORPUS, write_jsonl
+
+from retriever.cli import default_index_dir
+from retriever.client import HttpRetriever
+from retriever.index import load_retriever
+from searchgym.cli import build_parser
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def searchgym(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "searchgym", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    corpus = write_jsonl(root / "tiny.jsonl.gz", TINY_CORPUS)
+    done = searchgym("index", "--corpus", corpus, "--method", "bm25", "--no-progress", cwd=root)
+    assert done.returncode == 0, done.stderr
+    return root, corpus, done
+
+
+def test_index_writes_the_default_folder_and_says_how_to_serve_it(indexed):
+    root, corpus, done = indexed
+    out = root / default_index_dir(corpus, "bm25")
+    assert out == root / "indexes" / "tiny-bm25"
+    assert json.loads((out / "manifest.json").read_text())["num_documents"] == len(TINY_CORPUS)
+    assert f"indexed {len(TINY_CORPUS)} documents" in done.stdout
+    assert "searchgym serve --index indexes/tiny-bm25" in done.stdout
+
+
+def test_a_malformed_corpus_is_one_line_with_the_line_number(tmp_path):
+    corpus = write_jsonl(tmp_path / "bad.jsonl", [json.dumps(TINY_CORPUS[0]), '{"id": "1"}'])
+    done = searchgym("index", "--corpus", corpus, "--out", tmp_path / "out", "--no-progress")
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"searchgym index: error: {corpus}, line 2: expected a string 'contents'")
+    assert "Traceback" not in done.stderr
+
+
+def test_serve_over_a_real_socket(indexed):
+    root, corpus, _ = indexed
+    index_dir = root / "indexes" / "tiny-bm25"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "searchgym",
+            "serve",
+            "--index",
+            str(index_dir),
+            "--port",
+            "0",
+            "--corpus",
+            str(corpus),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=ENV,
+    )
+    try:
+        announcement = server.stdout.readline()
+        assert announcement.startswith(
+            f"searchgym serve: bm25 index of {len(TINY_CORPUS)} documents at http://127.0.0.1:"
+        )
+        url = announcement.split(" at ")[1].strip()
+        payload = {"queries": QUERIES[:2], "topk": 3, "return_scores": True}
+        body = requests.post(url, json=payload, timeout=30).json()
+        assert [hits[0]["document"]["id"] for hits in body["result"]] == ["0", "2"]
+        assert HttpRetriever(url).search(QUERIES, 3) == load_retriever(index_dir).search(QUERIES, 3)
+        assert requests.get(url.replace("/retrieve", "/stats"), timeout=30).json()["requests"] == 2
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+
+
+def test_serve_refuses_an_index_of_another_corpus(indexed, tmp_path):
+    root, _, _ = indexed
+    other = write_jsonl(tmp_path / "other.jsonl", TINY_CORPUS[:2])
+    done = searchgym("serve", "--index", root / "indexes" / "tiny-bm25", "--corpus", other)
+    assert done.returncode == 2 and "was built from another corpus" in done.stderr
+
+
+def test_every_server_limit_is_a_documented_flag():
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {action.dest: action for action in serve._actions}
+    for name in ("max_batch", "max_wait_ms", "max_queue", "cache_size", "max_topk", "max_query_chars"):
+        assert flags[name].help and not flags[name].help.startswith(" (default")
+    args = build_parser().parse_args(["serve", "--index", "x", "--max-batch", "1", "--max-wait-ms", "0.5"])
+    assert (args.max_batch, args.max_wait_ms, args.cache_size) == (1, 0.5, 10_000)

@@ -1,0 +1,128 @@
+import socket
+import threading
+import time
+
+import pytest
+from flask import Flask, jsonify, request
+from retriever_fixtures import EchoRetriever
+from werkzeug.serving import make_server
+
+from retriever.base import Passage
+from retriever.client import HttpRetriever, RetrievalRequestError, RetrieverUnavailableError
+from retriever.config import ServerConfig
+from retriever.server import RetrievalService, create_app
+
+FAST_RETRIES = {"backoff_s": 0.001, "max_backoff_s": 0.01}
+
+
+class FlakyApp:
+    """A Search-R1-style endpoint that answers ``failures`` in turn before it starts working."""
+
+    def __init__(self, failures: list[int | str]) -> None:
+        self.failures = list(failures)
+        self.requests: list[dict] = []
+        self.app = Flask("flaky")
+        self.app.post("/retrieve")(self.retrieve)
+
+    def retrieve(self):
+        body = request.get_json()
+        self.requests.append(body)
+        if self.failures:
+            failure = self.failures.pop(0)
+            if failure == "slow":
+                time.sleep(0.5)
+            else:
+                response = jsonify(error=f"failure {failure}")
+                if failure == 429:
+                    response.headers["Retry-After"] = "0"
+                return response, failure
+        hits = [[{"document": {"id": q, "contents": f'"{q}"\ntext'}, "score": 1.0}] for q in body["queries"]]
+        return jsonify(result=hits)
+
+
+@pytest.fixture
+def serve_app():
+    """Serve a Flask app on a loopback port in a thread; yields a function app -> base URL."""
+    servers = []
+
+    def start(app):
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("failures", [[503], [429, 500], [502, 504, 503]])
+def test_retries_until_the_server_recovers(serve_app, failures):
+    flaky = FlakyApp(failures)
+    client = HttpRetriever(serve_app(flaky.app), max_retries=3, **FAST_RETRIES)
+    assert client.search(["q1", "q2"], 1) == [
+        [Passage("q1", '"q1"\ntext', 1.0)],
+        [Passage("q2", '"q2"\ntext', 1.0)],
+    ]
+    assert len(flaky.requests) == len(failures) + 1
+
+
+def test_a_timeout_is_retried(serve_app):
+    flaky = FlakyApp(["slow"])
+    client = HttpRetriever(serve_app(flaky.app), timeout_s=0.1, max_retries=1, **FAST_RETRIES)
+    assert client.search(["q"], 1)[0][0].id == "q"
+
+
+def test_gives_up_with_a_clear_error_after_the_last_retry(serve_app):
+    flaky = FlakyApp([503] * 10)
+    client = HttpRetriever(serve_app(flaky.app), max_retries=2, **FAST_RETRIES)
+    with pytest.raises(RetrieverUnavailableError, match=r"after 3 attempts .*HTTP 503: failure 503"):
+        client.search(["q"], 1)
+    assert len(flaky.requests) == 3
+
+
+def test_a_refused_request_is_not_retried(serve_app):
+    flaky = FlakyApp([400])
+    client = HttpRetriever(serve_app(flaky.app), max_retries=5, **FAST_RETRIES)
+    with pytest.raises(RetrievalRequestError, match="HTTP 400: failure 400"):
+        client.search(["q"], 1)
+    assert len(flaky.requests) == 1
+
+
+def test_a_server_that_is_not_there(serve_app):
+    client = HttpRetriever(f"http://127.0.0.1:{free_port()}", max_retries=2, **FAST_RETRIES)
+    with pytest.raises(RetrieverUnavailableError, match=r"ConnectionError.*is `searchgym serve` running"):
+        client.search(["q"], 1)
+
+
+def test_large_batches_are_split_into_posts_in_order(serve_app):
+    flaky = FlakyApp([])
+    client = HttpRetriever(serve_app(flaky.app), batch_size=2)
+    queries = [f"q{i}" for i in range(5)]
+    assert [hits[0].id for hits in client.search(queries, 1)] == queries
+    assert [body["queries"] for body in flaky.requests] == [["q0", "q1"], ["q2", "q3"], ["q4"]]
+    assert all(body["return_scores"] is True and body["topk"] == 1 for body in flaky.requests)
+    assert client.search([], 3) == []
+
+
+def test_a_response_in_another_layout_is_a_clear_error(serve_app):
+    app = Flask("odd")
+    app.post("/retrieve")(lambda: jsonify(results=[]))
+    with pytest.raises(RetrievalRequestError, match="not Search-R1's result layout"):
+        HttpRetriever(serve_app(app)).search(["q"], 1)
+
+
+def test_the_client_against_the_real_app_with_an_api_key(serve_app, monkeypatch):
+    service = RetrievalService(EchoRetriever(), ServerConfig(max_wait_ms=1.0, api_key="k3y"))
+    url = serve_app(create_app(service))
+    with pytest.raises(RetrievalRequestError, match="HTTP 401"):
+        HttpRetriever(url).search(["q"], 2)
+    monkeypatch.setenv("SEARCHGYM_API_KEY", "k3y")
+    assert [p.id for p in HttpRetriever(url + "/retrieve").search(["q"], 2)[0]] == ["q#0", "q#1"]
+    service.close()

@@ -1,0 +1,146 @@
+import dataclasses
+import json
+
+import faiss
+import numpy as np
+import pytest
+from retriever_fixtures import QUERIES, TINY_CORPUS, tiny_index, write_jsonl
+
+from retriever.dense import DenseIndexError, TorchFlatSearch, open_vector_search
+from retriever.encoder import Encoder, default_prefixes
+from retriever.index import IndexSpec, build_index, load_retriever, open_index
+from retriever.manifest import IndexMismatchError, Manifest
+from searchgym.paths import default_encoder_path
+
+EXPECTED_TOP1 = ["0", "2", "3", "6", "7", "9"]  # the passage each of QUERIES is about
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    return tiny_index(tmp_path_factory, "dense")
+
+
+@pytest.fixture(scope="module")
+def dense(dense_dir):
+    return load_retriever(dense_dir, device="cpu")
+
+
+def test_minilm_finds_the_passage_each_question_is_about(dense):
+    results = dense.search(QUERIES, 3)
+    assert [passages[0].id for passages in results] == EXPECTED_TOP1
+    for passages in results:
+        scores = [p.score for p in passages]
+        assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 + 1e-5 for s in scores)
+
+
+def test_the_manifest_names_the_encoder_and_its_size(dense_dir):
+    manifest = Manifest.load(dense_dir)
+    assert (manifest.encoder.model, manifest.encoder.dimension, manifest.faiss_type) == (
+        "all-MiniLM-L6-v2",
+        384,
+        "Flat",
+    )
+    assert (manifest.encoder.query_prefix, manifest.encoder.passage_prefix) == ("", "")
+
+
+def test_batches_answer_like_single_queries(dense):
+    batched = dense.search(QUERIES, 3)
+    for query, passages in zip(QUERIES, batched, strict=True):
+        [single] = dense.search([query], 3)
+        assert [p.id for p in single] == [p.id for p in passages]
+        assert [p.score for p in single] == pytest.approx([p.score for p in passages], abs=1e-5)
+
+
+def test_torch_exact_search_matches_faiss_flat():
+    vectors = np.random.default_rng(0).standard_normal((1000, 32)).astype(np.float32)
+    faiss.normalize_L2(vectors)
+    index = faiss.IndexFlatIP(32)
+    index.add(vectors)
+    queries = vectors[:7] + 0.1
+    expected_scores, expected_rows = index.search(queries, 5)
+    scores, rows = TorchFlatSearch(vectors, device="cpu", chunk_rows=128).search(queries, 5)
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
+
+
+def test_the_torch_search_path_serves_a_flat_index(dense_dir, dense):
+    torch_search = open_vector_search(dense_dir, device="cpu", kind="torch")
+    assert isinstance(torch_search, TorchFlatSearch)
+    via_torch = open_index(dense_dir, device="cpu", vector_search="torch").retriever
+    assert [[p.id for p in hits] for hits in via_torch.search(QUERIES, 3)] == [
+        [p.id for p in hits] for hits in dense.search(QUERIES, 3)
+    ]
+
+
+def test_an_hnsw_index_finds_the_same_passages(tmp_path, dense_dir):
+    corpus = write_jsonl(tmp_path / "tiny.jsonl", TINY_CORPUS)
+    out = tmp_path / "hnsw"
+    build_index(
+        IndexSpec(corpus=corpus, out=out, method="dense", faiss_type="HNSW8", device="cpu", progress=False)
+    )
+    hnsw = open_index(out, device="cpu", faiss_params="efSearch=16").retriever
+    assert [hits[0].id for hits in hnsw.search(QUERIES, 3)] == EXPECTED_TOP1
+
+
+@pytest.mark.parametrize(
+    ("faiss_type", "message"),
+    [
+        ("NoSuchIndex", "FAISS cannot build 'NoSuchIndex'"),
+        ("IVF64,Flat", "cannot train 'IVF64,Flat' on 12 vectors"),
+    ],
+)
+def test_unbuildable_faiss_types_are_clear_errors(tmp_path, faiss_type, message):
+    corpus = write_jsonl(tmp_path / "tiny.jsonl", TINY_CORPUS)
+    spec = IndexSpec(corpus=corpus, out=tmp_path / "x", method="dense", faiss_type=faiss_type, device="cpu")
+    with pytest.raises(DenseIndexError, match=message):
+        build_index(dataclasses.replace(spec, progress=False))
+    assert not spec.out.exists()
+
+
+def test_faiss_params_that_do_not_apply_are_clear_errors(dense_dir):
+    with pytest.raises(DenseIndexError, match="nprobe=4"):
+        open_vector_search(dense_dir, device="cpu", faiss_params="nprobe=4")
+
+
+def copy_index(source, target):
+    target.mkdir()
+    for path in source.iterdir():
+        if path.is_file():
+            (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def test_an_encoder_of_another_size_is_refused(tmp_path, dense_dir):
+    index_dir = copy_index(dense_dir, tmp_path / "index")
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    manifest["encoder"]["dimension"] = 768
+    (index_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexMismatchError, match=r"makes 384-d vectors but .* holds 768-d vectors"):
+        open_index(index_dir, device="cpu")
+
+
+def test_an_encoder_that_encodes_differently_is_refused(tmp_path, dense_dir):
+    index_dir = copy_index(dense_dir, tmp_path / "index")
+    other_model = np.random.default_rng(1).standard_normal(384).astype(np.float32)
+    np.save(index_dir / "encoder_probe.npy", other_model / np.linalg.norm(other_model))
+    with pytest.raises(IndexMismatchError, match="does not encode like"):
+        open_index(index_dir, device="cpu")
+
+
+def test_a_plain_hugging_face_folder_is_mean_pooled_like_sentence_transformers(tmp_path):
+    """The same MiniLM weights without sentence-transformers' module files: loaded with mean pooling."""
+    plain = tmp_path / "minilm-hf"
+    plain.mkdir()
+    for path in default_encoder_path().iterdir():
+        if path.is_file() and path.name not in {"modules.json", "sentence_bert_config.json"}:
+            (plain / path.name).symlink_to(path)
+    hf = Encoder(str(plain), device="cpu").encode_queries(QUERIES)
+    st = Encoder("all-MiniLM-L6-v2", device="cpu").encode_queries(QUERIES)
+    np.testing.assert_allclose(hf, st, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(hf, axis=1), 1.0, rtol=1e-5)
+
+
+def test_e5_models_get_their_prefixes():
+    assert default_prefixes("intfloat/e5-base-v2") == ("query: ", "passage: ")
+    assert default_prefixes("/models/multilingual-E5-large") == ("query: ", "passage: ")
+    assert default_prefixes("all-MiniLM-L6-v2") == ("", "")
