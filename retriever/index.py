@@ -78,6 +78,7 @@ def build_index(spec: IndexSpec) -> Manifest:
     corpus = CorpusInfo(path=str(spec.corpus), sha256=file_sha256(spec.corpus), size_bytes=reader.size_bytes)
     spec.out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{spec.out.name}.building-", dir=spec.out.parent))
+    building.chmod(0o755)  # mkdtemp makes it private; the finished index should read like any folder
     try:
         documents = read_corpus(spec.corpus, progress=spec.progress, desc=f"indexing ({spec.method})")
         manifest = _build_backend(spec, documents, building, corpus)
