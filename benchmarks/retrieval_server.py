@@ -1,0 +1,170 @@
+"""Retrieval server throughput and latency over loopback, against the raw backend called in-process.
+
+For one index (built on first use for wiki-mini: ``--method bm25`` or ``--method dense`` = MiniLM-Flat):
+
+1. raw: the backend called in this process with batches of ``--clients`` queries -> queries/s;
+2. for each server setting (micro-batching on; off = ``--max-batch 1``): ``searchgym serve`` in a subprocess,
+   ``--clients`` threads each sending one query per POST, back to back, for ``--seconds`` -> queries/s,
+   p50 / p99 latency, mean batch size (from /stats), and the ratio to the raw rate.
+
+The result cache is off, and queries are the wiki-mini train + dev questions, so every query is searched.
+
+    .venv/bin/python benchmarks/retrieval_server.py --method dense --clients 32 --seconds 12
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from retriever.index import IndexSpec, ensure_index, load_retriever
+from searchgym.paths import QA_DIR, REPO_ROOT, WIKI_MINI_CORPUS
+
+
+@dataclass(frozen=True)
+class Load:
+    """What a closed loop of clients measured."""
+
+    queries_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def questions() -> list[str]:
+    rows = [json.loads(line) for name in ("train", "dev") for line in (QA_DIR / f"{name}.jsonl").open()]
+    return [row["question"] for row in rows]
+
+
+def raw_rate(index_dir: Path, queries: list[str], *, batch: int, seconds: float) -> float:
+    """Queries/s of the backend called directly with batches of ``batch`` queries."""
+    retriever = load_retriever(index_dir, device="cpu")
+    retriever.search(queries[:batch], 3)  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        retriever.search([queries[(done + i) % len(queries)] for i in range(batch)], 3)
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def start_server(index_dir: Path, server_args: list[str], threads: int) -> tuple[subprocess.Popen[str], str]:
+    command = [
+        sys.executable,
+        "-m",
+        "searchgym",
+        "serve",
+        "--index",
+        str(index_dir),
+        "--port",
+        "0",
+        "--cache-size",
+        "0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen(
+        [*command, *server_args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
+    announcement = server.stdout.readline() if server.stdout else ""
+    if " at http://" not in announcement:
+        raise RuntimeError(f"the server did not start: {announcement!r}")
+    return server, announcement.rsplit(" at ", 1)[1].strip()
+
+
+def closed_loop(url: str, queries: list[str], *, clients: int, seconds: float) -> Load:
+    """``clients`` threads, each POSTing one query at a time, for ``seconds``."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    barrier = threading.Barrier(clients + 1)
+
+    def client(worker: int) -> None:
+        session = requests.Session()
+        barrier.wait()
+        position = worker * 7919
+        while time.perf_counter() < deadline:
+            payload = {"queries": [queries[position % len(queries)]], "topk": 3, "return_scores": True}
+            sent = time.perf_counter()
+            response = session.post(url, json=payload, timeout=60)
+            latencies[worker].append(time.perf_counter() - sent)
+            errors[worker] += response.status_code != 200
+            position += 1
+
+    threads = [threading.Thread(target=client, args=(worker,)) for worker in range(clients)]
+    for thread in threads:
+        thread.start()
+    deadline = time.perf_counter() + seconds
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    all_ms = np.array([latency for worker in latencies for latency in worker]) * 1000.0
+    return Load(
+        len(all_ms) / elapsed, float(np.percentile(all_ms, 50)), float(np.percentile(all_ms, 99)), sum(errors)
+    )
+
+
+def measure_server(
+    index_dir: Path, queries: list[str], args: argparse.Namespace, server_args: list[str]
+) -> tuple[str, float]:
+    """One server configuration under load: a report line and its queries/s."""
+    server, url = start_server(index_dir, server_args, args.server_threads)
+    try:
+        closed_loop(url, queries, clients=args.clients, seconds=2.0)  # warm-up
+        load = closed_loop(url, queries, clients=args.clients, seconds=args.seconds)
+        batches = requests.get(url.replace("/retrieve", "/stats"), timeout=10).json()["batches"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return (
+        f"{load.queries_per_s:8.1f} q/s  p50 {load.p50_ms:6.1f} ms  p99 {load.p99_ms:6.1f} ms  "
+        f"mean batch {batches['mean_size']:5.1f}  errors {load.errors}"
+    ), load.queries_per_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--method", choices=("bm25", "dense"), default="dense", help="wiki-mini index to serve"
+    )
+    parser.add_argument("--index", type=Path, help="serve this index folder instead")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent single-query clients")
+    parser.add_argument("--seconds", type=float, default=12.0, help="measuring time per configuration")
+    parser.add_argument(
+        "--server-threads", type=int, default=1, help="OMP/torch threads of the server process"
+    )
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batching wait")
+    args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.server_threads)
+    import torch
+
+    torch.set_num_threads(args.server_threads)
+    index_dir = args.index or REPO_ROOT / "indexes" / f"wiki-mini-{args.method}"
+    if args.index is None:
+        ensure_index(IndexSpec(corpus=WIKI_MINI_CORPUS, out=index_dir, method=args.method, device="cpu"))
+    queries = questions()
+    raw = raw_rate(index_dir, queries, batch=args.clients, seconds=args.seconds)
+    print(f"index {index_dir.name}, {args.clients} clients, {args.server_threads} server thread(s)")
+    print(f"raw in-process, batches of {args.clients}: {raw:8.1f} q/s")
+    rates = {}
+    for name, server_args in (
+        ("micro-batching on ", ["--max-wait-ms", str(args.max_wait_ms)]),
+        ("micro-batching off", ["--max-batch", "1", "--max-wait-ms", "0"]),
+    ):
+        line, rates[name] = measure_server(index_dir, queries, args, server_args)
+        print(f"server, {name}: {line}  = {rates[name] / raw:5.1%} of raw")
+    on, off = rates.values()
+    print(f"micro-batching speed-up: {on / off:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
