@@ -160,14 +160,30 @@ class TransformersGenerator:
     Sequences that finish leave the batch (their rows are dropped from the cache), so a batch costs what
     its still-running sequences cost. Greedy results do not depend on how prompts are batched.
 
+    Multi-turn rollouts send back each context with the policy's last turn and an observation appended.
+    With ``reuse_kv``, the KV cache of every sequence a call generated is kept until the next call, and a
+    prompt that extends one of them only prefills its new tokens, which saves most of the prefill of a
+    rollout. Kept caches are dropped as soon as the model's weights change in place (an optimizer step,
+    ``load_state_dict``).
+
     Args:
         policy: the model and tokenizer.
         max_batch_size: prompts are generated in chunks of at most this many (memory bound).
+        reuse_kv: keep the last call's KV caches for prompts that extend its sequences (memory: one
+            batch's caches).
+
+    Attributes:
+        prefilled_tokens: prompt tokens run through the model so far (padding and reused prefixes
+            not counted).
     """
 
-    def __init__(self, policy: Policy, *, max_batch_size: int = 64) -> None:
+    def __init__(self, policy: Policy, *, max_batch_size: int = 64, reuse_kv: bool = True) -> None:
         self.policy = policy
         self.max_batch_size = max_batch_size
+        self.reuse_kv = reuse_kv
+        self._kept: list[_KVPrefix] = []
+        self._kept_version: int | None = None
+        self.prefilled_tokens = 0
         eos = policy.model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.eos_ids = frozenset(int(i) for i in [*eos_ids, policy.tokenizer.eos_token_id] if i is not None)
@@ -189,23 +205,32 @@ class TransformersGenerator:
         rng = None
         if params.seed is not None:
             rng = torch.Generator(device=self.policy.device).manual_seed(params.seed)
+        version = _weights_version(self.policy.model)
+        previous = self._kept if version == self._kept_version else []
+        self._kept, self._kept_version = [], version
         results: list[Generation] = []
         for start in range(0, len(prompts), self.max_batch_size):
             chunk = slice(start, start + self.max_batch_size)
-            results.extend(self._generate_batch(prompts[chunk], limits[chunk], params, rng))
+            pasts = [_longest_prefix(previous, prompt) for prompt in prompts[chunk]]
+            self.prefilled_tokens += sum(
+                len(prompt) - (0 if past is None else len(past.token_ids))
+                for prompt, past in zip(prompts[chunk], pasts, strict=True)
+            )
+            results.extend(self._generate_batch(prompts[chunk], pasts, limits[chunk], params, rng))
         return results
 
     @torch.inference_mode()
     def _generate_batch(
         self,
         prompts: Sequence[Sequence[int]],
+        pasts: list["_KVPrefix | None"],
         limits: list[int],
         params: SamplingParams,
         rng: torch.Generator | None,
     ) -> list[Generation]:
         if any(len(p) == 0 for p in prompts):
             raise SamplingError("cannot generate from an empty prompt")
-        state = _DecodeState.prefill(self.policy, prompts)
+        state = _DecodeState.prefill(self.policy, prompts, pasts)
         warpers = _warpers(params)
         matcher = StopMatcher(self.tokenizer, params.stop)
         generated: list[list[int]] = [[] for _ in prompts]
@@ -223,6 +248,10 @@ class TransformersGenerator:
                     running.append(i)
                 else:
                     finished[row] = Generation(generated[row], logprobs[row], reason)
+                    if self.reuse_kv:
+                        # The cache holds everything fed so far: the prompt and all but the newest token.
+                        covered = (*prompts[row], *generated[row][:-1])
+                        self._kept.append(_KVPrefix(covered, *state.kv_of(i)))
             if not running:
                 return [finished[row] for row in range(len(prompts))]
             state.step(self.policy, tokens, running)
@@ -256,17 +285,31 @@ class _DecodeState:
     logits: torch.Tensor
 
     @classmethod
-    def prefill(cls, policy: Policy, prompts: Sequence[Sequence[int]]) -> "_DecodeState":
-        """Run the left-padded prompts through the model."""
+    def prefill(
+        cls, policy: Policy, prompts: Sequence[Sequence[int]], pasts: "Sequence[_KVPrefix | None]"
+    ) -> "_DecodeState":
+        """Run the prompts through the model, from their kept KV prefix when they have one.
+
+        Row ``i`` is laid out as ``[pad, past_i, pad, new_i]`` (``P`` past columns, ``N`` new ones); the
+        attention mask hides the padding, and position ids count real tokens only.
+        """
         device = policy.device
-        width = max(len(p) for p in prompts)
+        past_lengths = [0 if past is None else len(past.token_ids) for past in pasts]
+        news = [list(prompt[length:]) for prompt, length in zip(prompts, past_lengths, strict=True)]
+        past_width, new_width = max(past_lengths), max(len(new) for new in news)
         pad = policy.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+        input_ids = torch.tensor([[pad] * (new_width - len(new)) + new for new in news], device=device)
         attention_mask = torch.tensor(
-            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device, dtype=torch.long
+            [
+                [0] * (past_width - length) + [1] * length + [0] * (new_width - len(new)) + [1] * len(new)
+                for length, new in zip(past_lengths, news, strict=True)
+            ],
+            device=device,
         )
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past_width:]
         cache = DynamicCache(config=policy.model.config)
+        if past_width:
+            _fill_cache(cache, pasts, past_width)
         output = policy.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -282,6 +325,13 @@ class _DecodeState:
             positions=position_ids[:, -1],
             logits=output.logits[:, -1, :].float(),
         )
+
+    def kv_of(self, index: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Keys and values, per layer ``(H, T, D)``, of running row ``index`` without its padding."""
+        real = self.attention_mask[index].nonzero().squeeze(-1)
+        keys = tuple(layer.keys[index][:, real] for layer in self.cache.layers)
+        values = tuple(layer.values[index][:, real] for layer in self.cache.layers)
+        return keys, values
 
     def step(self, policy: Policy, tokens: torch.Tensor, running: list[int]) -> None:
         """Keep the ``running`` rows (indices into ``rows``) and feed each its newest token."""
@@ -303,6 +353,50 @@ class _DecodeState:
             use_cache=True,
         )
         self.logits = output.logits[:, -1, :].float()
+
+
+@dataclass(frozen=True, slots=True)
+class _KVPrefix:
+    """The KV cache of one sequence a call generated, kept for a later prompt that extends it.
+
+    Attributes:
+        token_ids: the tokens the cache covers.
+        keys: per layer, (H, T, D).
+        values: per layer, (H, T, D).
+    """
+
+    token_ids: tuple[int, ...]
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+
+
+def _weights_version(model: torch.nn.Module) -> int:
+    """A number that changes whenever a parameter is modified in place (torch counts tensor versions)."""
+    return sum(parameter._version for parameter in model.parameters())
+
+
+def _longest_prefix(kept: list[_KVPrefix], prompt: Sequence[int]) -> _KVPrefix | None:
+    """The kept cache with the most tokens that is a strict prefix of ``prompt`` (None if there is none)."""
+    prompt = tuple(prompt)
+    matches = [
+        p for p in kept if len(p.token_ids) < len(prompt) and prompt[: len(p.token_ids)] == p.token_ids
+    ]
+    return max(matches, key=lambda p: len(p.token_ids), default=None)
+
+
+def _fill_cache(cache: DynamicCache, pasts: Sequence[_KVPrefix | None], width: int) -> None:
+    """Put the kept prefixes into an empty cache, left-padded with zeros to ``width`` positions."""
+    template = next(past for past in pasts if past is not None)
+    for layer, (key, value) in enumerate(zip(template.keys, template.values, strict=True)):
+        heads, _, dim = key.shape
+        keys = key.new_zeros(len(pasts), heads, width, dim)
+        values = value.new_zeros(len(pasts), heads, width, dim)
+        for row, past in enumerate(pasts):
+            if past is not None:
+                length = len(past.token_ids)
+                keys[row, :, width - length :] = past.keys[layer]
+                values[row, :, width - length :] = past.values[layer]
+        cache.update(keys, values, layer)
 
 
 def _warpers(params: SamplingParams) -> LogitsProcessorList:

@@ -180,3 +180,37 @@ def test_top_k_one_is_greedy(tiny, prompts, greedy_outputs):
     assert [o.token_ids for o in outputs] == [g.token_ids for g in greedy_outputs]
     # The sampled-from distribution has one token left: its log-prob is 0.
     assert all(lp == pytest.approx(0.0) for o in outputs for lp in o.logprobs)
+
+
+def continue_each(generator, prompts, first_outputs, params):
+    """Second turns: each prompt, its first turn and a fixed 'observation', generated again."""
+    observation = [31, 32, 33, 34, 35]
+    follow_ups = [[*p, *o.token_ids, *observation] for p, o in zip(prompts, first_outputs, strict=True)]
+    return follow_ups, generator.generate(follow_ups, params)
+
+
+def test_prompts_extending_the_last_call_reuse_its_kv_cache_with_the_same_results(tiny, prompts):
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=1, stop=())
+    reusing = TransformersGenerator(tiny)
+    first = reusing.generate(prompts, params)
+    assert reusing.prefilled_tokens == sum(len(p) for p in prompts)
+    follow_ups, continued = continue_each(reusing, prompts, first, params)
+    # Only each first turn's last token (not yet fed) and the observation were prefilled again.
+    assert reusing.prefilled_tokens == sum(len(p) for p in prompts) + len(prompts) * (1 + 5)
+    fresh = TransformersGenerator(tiny, reuse_kv=False).generate(follow_ups, params)
+    assert [o.token_ids for o in continued] == [o.token_ids for o in fresh]
+    for kept, recomputed in zip(continued, fresh, strict=True):
+        assert kept.logprobs == pytest.approx(recomputed.logprobs, abs=1e-4)
+
+
+def test_kept_kv_caches_are_dropped_when_the_weights_change(prompts):
+    policy = tiny_random_model(seed=2)
+    generator = TransformersGenerator(policy)
+    first = generator.generate(prompts, GREEDY)
+    with torch.no_grad():
+        for parameter in policy.model.parameters():
+            parameter.mul_(1.5)
+    follow_ups, continued = continue_each(generator, prompts, first, GREEDY)
+    fresh = TransformersGenerator(policy, reuse_kv=False).generate(follow_ups, GREEDY)
+    assert [o.token_ids for o in continued] == [o.token_ids for o in fresh]
+    assert [o.logprobs for o in continued] == [o.logprobs for o in fresh]
