@@ -145,6 +145,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(**fields, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
     if args.host not in LOOPBACK_HOSTS and config.api_key is None:
         logging.warning("serving on %s without an API key: anyone who can reach it can query it", args.host)
+    logging.info("opening %s", args.index)
     opened = open_index(
         args.index,
         corpus=args.corpus,

@@ -158,6 +158,7 @@ def create_app(service: RetrievalService, *, manifest: Manifest | None = None) -
     app = Flask("searchgym.retriever")
     app.config["MAX_CONTENT_LENGTH"] = service.config.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]  # UTF-8 text, as Search-R1's server sends
     _register_error_handlers(app, service.stats)
 
     @app.before_request
@@ -172,9 +173,9 @@ def create_app(service: RetrievalService, *, manifest: Manifest | None = None) -
     @app.post("/retrieve")
     def retrieve() -> Response:
         started = time.perf_counter()
-        body = request.get_json(silent=True)
+        body = request.get_json(force=True, silent=True)  # Content-Type is not required, as with Search-R1
         if body is None:
-            raise RequestError(400, "the body must be JSON (Content-Type: application/json)")
+            raise RequestError(400, 'the body must be JSON, such as {"queries": ["..."], "topk": 3}')
         parsed = parse_retrieve_request(body, service.config)
         results = service.retrieve(parsed.queries, parsed.topk)
         response = jsonify(result=[format_hits(hits, return_scores=parsed.return_scores) for hits in results])

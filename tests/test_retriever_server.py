@@ -70,6 +70,12 @@ def test_without_return_scores_hits_are_bare_documents(client_for, bm25_dir):
     assert body == {"result": [[{"id": "2", "contents": TINY_CORPUS[2]["contents"]}]]}
 
 
+def test_json_without_content_type_and_utf8_out(client_for, echo):
+    response = client_for(echo).post("/retrieve", data='{"queries": ["Poznań"], "topk": 1}'.encode())
+    assert response.status_code == 200
+    assert '"id":"Poznań#0"' in response.get_data(as_text=True)
+
+
 def test_topk_defaults_to_three_as_in_search_r1(client_for, echo):
     body = client_for(echo).post("/retrieve", json={"queries": ["q"]}).get_json()
     assert len(body["result"][0]) == 3
@@ -83,6 +89,7 @@ def test_health_reports_the_index(client_for, bm25_dir):
 
 BAD_REQUESTS = [
     (b"not json", 400, "must be JSON"),
+    (b"", 400, "must be JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
     (b"{}", 400, "'queries' must be a list"),
     (b'{"queries": "who?"}', 400, "'queries' must be a list"),
