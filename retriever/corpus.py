@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from tqdm import tqdm
 
@@ -90,7 +90,7 @@ class CorpusReader:
         line_number = documents = 0
         with self.path.open("rb") as raw:
             compressed = self.path.name.endswith(".gz")
-            stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+            stream: Iterable[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
             try:
                 for line_number, line in enumerate(stream, start=1):
                     self.bytes_read = raw.tell()

@@ -11,11 +11,12 @@ Where the search runs:
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from retriever.base import Passage
+from retriever.config import VectorSearchKind
 from retriever.corpus import Document, batched
 from retriever.docstore import DocumentStore
 from retriever.encoder import PROBE_MIN_COSINE, Encoder
@@ -31,7 +32,6 @@ TRAIN_SAMPLE = 131_072  # vectors used to train IVF / PQ indexes (FAISS wants >=
 # faiss-cpu 1.15 defaults this to 128000, which sends micro-batches through its slow per-query scan;
 # with 20, a batch of 32 MiniLM queries over wiki-mini takes 8 ms instead of 23 ms (2-core box).
 BLAS_THRESHOLD = 20
-VectorSearchKind = Literal["auto", "faiss", "torch"]
 
 
 class DenseIndexError(SearchgymError):
@@ -180,7 +180,7 @@ def open_vector_search(
     if faiss_params:
         parameter_space = faiss.GpuParameterSpace() if use_faiss_gpu else faiss.ParameterSpace()
         try:
-            parameter_space.set_index_parameters(index, faiss_params)
+            parameter_space.set_index_parameters(index, faiss_params)  # type: ignore[arg-type]  # SWIG stub
         except RuntimeError as error:
             raise DenseIndexError(
                 f"FAISS parameters {faiss_params!r} do not apply to this index: {error}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from retriever.base import Retriever
-from retriever.config import DEFAULT_ENCODER
+from retriever.config import DEFAULT_ENCODER, VectorSearchKind
 from retriever.corpus import CorpusReader, Document, batched, file_sha256, read_corpus
 from retriever.docstore import DocumentStore, DocumentStoreWriter
 from retriever.encoder import default_prefixes
@@ -178,7 +178,7 @@ def open_index(
     corpus: str | Path | None = None,
     model: str | None = None,
     device: str = "auto",
-    vector_search: str = "auto",
+    vector_search: VectorSearchKind = "auto",
     faiss_params: str = "",
 ) -> OpenIndex:
     """Check an index folder against its manifest (and ``corpus`` / ``model`` when given) and open it.
@@ -222,7 +222,7 @@ def _open_dense(
     store: DocumentStore,
     model: str | None,
     device: str,
-    vector_search: str,
+    vector_search: VectorSearchKind,
     faiss_params: str,
 ) -> Retriever:
     from retriever.dense import DenseRetriever, open_vector_search
