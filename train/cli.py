@@ -15,6 +15,7 @@ examples:
   searchgym train --config configs/search_r1_3b_ppo.yaml model.path=Qwen/Qwen2.5-3B-Instruct
   searchgym train --config configs/tiny.yaml algorithm.name=grpo kl.placement=loss
   searchgym train --config configs/demo.yaml --print-config
+  searchgym train --config configs/demo.yaml ray.enabled=true ray.num_rollout_workers=2 ray.num_learners=2
 """
 
 
@@ -74,9 +75,18 @@ def run_train_command(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="searchgym train: %(message)s", stream=sys.stderr)
-    from train.search_rollout import run_search_training  # torch, transformers and the retriever load here
+    if config.ray.enabled:
+        from train.distributed.config import require_ray
 
-    result = run_search_training(config)
+        require_ray()
+        from train.distributed.trainer import run_ray_training  # ray loads here only
+
+        result = run_ray_training(config)
+    else:
+        # torch, transformers and the retriever load here
+        from train.search_rollout import run_search_training
+
+        result = run_search_training(config)
     print(f"trained {result.steps} steps; run folder {result.run_dir}")
     for name in ("dev/em", "dev/f1", "rollout/reward"):
         values = [(int(row["step"]), row[name]) for row in result.history if name in row]

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from env.config import EnvConfig
 from train import config_io
 from train.config_io import ConfigError
+from train.distributed.config import RayConfig
 
 KLEstimator = Literal["k1", "k3", "low_var_kl"]
 LossAggregation = Literal["token-mean", "seq-mean"]
@@ -356,6 +357,8 @@ class TrainConfig:
     """Outputs."""
     guards: GuardConfig = field(default_factory=GuardConfig)
     """Stability watches."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Scaling out: rollout workers, retrieval replicas and data-parallel learners as Ray actors."""
 
     def __post_init__(self) -> None:
         _require(self.total_steps >= 1, f"total_steps must be >= 1, got {self.total_steps}")
@@ -381,6 +384,7 @@ class TrainConfig:
             self.guards.rollback_after == 0 or self.checkpoint.every > 0,
             "guards.rollback_after needs checkpoints to roll back to: set checkpoint.every > 0",
         )
+        self.ray.check_fits(self)
 
     @property
     def uses_critic(self) -> bool:

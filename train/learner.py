@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from train import algorithms
 from train.batch import Batch, Experience
 from train.config import TrainConfig
+from train.distributed.data_parallel import SINGLE_PROCESS, DataParallel
 from train.models import TrainModels, response_logprobs, response_values
 
 RecordT = TypeVar("RecordT", Batch, Experience)
@@ -104,16 +105,23 @@ def _micro_batches(record: RecordT, size: int) -> Iterator[RecordT]:
 
 
 @torch.no_grad()
-def make_experience(models: TrainModels, batch: Batch, config: TrainConfig) -> Experience:
-    """Score ``batch`` under the current policy, the reference and the critic, and compute advantages."""
+def make_experience(
+    models: TrainModels, batch: Batch, config: TrainConfig, *, data_parallel: DataParallel = SINGLE_PROCESS
+) -> Experience:
+    """Score ``batch`` under the current policy, the reference and the critic, and compute advantages.
+
+    Data-parallel learners each score their share of the episodes and gather the rest, so that every
+    learner computes the advantages of the whole batch.
+    """
     device = batch.loss_mask.device
     size, temperature = config.batch.micro_batch_size, config.rollout.temperature
+    share = data_parallel.shard(batch)
     models.policy.eval()
     with compute_dtype_context(config, device):
         old_logprobs = torch.cat(
             [
                 response_logprobs(models.policy, micro, temperature=temperature)[0]
-                for micro in _micro_batches(batch, size)
+                for micro in _micro_batches(share, size)
             ]
         )
         ref_logprobs = None
@@ -121,15 +129,18 @@ def make_experience(models: TrainModels, batch: Batch, config: TrainConfig) -> E
             ref_logprobs = torch.cat(
                 [
                     response_logprobs(models.reference, micro, temperature=temperature)[0]
-                    for micro in _micro_batches(batch, size)
+                    for micro in _micro_batches(share, size)
                 ]
             )
+            ref_logprobs = data_parallel.gather(ref_logprobs, size=batch.size)
         values = None
         if models.critic is not None:
             models.critic.eval()
             values = torch.cat(
-                [response_values(models.critic, micro) for micro in _micro_batches(batch, size)]
+                [response_values(models.critic, micro) for micro in _micro_batches(share, size)]
             )
+            values = data_parallel.gather(values, size=batch.size)
+    old_logprobs = data_parallel.gather(old_logprobs, size=batch.size)
     advantages, returns = compute_advantages(
         batch, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values, config=config
     )
@@ -243,16 +254,27 @@ class _WeightedMeans:
     def total(self, name: str) -> int:
         return int(self._sums.get(name, 0.0))
 
+    def average_over(self, data_parallel: DataParallel) -> None:
+        """Average sums and weights over data-parallel learners: means then span all their tokens."""
+        self._sums = data_parallel.average(self._sums)
+        self._weights = data_parallel.average(self._weights)
+
 
 def update(
-    models: TrainModels, optimizers: Optimizers, experience: Experience, config: TrainConfig
+    models: TrainModels,
+    optimizers: Optimizers,
+    experience: Experience,
+    config: TrainConfig,
+    *,
+    data_parallel: DataParallel = SINGLE_PROCESS,
 ) -> UpdateStats:
     """PPO epochs over shuffled mini-batches: one optimizer step per mini-batch for the actor and the critic.
 
     Each mini-batch's gradient is accumulated over micro-batches with the mini-batch's own loss
     normaliser, so the step does not depend on the micro-batch size. A step whose loss or gradient is not
     finite is skipped (and counted); so is a step without any rewarded policy token. The learning-rate
-    schedules advance once at the end.
+    schedules advance once at the end. Data-parallel learners each compute their share of every
+    mini-batch and take the same step (see :mod:`train.distributed.data_parallel`).
     """
     means = _WeightedMeans()
     models.policy.train()
@@ -260,16 +282,17 @@ def update(
         models.critic.train()
     for _ in range(config.algorithm.ppo_epochs):
         # The global torch generator drives the shuffle, so a resumed run (which restores it) repeats it.
-        order = torch.randperm(experience.size)
+        order = data_parallel.permutation(experience.size)
         for start in range(0, experience.size, config.mini_batch_trajectories):
             mini_batch = experience.select(order[start : start + config.mini_batch_trajectories])
-            _actor_step(models, optimizers.actor, mini_batch, config, means)
+            _actor_step(models, optimizers.actor, mini_batch, config, means, data_parallel)
             if models.critic is not None and optimizers.critic is not None:
-                _critic_step(models.critic, optimizers.critic, mini_batch, config, means)
+                _critic_step(models.critic, optimizers.critic, mini_batch, config, means, data_parallel)
     models.policy.eval()
     if models.critic is not None:
         models.critic.eval()
     optimizers.step_schedules()
+    means.average_over(data_parallel)
     return UpdateStats(
         policy_loss=means.mean_or_nan("policy_loss"),
         entropy=means.mean_or_nan("entropy"),
@@ -300,6 +323,7 @@ def _actor_step(
     mini_batch: Experience,
     config: TrainConfig,
     means: _WeightedMeans,
+    data_parallel: DataParallel,
 ) -> None:
     algorithm, aggregation = config.algorithm, config.algorithm.loss_aggregation
     denominator = _loss_denominator(mini_batch.batch.loss_mask, aggregation)
@@ -332,7 +356,9 @@ def _actor_step(
             loss = loss + config.kl.coef * kl_term
         return loss
 
-    outcome = _accumulate_and_step(models.policy, optimizer, mini_batch, micro_batch_loss, config)
+    outcome = _accumulate_and_step(
+        models.policy, optimizer, mini_batch, micro_batch_loss, config, data_parallel
+    )
     _record_outcome("actor", outcome, means)
 
 
@@ -342,6 +368,7 @@ def _critic_step(
     mini_batch: Experience,
     config: TrainConfig,
     means: _WeightedMeans,
+    data_parallel: DataParallel,
 ) -> None:
     aggregation = config.algorithm.loss_aggregation
     denominator = _loss_denominator(mini_batch.batch.loss_mask, aggregation)
@@ -361,7 +388,7 @@ def _critic_step(
         means.add("value_clip_fraction", loss.clip_fraction, float(micro.batch.loss_mask.sum()))
         return loss.loss
 
-    outcome = _accumulate_and_step(critic, optimizer, mini_batch, micro_batch_loss, config)
+    outcome = _accumulate_and_step(critic, optimizer, mini_batch, micro_batch_loss, config, data_parallel)
     _record_outcome("critic", outcome, means)
 
 
@@ -379,14 +406,19 @@ def _accumulate_and_step(
     mini_batch: Experience,
     micro_batch_loss: Callable[[Experience], Tensor],
     config: TrainConfig,
+    data_parallel: DataParallel,
 ) -> _StepOutcome:
-    """Backward every micro-batch of ``mini_batch``, clip, and step unless something is not finite."""
+    """Backward every micro-batch of ``mini_batch``, clip, and step unless something is not finite.
+
+    Data-parallel learners each backward their share and sum gradients before clipping; all skip the step
+    when anything is not finite on any of them.
+    """
     if mini_batch.batch.loss_mask.sum() == 0:
         # Every reward of this mini-batch is missing: no signal, and AdamW would still decay the weights.
         return _StepOutcome(loss=math.nan, grad_norm=math.nan, stepped=False, non_finite=False)
     device = mini_batch.batch.loss_mask.device
     total_loss, finite = 0.0, True
-    for micro in _micro_batches(mini_batch, config.batch.micro_batch_size):
+    for micro in _micro_batches(data_parallel.shard(mini_batch), config.batch.micro_batch_size):
         with compute_dtype_context(config, device):
             loss = micro_batch_loss(micro)
         if not torch.isfinite(loss):
@@ -394,6 +426,7 @@ def _accumulate_and_step(
             break
         loss.backward()
         total_loss += float(loss.detach())
+    total_loss, finite = data_parallel.reduce_gradients(model, loss=total_loss, finite=finite)
     grad_norm = math.nan
     if finite:
         parameters = [p for p in model.parameters() if p.grad is not None]

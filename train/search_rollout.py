@@ -113,16 +113,29 @@ class SearchDevEval:
     ) -> dict[str, float]:
         """Mean ``em``, ``f1``, ``cover_em``, ``searches`` and ``answered`` over the dev questions."""
         generator = TransformersGenerator(Policy(policy_model, tokenizer, name=self.config.model.path))
-        sampling = SamplingParams(max_new_tokens=self.config.rollout.max_new_tokens, temperature=0.0)
         episodes = run_episodes(
-            generator, self.vector_env, self.examples, sampling=sampling, budgets=token_budgets(self.config)
+            generator,
+            self.vector_env,
+            self.examples,
+            sampling=dev_sampling(self.config),
+            budgets=token_budgets(self.config),
         )
-        scores = {
-            name: _mean([t.info.get(name) for t in episodes]) for name in ("em", "f1", "cover_em", "reward")
-        }
-        scores["searches"] = _mean([sum(turn.action_type == "search" for turn in t.turns) for t in episodes])
-        scores["answered"] = _mean([float(t.terminated) for t in episodes])
-        return scores
+        return dev_scores(episodes)
+
+
+def dev_sampling(config: TrainConfig) -> SamplingParams:
+    """Greedy decoding with the rollout's turn length: how the dev questions are answered."""
+    return SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=0.0)
+
+
+def dev_scores(episodes: Sequence[Trajectory]) -> dict[str, float]:
+    """Mean ``em``, ``f1``, ``cover_em``, ``reward``, ``searches`` and ``answered`` of dev episodes."""
+    scores = {
+        name: _mean([t.info.get(name) for t in episodes]) for name in ("em", "f1", "cover_em", "reward")
+    }
+    scores["searches"] = _mean([sum(turn.action_type == "search" for turn in t.turns) for t in episodes])
+    scores["answered"] = _mean([float(t.terminated) for t in episodes])
+    return scores
 
 
 def _mean(values: Sequence[float | None]) -> float:

@@ -1,0 +1,229 @@
+"""The Ray path on a local cluster: workers and replicas match one process, learners match one learner, and
+a killed rollout worker stops the run with its last checkpoint intact.
+
+One small cluster serves the module (logical CPUs beyond the two cores: the actors take turns on them, each
+with one torch thread); one set of parts (2 learners, 2 retrieval replicas, 2 rollout workers) serves the
+first two tests.
+"""
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from env_fixtures import EXAMPLES
+from ray_fixtures import comparable, questions, ray_test_config, searching_model, tiny_index
+
+from env import SearchVectorEnv
+from policy.generation import TransformersGenerator
+from policy.rollout import run_episodes
+from policy.trajectory import Trajectory
+from train.batch import collate
+from train.checkpoint import CheckpointManager, read_trainer_state
+from train.config import TrainConfig
+from train.learner import build_optimizers, make_experience, update
+from train.loop import seed_everything
+from train.models import build_train_models
+from train.search_rollout import (
+    dev_sampling,
+    load_training_policy,
+    open_retriever,
+    run_search_training,
+    token_budgets,
+)
+from train.tracking import read_metrics
+
+ray = pytest.importorskip("ray")
+
+from train.distributed.cluster import reserve  # noqa: E402  (needs ray)
+from train.distributed.groups import Roster, WorkerDiedError  # noqa: E402
+from train.distributed.placement import plan_placement  # noqa: E402
+from train.distributed.trainer import Parts, run_ray_training, start_parts  # noqa: E402
+
+CLUSTER_CPUS = 12  # two sets of six one-CPU actors: the module's parts and the killed run's
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ray")
+    searching_model(folder)
+    tiny_index(folder)
+    questions(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=CLUSTER_CPUS, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def config(workdir: Path) -> TrainConfig:
+    return ray_test_config(workdir)
+
+
+@pytest.fixture(scope="module")
+def parts(cluster: None, config: TrainConfig) -> Iterator[Parts]:
+    placement = reserve(plan_placement(config), timeout_s=120)
+    roster = Roster("parts")
+    yield start_parts(config, placement, roster)
+    roster.stop()
+    placement.release()
+
+
+def perturbed_policy(config: TrainConfig):
+    """The run's initial policy with every weight nudged: what a worker greedily decodes shows the weights."""
+    policy = load_training_policy(config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in policy.model.parameters():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
+    return policy
+
+
+def test_two_workers_over_two_replicas_decode_what_one_process_decodes(
+    parts: Parts, config: TrainConfig
+) -> None:
+    policy = perturbed_policy(config)
+    examples = [example for example in EXAMPLES for _ in range(config.rollout.samples_per_prompt)]
+    vector_env = SearchVectorEnv(
+        num_envs=len(examples),
+        dataset=None,
+        retriever=open_retriever(config.retriever),
+        config=config.env,
+        tokenizer=policy.tokenizer,
+    )
+    alone = run_episodes(
+        TransformersGenerator(policy),
+        vector_env,
+        examples,
+        sampling=dev_sampling(config),
+        budgets=token_budgets(config),
+    )
+    parts.rollout_workers.load_weights(ray.put(policy.model.state_dict()))
+    spread = parts.rollout_workers.episodes(examples, dev_sampling(config))
+
+    assert [comparable(t) for t in spread] == [comparable(t) for t in alone]
+    for mine, theirs in zip(spread, alone, strict=True):
+        assert mine.sampler_logprobs == pytest.approx(theirs.sampler_logprobs, abs=1e-4)
+    assert all(t.turns[0].action_type == "search" and t.turns[0].retrieved_ids for t in alone)
+    assert parts.replicas is not None
+    calls = [served_calls for served_calls, _ in parts.replicas.served()]
+    assert len(calls) == 2 and min(calls) >= 1  # both replicas answered searches
+
+
+def rewarded(trajectories: list[Trajectory]) -> list[Trajectory]:
+    """The episodes with rewards 0 and 1 in turn, so that advantages and gradients are not all zero."""
+    return [dataclasses.replace(t, reward=float(i % 2)) for i, t in enumerate(trajectories)]
+
+
+def one_learner_update(config: TrainConfig, trajectories: list[Trajectory]) -> tuple[dict, dict]:
+    """The single-process trainer's first update: its policy weights and metrics."""
+    policy = load_training_policy(config)
+    seed_everything(config.system.seed)
+    models = build_train_models(
+        policy.model, with_reference=config.uses_reference, with_critic=config.uses_critic
+    )
+    batch = collate(trajectories, pad_token_id=policy.tokenizer.pad_token_id, device="cpu")
+    experience = make_experience(models, batch, config)
+    stats = update(models, build_optimizers(models, config), experience, config)
+    return models.policy.state_dict(), stats.to_metrics()
+
+
+def test_two_data_parallel_learners_take_the_one_learner_step(parts: Parts, config: TrainConfig) -> None:
+    policy = load_training_policy(config)
+    examples = [example for example in EXAMPLES for _ in range(config.rollout.samples_per_prompt)]
+    vector_env = SearchVectorEnv(
+        num_envs=len(examples),
+        dataset=None,
+        retriever=open_retriever(config.retriever),
+        config=config.env,
+        tokenizer=policy.tokenizer,
+    )
+    episodes = run_episodes(
+        TransformersGenerator(policy),
+        vector_env,
+        examples,
+        sampling=dev_sampling(config),
+        budgets=token_budgets(config),
+    )
+    trajectories = rewarded(episodes)
+    expected_state, expected_metrics = one_learner_update(config, trajectories)
+    initial = policy.model.state_dict()
+
+    step = parts.learners.step(trajectories)
+    states = [ray.get(member.handle.policy_state.remote()) for member in parts.learners.members]
+
+    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])  # learners in lockstep
+    moved = max(float((expected_state[name] - initial[name]).abs().max()) for name in initial)
+    assert moved > 0.5 * config.optim.actor_lr  # the step did change the weights
+    for name, expected in expected_state.items():
+        torch.testing.assert_close(states[0][name], expected, atol=1e-3 * config.optim.actor_lr, rtol=1e-5)
+    for name in ("actor/policy_loss", "actor/grad_norm", "actor/entropy", "critic/value_loss"):
+        assert step.metrics[name] == pytest.approx(expected_metrics[name], rel=1e-4, abs=1e-6), name
+    assert step.metrics["actor/optimizer_steps"] == expected_metrics["actor/optimizer_steps"] == 2
+
+
+def kill_when_checkpointed(run_dir: Path, step: int, actor_name: str, killed: list[int]) -> None:
+    """SIGKILL the named actor's process once the run has saved the checkpoint of ``step``."""
+    checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    where = ray.get(ray.get_actor(actor_name).whereabouts.remote())
+    os.kill(where.pid, signal.SIGKILL)
+    killed.append(where.pid)
+
+
+def test_a_killed_rollout_worker_stops_the_run_with_its_last_checkpoint_intact(
+    cluster: None, workdir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    config = ray_test_config(
+        workdir,
+        f"logging.run_dir={run_dir}",
+        "total_steps=40",
+        "checkpoint.every=1",
+        "dev.every=0",
+        "dev.before_training=false",
+        "checkpoint.export_final=false",
+    )
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=kill_when_checkpointed, args=(run_dir, 1, f"rollout worker 1 @ {run_dir}", killed)
+    )
+    killer.start()
+    with pytest.raises(WorkerDiedError) as failure:
+        run_ray_training(config)
+    killer.join()
+
+    message = str(failure.value)
+    assert f"rollout worker 1 (pid {killed[0]} on " in message
+    latest = CheckpointManager(run_dir / "checkpoints", keep_last=2).latest()
+    assert (
+        latest is not None
+        and f"The last checkpoint (step {read_trainer_state(latest).step}) is intact" in message
+    )
+    # The run's actors are gone and its bundles given back (the module's parts may still hold theirs).
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < CLUSTER_CPUS - 6 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) >= CLUSTER_CPUS - 6
+    # The checkpoint resumes, here in one process.
+    resumed_step = read_trainer_state(latest).step + 1
+    resumed = run_search_training(
+        dataclasses.replace(
+            config, total_steps=resumed_step, ray=dataclasses.replace(config.ray, enabled=False)
+        )
+    )
+    assert [int(row["step"]) for row in resumed.history] == [resumed_step]
+    assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == list(
+        range(1, resumed_step + 1)
+    )

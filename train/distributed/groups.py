@@ -1,0 +1,362 @@
+"""The driver's handles on the run's actors: start them in their bundles, call them, notice when one dies.
+
+Every call on a group waits for its actors as they finish, so a dead actor is noticed as soon as Ray
+reports it, even while the others are still busy (or blocked in a collective waiting for the dead one).
+The error names the actor, where it ran and why it died; the trainer then stops every actor.
+"""
+
+import itertools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
+
+from env import QAExample
+from policy.generation import SamplingParams
+from policy.trajectory import Trajectory
+from retriever.base import Passage
+from retriever.client import RetrieverUnavailableError
+from searchgym.errors import SearchgymError
+from train.checkpoint import TrainerState
+from train.config import TrainConfig
+from train.distributed.actors import Learner, LearnerStep, RetrieverReplica, RolloutWorker, Whereabouts
+from train.distributed.cluster import Placement
+from train.distributed.placement import ActorPlace, episodes_per_worker
+
+logger = logging.getLogger(__name__)
+
+_PROBE_TIMEOUT_S = 10.0
+"""How long a liveness probe waits: a dead actor fails at once, a busy one answers late (or not in time)."""
+_REPLICA_RESTARTS = 3
+"""A retrieval replica holds no state and a search can be repeated, so Ray restarts it and retries."""
+
+
+class WorkerDiedError(SearchgymError):
+    """An actor of the run died; the message names it, says where it ran and why it died."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One actor of the run.
+
+    Attributes:
+        name: its role and index, e.g. ``"rollout worker 1"``.
+        handle: Ray's handle on it.
+        whereabouts: where it runs (``"pid 1234 on node-3"``; ``"while starting"`` until it is up).
+    """
+
+    name: str
+    handle: ActorHandle
+    whereabouts: Whereabouts | str
+
+
+class Roster:
+    """Every actor of the run, for calls that report a death by the name of the actor that died.
+
+    Args:
+        run: names the run's actors in Ray (``"rollout worker 1 @ runs/demo"``), so that runs that share
+            a driver keep their actors apart.
+    """
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self.members: list[Member] = []
+
+    def actor_name(self, place: ActorPlace) -> str:
+        """The Ray name of the actor at ``place``."""
+        return f"{place.role} {place.index} @ {self.run}"
+
+    def start(
+        self,
+        actor_class: type,
+        places: Sequence[ActorPlace],
+        placement: Placement,
+        arguments: Callable[[ActorPlace], Mapping[str, Any]],
+        **options: Any,
+    ) -> list[Member]:
+        """Start one actor per place in its bundle and wait until each is constructed.
+
+        Each actor gets its :meth:`actor_name` in this driver's namespace, so ``ray.get_actor`` finds it
+        and Ray's state tools show it by that name.
+        """
+        remote_class = ray.remote(actor_class)
+        handles = [
+            remote_class.options(
+                name=self.actor_name(place),
+                num_cpus=place.cpus,
+                num_gpus=place.gpus,
+                scheduling_strategy=placement.strategy(place),
+                **options,
+            ).remote(**arguments(place))
+            for place in places
+        ]
+        # Listed before they are up, so that one dying in its constructor is found by name.
+        starting = [
+            Member(f"{place.role} {place.index}", handle, "while starting")
+            for place, handle in zip(places, handles, strict=True)
+        ]
+        self.members.extend(starting)
+        whereabouts = self.gather([(member, member.handle.whereabouts.remote()) for member in starting])
+        started = [
+            Member(member.name, member.handle, where)
+            for member, where in zip(starting, whereabouts, strict=True)
+        ]
+        self.members[-len(started) :] = started
+        return started
+
+    def gather(self, calls: Sequence[tuple[Member, Any]]) -> list[Any]:
+        """The results of ``(member, object ref)`` calls in order, waiting for them as they finish.
+
+        Raises:
+            WorkerDiedError: an actor died (the one called, or one whose result it needed).
+        """
+        index_of = {ref: index for index, (_, ref) in enumerate(calls)}
+        results: list[Any] = [None] * len(calls)
+        pending = list(index_of)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            index = index_of[ready[0]]
+            try:
+                results[index] = ray.get(ready[0])
+            except RayActorError as error:
+                raise WorkerDiedError(self._obituary(calls[index][0], error)) from error
+        return results
+
+    def _obituary(self, called: Member, error: RayActorError) -> str:
+        """Which actors are dead, where they ran and Ray's reason (the called one's when no other is)."""
+        dead = self.dead() or [called]
+        names = ", ".join(f"{member.name} ({member.whereabouts})" for member in dead)
+        reason = " ".join(str(error).split())
+        return f"{names} died: {reason}"
+
+    def dead(self) -> list[Member]:
+        """The members that fail a liveness probe (busy ones that answer late count as alive)."""
+        probes = {member.handle.whereabouts.remote(): member for member in self.members}
+        ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=_PROBE_TIMEOUT_S)
+        dead = []
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                dead.append(probes[ref])
+        return dead
+
+    def stop(self) -> None:
+        """Kill every actor (the run is over, or one of them died and the others may be waiting for it)."""
+        for member in self.members:
+            ray.kill(member.handle, no_restart=True)
+        self.members.clear()
+
+
+class ReplicatedRetriever:
+    """A :class:`retriever.base.Retriever` over retrieval replicas: each call goes to the next in turn.
+
+    Each rollout worker holds its own copy, starting at its own replica, so that W workers spread their
+    calls over the replicas. A replica that died is skipped (Ray restarts it meanwhile).
+
+    Args:
+        replicas: the replicas' handles.
+        first: the replica of the first call.
+    """
+
+    def __init__(self, replicas: Sequence[ActorHandle], *, first: int = 0) -> None:
+        self.replicas = list(replicas)
+        self._turn = itertools.count(first)
+
+    def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        """Search on the next replica; on the following one if it is dead.
+
+        Raises:
+            RetrieverUnavailableError: every replica is dead.
+        """
+        start = next(self._turn)
+        failures = []
+        for offset in range(len(self.replicas)):
+            replica = (start + offset) % len(self.replicas)
+            try:
+                return ray.get(self.replicas[replica].search.remote(queries, k))
+            except RayActorError as error:
+                failures.append(f"replica {replica}: {' '.join(str(error).split())[:200]}")
+                logger.warning("retriever replica %d failed; trying the next one", replica)
+        raise RetrieverUnavailableError("every retriever replica failed: " + "; ".join(failures))
+
+
+class RetrieverReplicas:
+    """The retrieval replicas of the run.
+
+    Args:
+        roster: the run's actors.
+        members: the replicas.
+    """
+
+    def __init__(self, roster: Roster, members: Sequence[Member]) -> None:
+        self.roster = roster
+        self.members = list(members)
+
+    @classmethod
+    def start(cls, config: TrainConfig, placement: Placement, roster: Roster) -> "RetrieverReplicas":
+        """Start the replicas; the first one alone, since it may build the default index others reuse."""
+        places = placement.plan.retriever_replicas
+
+        def arguments(place: ActorPlace) -> Mapping[str, Any]:
+            return {"config": config.retriever}
+
+        options = {"max_restarts": _REPLICA_RESTARTS, "max_task_retries": _REPLICA_RESTARTS}
+        first = roster.start(RetrieverReplica, places[:1], placement, arguments, **options)
+        rest = (
+            roster.start(RetrieverReplica, places[1:], placement, arguments, **options) if places[1:] else []
+        )
+        return cls(roster, [*first, *rest])
+
+    def client(self, worker: int) -> ReplicatedRetriever:
+        """The retriever of rollout worker ``worker``."""
+        return ReplicatedRetriever([member.handle for member in self.members], first=worker)
+
+    def served(self) -> list[tuple[int, int]]:
+        """``(calls, queries)`` each replica served."""
+        return self.roster.gather([(member, member.handle.served.remote()) for member in self.members])
+
+
+class RolloutWorkerGroup:
+    """The rollout workers: each generates a contiguous slice of every batch.
+
+    Args:
+        roster: the run's actors.
+        members: the workers, in rank order.
+    """
+
+    def __init__(self, roster: Roster, members: Sequence[Member]) -> None:
+        self.roster = roster
+        self.members = list(members)
+
+    @classmethod
+    def start(
+        cls,
+        config: TrainConfig,
+        placement: Placement,
+        roster: Roster,
+        *,
+        replicas: RetrieverReplicas | None,
+    ) -> "RolloutWorkerGroup":
+        """Start the workers (the first one alone when each opens the retriever, which it may build)."""
+        places = placement.plan.rollout_workers
+
+        def arguments(place: ActorPlace) -> Mapping[str, Any]:
+            return {
+                "config": config,
+                "index": place.index,
+                "num_workers": len(places),
+                "max_episodes": episodes_per_worker(config),
+                "retriever": replicas.client(place.index) if replicas is not None else None,
+                "cpus": place.cpus,
+            }
+
+        if replicas is not None:
+            return cls(roster, roster.start(RolloutWorker, places, placement, arguments))
+        first = roster.start(RolloutWorker, places[:1], placement, arguments)
+        rest = roster.start(RolloutWorker, places[1:], placement, arguments) if places[1:] else []
+        return cls(roster, [*first, *rest])
+
+    def load_weights(self, state: Any) -> None:
+        """Give every worker the weights ``state`` (an object ref: each worker fetches it from the store)."""
+        self.roster.gather([(member, member.handle.load_weights.remote(state)) for member in self.members])
+
+    def rollout(self, examples: Sequence[QAExample], step: int) -> list[Trajectory]:
+        """The step's episodes, one per example, in the order of ``examples``."""
+        return self._split_and_gather(examples, lambda member, part: member.handle.rollout.remote(part, step))
+
+    def episodes(self, examples: Sequence[QAExample], sampling: SamplingParams) -> list[Trajectory]:
+        """One episode per example with ``sampling``, in the order of ``examples``."""
+        return self._split_and_gather(
+            examples, lambda member, part: member.handle.episodes.remote(part, sampling)
+        )
+
+    def _split_and_gather(
+        self, examples: Sequence[QAExample], call: Callable[[Member, list[QAExample]], Any]
+    ) -> list[Trajectory]:
+        parts = split_evenly(list(examples), len(self.members))
+        calls = [
+            (member, call(member, part)) for member, part in zip(self.members, parts, strict=False) if part
+        ]
+        return [trajectory for result in self.roster.gather(calls) for trajectory in result]
+
+
+class LearnerGroup:
+    """The data-parallel learners; learner 0 writes checkpoints, exports and serves the weights.
+
+    Args:
+        roster: the run's actors.
+        members: the learners, in rank order.
+    """
+
+    def __init__(self, roster: Roster, members: Sequence[Member]) -> None:
+        self.roster = roster
+        self.members = list(members)
+
+    @classmethod
+    def start(cls, config: TrainConfig, placement: Placement, roster: Roster) -> "LearnerGroup":
+        """Start the learners and join them in one torch.distributed process group (more than one)."""
+
+        def arguments(place: ActorPlace) -> Mapping[str, Any]:
+            return {"config": config, "rank": place.index, "cpus": place.cpus}
+
+        members = roster.start(Learner, placement.plan.learners, placement, arguments)
+        if len(members) > 1:
+            lead = members[0]
+            address, port = roster.gather([(lead, lead.handle.rendezvous.remote())])[0]
+            roster.gather(
+                [
+                    (member, member.handle.join.remote(address=address, port=port, world_size=len(members)))
+                    for member in members
+                ]
+            )
+        return cls(roster, members)
+
+    @property
+    def lead(self) -> Member:
+        """Learner 0."""
+        return self.members[0]
+
+    def tokenizer(self) -> Any:
+        """The policy's tokenizer."""
+        return self.roster.gather([(self.lead, self.lead.handle.get_tokenizer.remote())])[0]
+
+    def step(self, trajectories: Sequence[Trajectory]) -> LearnerStep:
+        """Experience and update on every learner (each fetches the episodes once from the object store)."""
+        shared = ray.put(list(trajectories))
+        results = self.roster.gather([(member, member.handle.step.remote(shared)) for member in self.members])
+        return results[0]
+
+    def policy_state(self) -> Any:
+        """An object ref to learner 0's policy weights, ready in the object store (not copied here)."""
+        state = self.lead.handle.policy_state.remote()
+        ray.wait([state], fetch_local=False)
+        return state
+
+    def save(self, state: TrainerState) -> None:
+        """Learner 0 writes a checkpoint."""
+        self.roster.gather([(self.lead, self.lead.handle.save.remote(state))])
+
+    def load(self, path: Any, *, restore_rng: bool) -> TrainerState:
+        """Every learner loads the checkpoint at ``path``; returns the trainer's state from it."""
+        calls = [
+            (member, member.handle.load.remote(path, restore_rng=restore_rng)) for member in self.members
+        ]
+        return self.roster.gather(calls)[0]
+
+    def export(self, target: Any) -> Any:
+        """Learner 0 writes the final policy as a Hugging Face folder."""
+        return self.roster.gather([(self.lead, self.lead.handle.export.remote(target))])[0]
+
+
+def split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
+    """``items`` in ``parts`` contiguous slices whose sizes differ by at most one (larger ones first)."""
+    size, larger = divmod(len(items), parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + size + (part < larger))
+    return [items[start:end] for start, end in itertools.pairwise(bounds)]
