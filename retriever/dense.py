@@ -6,7 +6,7 @@ Where the search runs:
 - CPU FAISS by default;
 - GPU FAISS when the installed faiss sees GPUs (``pip install searchgym[gpu]``), fp16, sharded over GPUs;
 - exact search as a chunked fp16 matmul in torch on CUDA when faiss has no GPU support and the index is
-  flat: a wiki-18 e5 flat index (62 GB in fp32, Search-R1 #54) then needs 31 GB of GPU memory.
+  flat: a wiki-18 e5 flat index (60 GiB in fp32, Search-R1 #54) then needs 30 GiB of GPU memory.
 """
 
 from collections.abc import Iterable
@@ -105,24 +105,31 @@ class TorchFlatSearch:
     """Exact inner-product search as a chunked matmul in torch, for GPUs that faiss cannot use.
 
     Args:
-        vectors: (N, D) the database vectors.
+        chunks: the database vectors, (rows, D) arrays in row order; each becomes one matmul, which bounds
+            the (B, rows) score buffer. They are copied to ``device`` one at a time (fp16 on CUDA), so the
+            host never holds a second full copy.
         device: where to keep them and search (``cuda`` in practice; ``cpu`` works, for tests).
-        chunk_rows: database rows per matmul, which bounds the (B, chunk_rows) score buffer.
     """
 
-    def __init__(self, vectors: np.ndarray, *, device: str, chunk_rows: int = 1 << 20) -> None:
+    def __init__(self, chunks: Iterable[np.ndarray], *, device: str) -> None:
         import torch
 
         self._torch = torch
         self._dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self._chunks = [
-            torch.from_numpy(np.ascontiguousarray(vectors[start : start + chunk_rows])).to(
-                device, self._dtype
-            )
-            for start in range(0, len(vectors), chunk_rows)
+            torch.from_numpy(np.ascontiguousarray(chunk)).to(device, self._dtype) for chunk in chunks
         ]
         self.device = device
-        self.ntotal = len(vectors)
+        self.ntotal = sum(len(chunk) for chunk in self._chunks)
+
+    @classmethod
+    def from_flat_index(
+        cls, index: "faiss.IndexFlat", *, device: str, chunk_rows: int = 1 << 20
+    ) -> "TorchFlatSearch":
+        """Copy a (memory-mapped) FAISS flat index to ``device``, ``chunk_rows`` vectors at a time."""
+        starts = range(0, index.ntotal, chunk_rows)
+        chunks = (index.reconstruct_n(start, min(chunk_rows, index.ntotal - start)) for start in starts)
+        return cls(chunks, device=device)
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(B, k) scores and (B, k) rows of the best ``k`` database vectors per query, best first."""
@@ -165,7 +172,7 @@ def open_vector_search(
     if kind == "torch" or (kind == "auto" and on_gpu and not use_faiss_gpu):
         index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         if isinstance(index, faiss.IndexFlat):
-            return TorchFlatSearch(index.reconstruct_n(0, index.ntotal), device=device)
+            return TorchFlatSearch.from_flat_index(index, device=device)
         if kind == "torch":
             raise DenseIndexError(
                 f"torch search needs a Flat index; {index_dir} holds {type(index).__name__}"

@@ -58,14 +58,18 @@ def test_torch_exact_search_matches_faiss_flat():
     index.add(vectors)
     queries = vectors[:7] + 0.1
     expected_scores, expected_rows = index.search(queries, 5)
-    scores, rows = TorchFlatSearch(vectors, device="cpu", chunk_rows=128).search(queries, 5)
+    scores, rows = TorchFlatSearch(np.array_split(vectors, 7), device="cpu").search(queries, 5)
     np.testing.assert_array_equal(rows, expected_rows)
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
 
 
 def test_the_torch_search_path_serves_a_flat_index(dense_dir, dense):
     torch_search = open_vector_search(dense_dir, device="cpu", kind="torch")
-    assert isinstance(torch_search, TorchFlatSearch)
+    assert isinstance(torch_search, TorchFlatSearch) and torch_search.ntotal == len(TINY_CORPUS)
+    flat = faiss.read_index(str(dense_dir / "index.faiss"))
+    in_chunks = TorchFlatSearch.from_flat_index(flat, device="cpu", chunk_rows=5)
+    query = np.ones((1, 384), dtype=np.float32) / np.sqrt(384)
+    np.testing.assert_array_equal(in_chunks.search(query, 4)[1], torch_search.search(query, 4)[1])
     via_torch = open_index(dense_dir, device="cpu", vector_search="torch").retriever
     assert [[p.id for p in hits] for hits in via_torch.search(QUERIES, 3)] == [
         [p.id for p in hits] for hits in dense.search(QUERIES, 3)
