@@ -22,6 +22,7 @@ from env import QAExample, SearchVectorEnv
 from policy.generation import Generator, SamplingParams, TransformersGenerator
 from policy.rollout import run_episodes
 from policy.trajectory import Trajectory
+from policy.vllm_backend import VLLMGenerator  # vllm itself loads only when an engine is made
 from retriever.base import Passage, Retriever
 from train.batch import collate
 from train.checkpoint import CheckpointManager, TrainerState, export_hf_model
@@ -135,7 +136,7 @@ class Learner:
         """Join the learners' process group and take rank 0's weights (as DDP does when it wraps a model)."""
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(0)  # Ray shows an actor only its own GPUs, numbered from 0
         dist.init_process_group(
             backend,
             init_method=f"tcp://{address}:{port}",
@@ -213,7 +214,8 @@ class RolloutWorker:
     ) -> None:
         limit_threads(config, cpus)
         self.config, self.index, self.num_workers = config, index, num_workers
-        self.vllm = make_generator(config)
+        engine = make_generator(config)  # a vLLM engine, or None: transformers generation
+        self.vllm = engine if isinstance(engine, VLLMGenerator) else None
         self.policy = None if self.vllm is not None else load_training_policy(config)
         self.retriever = retriever if retriever is not None else open_retriever(config.retriever)
         self.vector_env = self._vector_env(max_episodes)

@@ -25,7 +25,7 @@ from train.checkpoint import TrainerState
 from train.config import TrainConfig
 from train.distributed.actors import Learner, LearnerStep, RetrieverReplica, RolloutWorker, Whereabouts
 from train.distributed.cluster import Placement
-from train.distributed.placement import ActorPlace, episodes_per_worker
+from train.distributed.placement import ActorPlace, episodes_per_worker, split_evenly
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Roster:
         Each actor gets its :meth:`actor_name` in this driver's namespace, so ``ray.get_actor`` finds it
         and Ray's state tools show it by that name.
         """
-        remote_class = ray.remote(actor_class)
+        remote_class: Any = ray.remote(actor_class)
         handles = [
             remote_class.options(
                 name=self.actor_name(place),
@@ -114,7 +114,7 @@ class Roster:
         Raises:
             WorkerDiedError: an actor died (the one called, or one whose result it needed).
         """
-        index_of = {ref: index for index, (_, ref) in enumerate(calls)}
+        index_of: dict[Any, int] = {ref: index for index, (_, ref) in enumerate(calls)}
         results: list[Any] = [None] * len(calls)
         pending = list(index_of)
         while pending:
@@ -135,7 +135,7 @@ class Roster:
 
     def dead(self) -> list[Member]:
         """The members that fail a liveness probe (busy ones that answer late count as alive)."""
-        probes = {member.handle.whereabouts.remote(): member for member in self.members}
+        probes: dict[Any, Member] = {member.handle.whereabouts.remote(): member for member in self.members}
         ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=_PROBE_TIMEOUT_S)
         dead = []
         for ref in ready:
@@ -333,7 +333,7 @@ class LearnerGroup:
 
     def policy_state(self) -> Any:
         """An object ref to learner 0's policy weights, ready in the object store (not copied here)."""
-        state = self.lead.handle.policy_state.remote()
+        state: Any = self.lead.handle.policy_state.remote()
         ray.wait([state], fetch_local=False)
         return state
 
@@ -351,12 +351,3 @@ class LearnerGroup:
     def export(self, target: Any) -> Any:
         """Learner 0 writes the final policy as a Hugging Face folder."""
         return self.roster.gather([(self.lead, self.lead.handle.export.remote(target))])[0]
-
-
-def split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
-    """``items`` in ``parts`` contiguous slices whose sizes differ by at most one (larger ones first)."""
-    size, larger = divmod(len(items), parts)
-    bounds = [0]
-    for part in range(parts):
-        bounds.append(bounds[-1] + size + (part < larger))
-    return [items[start:end] for start, end in itertools.pairwise(bounds)]

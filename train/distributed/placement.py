@@ -6,9 +6,10 @@ room for all its parts at once or none. Plain Python: ``describe`` prints the sa
 is not there (docs/scaling.md shows it for 1x8 and 4x8 GPUs).
 """
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from train.config import TrainConfig
 
@@ -140,6 +141,15 @@ def plan_placement(config: TrainConfig) -> PlacementPlan:
 def episodes_per_worker(config: TrainConfig) -> int:
     """The most episodes one rollout worker generates per step (the batch split as evenly as it goes)."""
     return math.ceil(config.trajectories_per_step / config.ray.num_rollout_workers)
+
+
+def split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
+    """``items`` in ``parts`` contiguous slices whose sizes differ by at most one (larger ones first)."""
+    size, larger = divmod(len(items), parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + size + (part < larger))
+    return [items[start:end] for start, end in itertools.pairwise(bounds)]
 
 
 def _duties(config: TrainConfig) -> dict[str, str]:

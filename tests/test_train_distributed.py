@@ -1,0 +1,150 @@
+"""The Ray path's plain parts, without a cluster: the ray config section, the placement map, the batch split,
+the workers' seeds, and that nothing imports ray unless a run asks for it."""
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from searchgym.paths import REPO_ROOT
+from train.config import TrainConfig, config_help, load_config
+from train.config_io import ConfigError
+from train.distributed.actors import worker_seed
+from train.distributed.placement import episodes_per_worker, plan_placement, split_evenly
+
+TINY = REPO_ROOT / "configs" / "tiny.yaml"
+SEARCH_R1_PPO = REPO_ROOT / "configs" / "search_r1_3b_ppo.yaml"
+
+
+def tiny(*overrides: str) -> TrainConfig:
+    return load_config(TINY, ["ray.enabled=true", *overrides])
+
+
+def test_the_ray_section_is_off_by_default_and_documented() -> None:
+    assert not load_config(TINY).ray.enabled
+    help_text = config_help()
+    for key in ("ray.enabled", "ray.address", "ray.num_rollout_workers", "ray.num_learners", "ray.colocate"):
+        assert f"  {key} (" in help_text, key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ray.num_learners=0"], "ray.num_learners must be >= 1"),
+        (["ray.num_retriever_replicas=-1"], "ray.num_retriever_replicas must be >= 0"),
+        (["ray.cpus_per_learner=0"], "ray.cpus_per_learner must be > 0"),
+        (["ray.gpus_per_learner=1.5"], "use a whole number"),
+        (["ray.address= "], "ray.address must be local, auto or a cluster address"),
+        (["ray.colocate=true", "ray.num_rollout_workers=2"], "set ray.num_rollout_workers (2) equal to"),
+        (
+            ["ray.colocate=true", "ray.gpus_per_learner=1"],
+            "set ray.gpus_per_rollout_worker and ray.gpus_per_learner to the same value",
+        ),
+        (["ray.num_learners=3"], "make it a multiple of ray.num_learners"),
+        (["retriever.url=http://127.0.0.1:8000"], "set ray.num_retriever_replicas=0 to use the server"),
+        (["rollout.backend=vllm", "system.device=auto"], "set ray.gpus_per_rollout_worker=1"),
+        (["system.device=cuda"], "set ray.gpus_per_learner=1"),
+    ],
+)
+def test_bad_ray_settings_name_the_keys_to_change(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny(*overrides)
+
+
+def test_cross_section_checks_apply_only_to_ray_runs() -> None:
+    config = load_config(TINY, ["ray.num_learners=3", "retriever.url=http://127.0.0.1:8000"])
+    assert config.ray.num_learners == 3 and not config.ray.enabled
+
+
+def test_placement_of_the_tiny_run_on_a_cpu_box() -> None:
+    plan = plan_placement(
+        tiny("ray.num_rollout_workers=2", "ray.num_retriever_replicas=2", "ray.num_learners=2")
+    )
+    assert plan.bundles == ({"CPU": 1.0},) * 6
+    assert [place.bundle for place in plan.learners] == [0, 1]
+    assert [place.bundle for place in plan.rollout_workers] == [2, 3]
+    assert [place.bundle for place in plan.retriever_replicas] == [4, 5]
+    assert (plan.cpus, plan.gpus) == (6.0, 0.0)
+    described = plan.describe()
+    assert "placement: 6 bundles (PACK), 6 CPUs and 0 GPUs in all" in described
+    assert "policy + critic + reference; data-parallel over torch.distributed gloo" in described
+    assert "hf generation of <= 4 episodes a step; searches the 2 replicas in turn" in described
+
+
+def test_placement_on_one_node_of_eight_gpus_keeps_the_parts_apart() -> None:
+    config = load_config(
+        SEARCH_R1_PPO,
+        [
+            "ray.enabled=true",
+            "retriever.url=null",
+            "ray.num_learners=4",
+            "ray.gpus_per_learner=1",
+            "ray.num_rollout_workers=4",
+            "ray.gpus_per_rollout_worker=1",
+            "ray.num_retriever_replicas=2",
+            "ray.cpus_per_retriever_replica=4",
+        ],
+    )
+    plan = plan_placement(config)
+    assert plan.gpus == 8 and plan.cpus == 16
+    assert {place.gpus for place in (*plan.learners, *plan.rollout_workers)} == {1.0}
+    assert len({place.bundle for place in (*plan.learners, *plan.rollout_workers)}) == 8
+    assert "nccl" in plan.describe() and "vllm generation of <= 128 episodes a step" in plan.describe()
+
+
+def test_colocated_placement_shares_each_gpu_between_a_learner_and_a_rollout_worker() -> None:
+    config = load_config(
+        SEARCH_R1_PPO,
+        [
+            "ray.enabled=true",
+            "ray.num_retriever_replicas=0",
+            "ray.num_learners=32",
+            "ray.num_rollout_workers=32",
+            "ray.gpus_per_learner=1",
+            "ray.gpus_per_rollout_worker=1",
+            "ray.colocate=true",
+        ],
+    )
+    plan = plan_placement(config)
+    assert len(plan.bundles) == 32 and plan.gpus == 32
+    for learner, worker in zip(plan.learners, plan.rollout_workers, strict=True):
+        assert learner.bundle == worker.bundle and learner.gpus == worker.gpus == 0.5
+    assert "searches http://127.0.0.1:8000/retrieve itself" in plan.describe()
+
+
+@given(items=st.lists(st.integers(), max_size=40), parts=st.integers(min_value=1, max_value=9))
+def test_split_evenly_keeps_order_and_balances(items: list[int], parts: int) -> None:
+    slices = split_evenly(items, parts)
+    assert len(slices) == parts
+    assert [item for part in slices for item in part] == items
+    assert max(map(len, slices)) - min(map(len, slices)) <= 1
+
+
+def test_each_worker_gets_at_most_its_share_of_a_step() -> None:
+    config = tiny("ray.num_rollout_workers=3")  # 8 episodes a step: 3, 3 and 2
+    assert episodes_per_worker(config) == 3
+    assert [len(part) for part in split_evenly(list(range(8)), 3)] == [3, 3, 2]
+
+
+def test_a_lone_worker_samples_the_single_process_stream_and_several_draw_their_own() -> None:
+    assert (
+        worker_seed(7, 3, index=0, num_workers=1) == 7 * 1_000_003 + 3
+    )  # train.search_rollout.SearchRollout
+    seeds = {worker_seed(7, step, index=i, num_workers=4) for step in range(5) for i in range(4)}
+    assert len(seeds) == 20
+
+
+def test_nothing_imports_ray_unless_a_run_asks_for_it() -> None:
+    code = (
+        "import sys\n"
+        "import searchgym.cli, train.search_rollout, train.loop, train.learner\n"
+        "import train.distributed.actors, train.distributed.placement, train.distributed.data_parallel\n"
+        "print('ray' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
