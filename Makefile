@@ -11,11 +11,12 @@ TORCH := torch==2.13.0
 
 venv: $(STAMP)
 
+# The ray extra is part of the test environment, so that CI runs the Ray tests on a local cluster.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dense,dev]"
+	$(BIN)/pip install -q -e ".[dense,dev,ray]"
 	touch $@
 
 lint: $(STAMP)
