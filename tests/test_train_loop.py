@@ -129,7 +129,7 @@ def test_run_folder_holds_logs_samples_checkpoints_and_an_hf_export(tmp_path: Pa
     for phase in ("rollout", "experience", "update", "generation", "retrieval"):
         assert f"time/{phase}" in rows[1], phase
     sample = (result.run_dir / "samples" / "step_00000004.txt").read_text()
-    assert "--- policy" in sample and "--- environment" in sample and "w7 w3" in sample
+    assert "== policy turn 0" in sample and "== observation turn 0" in sample and "w7 w3" in sample
     assert list((result.run_dir / "tensorboard").iterdir())
     assert (result.run_dir / "curves.png").stat().st_size > 10_000
     kept = CheckpointManager(result.run_dir / "checkpoints", keep_last=2).checkpoints()

@@ -14,6 +14,7 @@ from typing import Any
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from policy.render import render_trajectory
 from policy.trajectory import Trajectory
 from searchgym.errors import SearchgymError
 from train.config import TrainConfig
@@ -111,27 +112,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def render_episode(trajectory: Trajectory, tokenizer: PreTrainedTokenizerBase) -> str:
-    """An episode as text: the prompt, then the response with policy and environment spans labelled."""
-    lines = [
-        f"=== example {trajectory.example_id}  reward {trajectory.reward}  "
-        f"answered {trajectory.terminated}  truncated {trajectory.truncated}",
-        "--- prompt",
-        tokenizer.decode(trajectory.prompt_ids),
-    ]
-    start = 0
-    ids, mask = trajectory.response_ids, trajectory.loss_mask
-    for end in range(1, len(ids) + 1):
-        if end == len(ids) or mask[end] != mask[start]:
-            lines.append("--- policy" if mask[start] else "--- environment")
-            lines.append(tokenizer.decode(ids[start:end]))
-            start = end
-    return "\n".join(lines) + "\n"
-
-
 def render_samples(trajectories: Sequence[Trajectory], tokenizer: PreTrainedTokenizerBase, count: int) -> str:
     """The first ``count`` episodes rendered one after the other."""
-    return "\n".join(render_episode(t, tokenizer) for t in trajectories[:count])
+    return "\n\n".join(render_trajectory(t, tokenizer) for t in trajectories[:count]) + "\n"
 
 
 def _keep_rows_up_to(path: Path, step: int) -> None:
