@@ -52,8 +52,9 @@ class Bm25Retriever:
         self._store = store
         self._stemmer = Stemmer.Stemmer(params.stemmer)
         self._model = bm25s.BM25.load(str(index_dir / BM25_SUBDIR), mmap=True, backend="numba")
-        # The numba scorer compiles on first use; pay that here rather than on the first request.
-        self.search(["warm up"], 1)
+        # The numba scorer compiles on first use (and Arrow loads its kernels): pay that here, not on the
+        # first request, with a query that surely matches: the first document's own text.
+        self.search([store.passages([0], [0.0])[0].contents], 1)
 
     @property
     def num_documents(self) -> int:

@@ -222,6 +222,7 @@ class DenseRetriever:
         self._store = store
         self._encoder = encoder
         self._vectors = vector_search
+        self.search(["warm up"], 1)  # first calls load kernels (torch, Arrow): not on the first request
 
     @property
     def num_documents(self) -> int:
