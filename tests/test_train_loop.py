@@ -17,6 +17,7 @@ from train_fixtures import (
 )
 from transformers import AutoModelForCausalLM
 
+from searchgym.errors import SearchgymError
 from train.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
 from train.loop import ExampleSampler, train
 from train.tracking import read_metrics
@@ -196,3 +197,9 @@ def test_bfloat16_autocast_with_activation_checkpointing_trains(tmp_path: Path) 
     last = result.history[-1]
     assert last["actor/optimizer_steps"] == 2 and last["actor/skipped_steps"] == 0
     assert last["critic/optimizer_steps"] == 2 and last["critic/skipped_steps"] == 0
+
+
+def test_a_fresh_run_refuses_a_folder_with_old_checkpoints(tmp_path: Path) -> None:
+    run_toy(tmp_path, "total_steps=1", "dev.every=0")
+    with pytest.raises(SearchgymError, match="checkpoints of an earlier run"):
+        run_toy(tmp_path, "total_steps=1", "dev.every=0", "checkpoint.resume=false")

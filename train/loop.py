@@ -262,7 +262,14 @@ def _start_run(
 
 def _resume(run: _Run) -> int:
     """Load the newest checkpoint when resuming is on and there is one; return the step to continue from."""
-    latest = run.checkpoints.latest() if run.config.checkpoint.resume else None
+    latest = run.checkpoints.latest()
+    if latest is not None and not run.config.checkpoint.resume:
+        # A fresh run would interleave its checkpoints with the old run's, and a later resume would pick
+        # whichever has the higher step.
+        raise SearchgymError(
+            f"{run.checkpoints.directory} holds checkpoints of an earlier run and checkpoint.resume=false: "
+            "set another logging.run_dir, delete that folder, or resume with checkpoint.resume=true"
+        )
     if latest is None:
         return 0
     state = run.checkpoints.load(latest, models=run.models, optimizers=run.optimizers)
