@@ -83,12 +83,22 @@ def build_index(spec: IndexSpec) -> Manifest:
         documents = read_corpus(spec.corpus, progress=spec.progress, desc=f"indexing ({spec.method})")
         manifest = _build_backend(spec, documents, building, corpus)
         manifest.save(building)
-        if spec.out.exists():
-            shutil.rmtree(spec.out)
-        building.rename(spec.out)
+        _move_into_place(building, spec.out)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return manifest
+
+
+def _move_into_place(building: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    try:
+        building.rename(out)
+    except OSError:
+        # Another process finished an index at ``out`` in the meantime (two jobs ensuring the same
+        # default index): keep theirs, which is complete since its manifest is written last.
+        if not (out / MANIFEST_NAME).is_file():
+            raise
 
 
 def ensure_index(spec: IndexSpec) -> Manifest:
