@@ -36,6 +36,9 @@ from searchgym.errors import SearchgymError
 
 CONTEXT_BUDGET = "context_budget"
 OBSERVATION_BUDGET = "observation_budget"
+# Seeds of successive generation calls are this far apart, so that per-request seeds derived from them
+# (vLLM seeds request i with seed + i) never repeat across the calls of a run.
+_SEED_STRIDE = 1 << 20
 
 
 class RolloutError(SearchgymError):
@@ -132,7 +135,7 @@ class _RunSettings:
         self.calls += 1
         if self.sampling.seed is None:
             return self.sampling
-        return replace(self.sampling, seed=self.sampling.seed + self.calls - 1)
+        return replace(self.sampling, seed=self.sampling.seed + (self.calls - 1) * _SEED_STRIDE)
 
 
 @dataclass(slots=True)
