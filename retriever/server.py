@@ -129,8 +129,8 @@ class RetrievalService:
             if not_done:
                 raise RequestError(503, f"no result within {self.config.request_timeout_s} s; retry later")
             for position, future in zip(misses, futures, strict=True):
-                results[position] = future.result()
-                self._cache.put((queries[position], k), future.result())
+                results[position] = passages = future.result()
+                self._cache.put((queries[position], k), passages)
         return [passages or [] for passages in results]
 
     def snapshot(self) -> dict[str, Any]:
