@@ -113,8 +113,9 @@ def main() -> None:
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM's KV cache (CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    retriever = bm25_wiki_mini()
+    # The generator first: vLLM 0.32's CPU start-up fails once numba (BM25's backend) has been imported.
     generator = make_generator(args.backend, args.kv_cache_gib, args.max_context)
+    retriever = bm25_wiki_mini()
     warm_up = generator.tokenizer.encode("Hello", add_special_tokens=False)
     generator.generate([warm_up], SamplingParams(max_new_tokens=4, temperature=0.0))
     print(

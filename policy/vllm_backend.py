@@ -41,6 +41,9 @@ class VLLMGenerator:
         seed: the engine's base seed.
         enforce_eager: skip CUDA-graph / torch.compile capture (faster start, slower steps).
 
+    Build it before numba is imported (opening a BM25 index imports it): vLLM 0.32's CPU start-up scans
+    every loaded module and fails on llvmlite's (docs/policy.md).
+
     Raises:
         VLLMUnavailableError: vLLM is not installed.
     """
