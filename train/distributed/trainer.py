@@ -211,11 +211,17 @@ class RayTrainer:
 
 
 def _worker_seconds(trajectories: Sequence[Trajectory]) -> dict[str, float]:
-    """``time/generation`` and ``time/retrieval``, summed over the rollout workers' episode batches."""
+    """The rollout workers' own timings of the step.
+
+    ``time/generation`` and ``time/retrieval`` are summed over the workers' episode batches (worker-seconds);
+    ``time/rollout_slowest_worker`` is the longest batch (each worker runs one batch a step), so that
+    ``time/rollout`` minus it is what dispatching the rollout and gathering the episodes cost.
+    """
     batches = {id(t.timings): t.timings for t in trajectories}.values()
     return {
         "time/generation": sum(timings.generation for timings in batches),
         "time/retrieval": sum(timings.retrieval for timings in batches),
+        "time/rollout_slowest_worker": max(t.generation + t.retrieval + t.bookkeeping for t in batches),
     }
 
 
