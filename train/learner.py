@@ -16,6 +16,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from policy.logprobs import sequence_logprobs
 from train import algorithms
 from train.batch import Batch, Experience
 from train.config import TrainConfig
@@ -118,20 +119,15 @@ def make_experience(
     share = data_parallel.shard(batch)
     models.policy.eval()
     with compute_dtype_context(config, device):
-        old_logprobs = torch.cat(
-            [
-                response_logprobs(models.policy, micro, temperature=temperature)[0]
-                for micro in _micro_batches(share, size)
-            ]
-        )
+        # Scores only: no entropy here, it would cost a pass over (B, R, V) probabilities for nothing.
+        old_logprobs = sequence_logprobs(
+            models.policy, share.sequences, temperature=temperature, micro_batch_size=size
+        ).logprobs
         ref_logprobs = None
         if models.reference is not None:
-            ref_logprobs = torch.cat(
-                [
-                    response_logprobs(models.reference, micro, temperature=temperature)[0]
-                    for micro in _micro_batches(share, size)
-                ]
-            )
+            ref_logprobs = sequence_logprobs(
+                models.reference, share.sequences, temperature=temperature, micro_batch_size=size
+            ).logprobs
             ref_logprobs = data_parallel.gather(ref_logprobs, size=batch.size)
         values = None
         if models.critic is not None:
