@@ -265,3 +265,13 @@ def test_render_shows_each_span_with_its_mask(tiny):
     ]
     assert "mask 1" in headers[1] and "mask 0" in headers[2]
     assert SEARCH_THEN_ANSWER[1] in view and "reward 1.0" in headers[-1]
+
+
+def test_plain_prompt_style_conditions_on_the_raw_env_prompt(tiny):
+    env = make_env(tiny.tokenizer, num_envs=1, prompt_style="plain", max_turns=1, max_searches=0)
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0)
+    (trajectory,) = run_episodes(tiny, env, [FRANCE], sampling=sampling)
+    prompt = tiny.tokenizer.decode(trajectory.prompt_ids)
+    assert prompt.endswith("\n\nAssistant:") and f"Question: {FRANCE.question}" in prompt
+    assert "<|im_start|>" not in prompt
+    assert len(trajectory.response_ids) == 4 and trajectory.truncated
