@@ -1,79 +1,90 @@
-"""``make demo`` until the trainer lands: index wiki-mini, serve it, and ask it three dev questions.
+"""``make demo``: SmolLM2-135M learns to search wiki-mini with BM25 on a CPU, then a before/after table.
 
-Builds the BM25 index of the bundled wiki-mini corpus once (cached in ``indexes/``), starts
-``searchgym serve`` on a free loopback port, sends one Search-R1-style ``POST /retrieve`` with three
-questions and prints the titles of the top 3 passages of each, then stops the server.
+The job is ``searchgym train --config configs/demo.yaml`` (a supervised warm-start on protocol traces, then
+GRPO; see the preset's comments); this module runs it and prints, from the run folder, the dev scores of
+the untrained policy, after the warm-start and after RL, and the training reward of each step.
+Extra arguments are config overrides (``python -m searchgym.demo total_steps=8``).
 """
 
 import json
-import subprocess
+import logging
 import sys
-import tempfile
+import time
 from pathlib import Path
-from typing import IO, Any
 
-import requests
-
-from retriever.index import IndexSpec, ensure_index
 from searchgym.errors import SearchgymError
-from searchgym.paths import QA_DIR, REPO_ROOT, WIKI_MINI_CORPUS
+from searchgym.paths import REPO_ROOT
+from train.config import load_config
+from train.warmstart import WARMSTART_REPORT
 
-INDEX_DIR = REPO_ROOT / "indexes" / "wiki-mini-bm25"
-NUM_QUESTIONS = 3
-TOPK = 3
-
-
-def start_server(index_dir: Path, log: IO[bytes]) -> tuple[subprocess.Popen[str], str]:
-    """Start ``searchgym serve`` on a free port; return the process and its /retrieve URL once it listens."""
-    command = [sys.executable, "-m", "searchgym", "serve", "--index", str(index_dir), "--port", "0"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-    announcement = server.stdout.readline() if server.stdout else ""
-    if " at http://" not in announcement:
-        server.wait(timeout=30)
-        log.seek(0)
-        raise SearchgymError(f"the server did not start:\n{log.read().decode(errors='replace')}")
-    return server, announcement.rsplit(" at ", 1)[1].strip()
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+# (label, key in the dev scores, format)
+DEV_COLUMNS = (
+    ("dev EM", "em", "{:.1%}"),
+    ("dev F1", "f1", "{:.1%}"),
+    ("valid answers", "answered", "{:.0%}"),
+    ("searches / question", "searches", "{:.2f}"),
+)
 
 
-def first_question_of_each_source(path: Path, count: int) -> list[dict[str, Any]]:
-    """The first ``count`` examples of ``path`` that come from different datasets (PopQA, HotpotQA, ...)."""
-    examples: dict[str, dict[str, Any]] = {}
-    with path.open() as lines:
-        for line in lines:
-            example = json.loads(line)
-            examples.setdefault(example["source"].split("/")[0], example)
-            if len(examples) == count:
-                break
-    return list(examples.values())
+def dev_scores_by_stage(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Dev scores of the untrained policy (when a warm-start ran), at RL step 0 and after the last step."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    dev_rows = [row for row in rows if any(key.startswith("dev/") for key in row)]
+    if not dev_rows:
+        raise SearchgymError(f"{run_dir}/metrics.jsonl has no dev scores: set dev.before_training=true")
+
+    def scores(row: dict[str, float]) -> dict[str, float]:
+        return {key.removeprefix("dev/"): value for key, value in row.items() if key.startswith("dev/")}
+
+    stages = {}
+    warm_start = run_dir / WARMSTART_REPORT
+    if warm_start.exists() and "dev_untrained" in (report := json.loads(warm_start.read_text())):
+        stages["untrained"] = report["dev_untrained"]
+    stages["after warm-start" if stages else "untrained"] = scores(dev_rows[0])
+    stages[f"after RL (step {dev_rows[-1]['step']})"] = scores(dev_rows[-1])
+    return stages
 
 
-def main() -> int:
-    """Run the demo; returns the process exit status."""
-    manifest = ensure_index(IndexSpec(corpus=WIKI_MINI_CORPUS, out=INDEX_DIR, method="bm25"))
-    print(
-        f"index: {INDEX_DIR.relative_to(REPO_ROOT)} ({manifest.method}, {manifest.num_documents} documents)"
-    )
-    examples = first_question_of_each_source(QA_DIR / "dev.jsonl", NUM_QUESTIONS)
-    payload = {"queries": [example["question"] for example in examples], "topk": TOPK, "return_scores": True}
-    with tempfile.TemporaryFile() as log:
-        server, url = start_server(INDEX_DIR, log)
-        try:
-            print(f"server: {url}\nPOST {json.dumps(payload, ensure_ascii=False)}\n")
-            result = requests.post(url, json=payload, timeout=60).json()["result"]
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-    for example, hits in zip(examples, result, strict=True):
-        print(f"Q: {example['question']}  (gold: {' / '.join(example['golden_answers'][:3])})")
-        for rank, hit in enumerate(hits, start=1):
-            title = hit["document"]["contents"].split("\n", 1)[0].strip('"')
-            print(f"   {rank}. {title}  (score {hit['score']:.2f})")
+def train_rewards(run_dir: Path) -> list[float]:
+    """The mean training reward of each RL step."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["rollout/reward"] for row in rows if "rollout/reward" in row]
+
+
+def summary_table(run_dir: Path) -> str:
+    """The dev scores by stage as a markdown table, and the reward curve in one line."""
+    stages = dev_scores_by_stage(run_dir)
+    lines = [
+        "| | " + " | ".join(stages) + " |",
+        "|---" * (len(stages) + 1) + "|",
+    ]
+    for label, key, form in DEV_COLUMNS:
+        cells = [form.format(scores[key]) if key in scores else "-" for scores in stages.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    rewards = train_rewards(run_dir)
+    lines.append(f"\ntrain reward per RL step: {' '.join(f'{reward:.3f}' for reward in rewards)}")
+    return "\n".join(lines)
+
+
+def main(overrides: list[str]) -> int:
+    """Train with the demo preset and print the summary; returns the process exit status."""
+    from train.search_rollout import run_search_training  # torch and transformers load here
+
+    logging.basicConfig(level=logging.INFO, format="demo: %(message)s")
+    config = load_config(DEMO_CONFIG, overrides)
+    started = time.perf_counter()
+    result = run_search_training(config)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"\nSmolLM2-135M-Instruct on wiki-mini, first {config.data.dev_limit} dev questions, greedy:\n")
+    print(summary_table(result.run_dir))
+    print(f"\n{minutes:.1f} min; run folder: {result.run_dir} (metrics.jsonl, curves.png, samples/, final/)")
     return 0
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(main(sys.argv[1:]))
     except SearchgymError as error:
         print(f"demo: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -238,6 +238,31 @@ class BatchConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WarmStartConfig:
+    """An optional supervised warm-start before RL, on protocol traces of training questions.
+
+    Each trace is a real episode: `<search> question </search>`, the retrieved passages, `<answer> gold
+    </answer>`; the loss covers the policy tokens only. It gives a model that never answers in the protocol
+    a non-zero reward to start from; the paper presets leave it off.
+    """
+
+    examples: int = 0
+    """Training questions turned into traces (the first ones of data.train); 0 turns the warm-start off."""
+    epochs: int = 1
+    """Passes over the traces."""
+    lr: float = 1e-5
+    """AdamW learning rate (constant)."""
+    batch_size: int = 8
+    """Traces per optimizer step."""
+
+    def __post_init__(self) -> None:
+        _require(self.examples >= 0, f"warmstart.examples must be >= 0, got {self.examples}")
+        _require(self.epochs >= 1, f"warmstart.epochs must be >= 1, got {self.epochs}")
+        _require(self.batch_size >= 1, f"warmstart.batch_size must be >= 1, got {self.batch_size}")
+        _require_positive("warmstart", lr=self.lr)
+
+
+@dataclass(frozen=True, kw_only=True)
 class DevConfig:
     """The dev-set evaluation during training (greedy decoding, exact match)."""
 
@@ -349,6 +374,8 @@ class TrainConfig:
     """Optimizers and schedules."""
     batch: BatchConfig = field(default_factory=BatchConfig)
     """Batch, mini-batch and micro-batch sizes."""
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    """Optional supervised warm-start on protocol traces before RL."""
     dev: DevConfig = field(default_factory=DevConfig)
     """Dev evaluation during training."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

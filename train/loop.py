@@ -212,7 +212,7 @@ def _training_step(run: _Run, rollout: RolloutFunc, step: int, tracker: Tracker)
         repeated = [example for example in examples for _ in range(config.rollout.samples_per_prompt)]
         trajectories = rollout(models.policy, run.tokenizer, repeated, step)
     with timer.phase("experience"):
-        batch = collate(trajectories, pad_token_id=_pad_token_id(run.tokenizer), device=run.device)
+        batch = collate(trajectories, pad_token_id=pad_token_id(run.tokenizer), device=run.device)
         experience = make_experience(models, batch, config)
     with timer.phase("update"):
         stats = update(models, run.optimizers, experience, config)
@@ -409,7 +409,8 @@ def _rollout_timings(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     }
 
 
-def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise SearchgymError(

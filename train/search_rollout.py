@@ -24,7 +24,8 @@ from retriever.index import IndexSpec, ensure_index, load_retriever
 from searchgym import paths
 from searchgym.errors import SearchgymError
 from train.config import RetrieverConfig, TrainConfig
-from train.loop import TrainResult, resolve_device, train
+from train.loop import TrainResult, resolve_device, seed_everything, train
+from train.warmstart import warm_started_policy
 
 TINY_RANDOM = "tiny-random-llama"
 """``model.path`` of a tiny randomly initialised model with the SmolLM2 tokenizer (smoke tests)."""
@@ -170,6 +171,9 @@ def make_generator(config: TrainConfig) -> Generator | None:
 
 def run_search_training(config: TrainConfig) -> TrainResult:
     """The whole job of ``searchgym train``: load data, policy and retriever, train, evaluate on dev."""
+    if config.system.torch_threads is not None:
+        torch.set_num_threads(config.system.torch_threads)
+    seed_everything(config.system.seed)
     train_examples = load_dataset(config.data.train, limit=config.data.train_limit)
     dev_examples = load_dataset(config.data.dev, limit=config.data.dev_limit)
     policy = load_training_policy(config)
@@ -184,8 +188,17 @@ def run_search_training(config: TrainConfig) -> TrainResult:
             tokenizer=policy.tokenizer,
         )
 
-    rollout = SearchRollout(config, vector_env(config.trajectories_per_step), make_generator(config))
     dev_eval = SearchDevEval(config, dev_examples, vector_env(min(len(dev_examples), config.dev.batch_size)))
+    if config.warmstart.examples > 0:
+        policy = warm_started_policy(
+            config,
+            policy,
+            make_env=vector_env,
+            budgets=token_budgets(config),
+            train_examples=train_examples,
+            dev_eval=dev_eval,
+        )
+    rollout = SearchRollout(config, vector_env(config.trajectories_per_step), make_generator(config))
     return train(
         config,
         policy=policy.model,

@@ -1,0 +1,115 @@
+"""Does SmolLM2-135M learn to search wiki-mini? Train with a preset; compare with its one-shot RAG baseline.
+
+Trains with ``configs/demo.yaml`` (plus any ``key=value`` overrides), then runs ``searchgym eval --mode rag``
+with the untrained model on the same dev questions (the first ``data.dev_limit``) and the same top-k.
+Prints the dev table by stage (untrained, after warm-start, after RL, RAG baseline), the per-step training
+curve (reward, response tokens, searches) and the wall time, and draws the curves to ``--plot``.
+
+    .venv/bin/python benchmarks/learning_wiki_mini.py --plot docs/learning_wiki_mini.png
+"""
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from env import load_dataset
+from searchgym.demo import DEMO_CONFIG, dev_scores_by_stage, summary_table
+from train.config import TrainConfig, load_config
+from train.search_rollout import run_search_training
+
+
+def rag_baseline(config: TrainConfig, out: Path) -> dict[str, float]:
+    """The untrained model's one-shot RAG scores on the run's dev questions (``searchgym eval --mode rag``).
+
+    The trainer evaluates the first ``data.dev_limit`` dev questions, while ``eval --limit`` samples; the
+    same questions are written to a file for the baseline.
+    """
+    questions = out / "dev_questions.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    with questions.open("w") as file:
+        for example in load_dataset(config.data.dev, limit=config.data.dev_limit):
+            record = {
+                "id": example.id,
+                "question": example.question,
+                "golden_answers": example.golden_answers,
+            }
+            file.write(json.dumps(record) + "\n")
+    command = [
+        *(sys.executable, "-m", "searchgym", "eval", "--mode", "rag", "--no-progress"),
+        *("--benchmarks", str(questions), "--topk", str(config.env.topk)),
+        *("--max-new-tokens", str(config.rollout.max_new_tokens), "--out", str(out / "rag")),
+    ]
+    subprocess.run(command, check=True)
+    return json.loads((out / "rag" / "results.json").read_text())["average"]
+
+
+def step_curves(run_dir: Path) -> list[dict[str, float]]:
+    """The metrics rows of the RL steps (those with a training reward)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "rollout/reward" in row]
+
+
+def plot(run_dir: Path, rag: dict[str, float], target: Path) -> None:
+    """Training reward, response tokens and searches per step; dev EM by stage beside the RAG baseline."""
+    rows = step_curves(run_dir)
+    steps = [row["step"] for row in rows]
+    stages = dev_scores_by_stage(run_dir)
+    figure, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    for axis, key, title in zip(
+        axes[:3],
+        ("rollout/reward", "rollout/response_tokens", "rollout/searches"),
+        ("train reward (F1)", "response tokens / episode", "searches / episode"),
+        strict=True,
+    ):
+        axis.plot(steps, [row[key] for row in rows], marker="o")
+        axis.set_title(title)
+        axis.set_xlabel("RL step")
+    names = [*stages, "RAG baseline"]
+    axes[3].bar(names, [100 * s["em"] for s in stages.values()] + [100 * rag["exact_match"]])
+    axes[3].set_title("dev EM (%)")
+    axes[3].tick_params(axis="x", labelrotation=20)
+    figure.tight_layout()
+    figure.savefig(target, dpi=90)
+
+
+def main() -> None:
+    """Train, evaluate the baseline, print and plot."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    parser.add_argument("--run-dir", default="runs/bench/learning_wiki_mini")
+    parser.add_argument("--plot", type=Path, default=None, help="write the curves to this PNG")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = load_config(DEMO_CONFIG, [f"logging.run_dir={args.run_dir}", *args.overrides])
+    started = time.perf_counter()
+    run_search_training(config)
+    train_minutes = (time.perf_counter() - started) / 60
+    rag = rag_baseline(config, config.run_dir / "baseline")
+    print(f"\n{summary_table(config.run_dir)}")
+    print(
+        f"RAG baseline (untrained, top-{config.env.topk}): EM {rag['exact_match']:.1%}, F1 {rag['f1']:.1%}, "
+        f"valid answers {rag['valid_answer_rate']:.0%}"
+    )
+    print("\nstep | reward | response tokens | searches | answered")
+    for row in step_curves(config.run_dir):
+        print(
+            f"{row['step']:4.0f} | {row['rollout/reward']:.3f} | {row['rollout/response_tokens']:15.1f} | "
+            f"{row['rollout/searches']:8.2f} | {row['rollout/answered']:.2f}"
+        )
+    print(f"\ntraining job (warm-start, RL, dev evaluations): {train_minutes:.1f} min")
+    if args.plot is not None:
+        plot(config.run_dir, rag, args.plot)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
