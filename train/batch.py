@@ -114,7 +114,8 @@ class Experience:
 
     Attributes:
         batch: the episodes.
-        old_logprobs: (B, R) log-probs of the response under the policy that sampled it.
+        old_logprobs: (B, R) log-probs of the response under the policy that sampled it, or None when the
+            update is on-policy (``TrainConfig.update_is_on_policy``) and reads them off its own forward pass.
         advantages: (B, R) per-token advantages, 0 off the loss mask.
         ref_logprobs: (B, R) log-probs under the frozen reference, or None without a KL term.
         values: (B, R) the critic's values at collection time (PPO), else None.
@@ -122,7 +123,7 @@ class Experience:
     """
 
     batch: Batch
-    old_logprobs: Tensor
+    old_logprobs: Tensor | None
     advantages: Tensor
     ref_logprobs: Tensor | None = None
     values: Tensor | None = None

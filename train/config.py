@@ -424,6 +424,17 @@ class TrainConfig:
         return self.kl.coef > 0
 
     @property
+    def update_is_on_policy(self) -> bool:
+        """The update takes a single optimizer step on the batch (one epoch, one mini-batch).
+
+        Its policy is then the one that sampled the batch, so the update's own forward pass supplies the
+        old log-probs and the experience phase skips a whole forward pass of the policy — unless a KL reward
+        penalty needs them before the advantages.
+        """
+        kl_in_reward = self.uses_reference and self.kl.placement == "reward"
+        return self.algorithm.ppo_epochs == 1 and self.mini_batches_per_step == 1 and not kl_in_reward
+
+    @property
     def trajectories_per_step(self) -> int:
         """Episodes per training step."""
         return self.batch.prompts_per_step * self.rollout.samples_per_prompt

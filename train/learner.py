@@ -119,10 +119,13 @@ def make_experience(
     share = data_parallel.shard(batch)
     models.policy.eval()
     with compute_dtype_context(config, device):
-        # Scores only: no entropy here, it would cost a pass over (B, R, V) probabilities for nothing.
-        old_logprobs = sequence_logprobs(
-            models.policy, share.sequences, temperature=temperature, micro_batch_size=size
-        ).logprobs
+        old_logprobs = None
+        if not config.update_is_on_policy:
+            # Scores only: no entropy here, it would cost a pass over (B, R, V) probabilities for nothing.
+            old_logprobs = sequence_logprobs(
+                models.policy, share.sequences, temperature=temperature, micro_batch_size=size
+            ).logprobs
+            old_logprobs = data_parallel.gather(old_logprobs, size=batch.size)
         ref_logprobs = None
         if models.reference is not None:
             ref_logprobs = sequence_logprobs(
@@ -136,7 +139,6 @@ def make_experience(
                 [response_values(models.critic, micro) for micro in _micro_batches(share, size)]
             )
             values = data_parallel.gather(values, size=batch.size)
-    old_logprobs = data_parallel.gather(old_logprobs, size=batch.size)
     advantages, returns = compute_advantages(
         batch, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values, config=config
     )
@@ -153,7 +155,7 @@ def make_experience(
 def compute_advantages(
     batch: Batch,
     *,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     ref_logprobs: Tensor | None,
     values: Tensor | None,
     config: TrainConfig,
@@ -172,7 +174,7 @@ def compute_advantages(
         )
         return per_episode.unsqueeze(-1) * mask, None
     kl_penalty = None
-    if ref_logprobs is not None and config.kl.placement == "reward":
+    if ref_logprobs is not None and old_logprobs is not None and config.kl.placement == "reward":
         kl_penalty = algorithms.kl_estimate(old_logprobs, ref_logprobs, estimator=config.kl.estimator)
     rewards = algorithms.token_level_rewards(
         batch.scores, mask, kl_penalty=kl_penalty, kl_coef=config.kl.coef
@@ -330,9 +332,11 @@ def _actor_step(
         logprobs, entropy = response_logprobs(
             models.policy, micro.batch, temperature=config.rollout.temperature
         )
+        # On-policy (one optimizer step on this batch): the sampling policy is the one being updated.
+        old_logprobs = logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs
         surrogate = algorithms.clipped_policy_loss(
             logprobs,
-            micro.old_logprobs,
+            old_logprobs,
             micro.advantages,
             mask,
             clip_eps=algorithm.clip_eps,

@@ -360,20 +360,21 @@ def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
 
 
 def experience_metrics(experience: Experience, config: TrainConfig) -> dict[str, float]:
-    """``experience/...``: KL to the reference, value and return means, sampler log-prob mismatch."""
-    mask = experience.batch.loss_mask
+    """``experience/...``: KL to the reference, value and return means, sampler log-prob mismatch.
+
+    An on-policy update computes no old log-probs here; its KL is then ``actor/kl_loss``.
+    """
+    mask, old_logprobs = experience.batch.loss_mask, experience.old_logprobs
     metrics = {"experience/advantage_abs": float(algorithms.masked_mean(experience.advantages.abs(), mask))}
-    if experience.ref_logprobs is not None:
-        kl = algorithms.kl_estimate(
-            experience.old_logprobs, experience.ref_logprobs, estimator=config.kl.estimator
-        )
+    if experience.ref_logprobs is not None and old_logprobs is not None:
+        kl = algorithms.kl_estimate(old_logprobs, experience.ref_logprobs, estimator=config.kl.estimator)
         metrics["experience/kl"] = float(algorithms.masked_mean(kl, mask))
     if experience.values is not None and experience.returns is not None:
         metrics["experience/value"] = float(algorithms.masked_mean(experience.values, mask))
         metrics["experience/return"] = float(algorithms.masked_mean(experience.returns, mask))
     sampler = experience.batch.sampler_logprobs
-    if sampler is not None:
-        gap = (experience.old_logprobs - sampler).abs()
+    if sampler is not None and old_logprobs is not None:
+        gap = (old_logprobs - sampler).abs()
         metrics["experience/sampler_logprob_gap"] = float(
             algorithms.masked_mean(gap, experience.batch.policy_mask)
         )
@@ -383,8 +384,8 @@ def experience_metrics(experience: Experience, config: TrainConfig) -> dict[str,
 def step_health(batch: Batch, experience: Experience, stats: UpdateStats, config: TrainConfig) -> StepHealth:
     """The numbers of this step the guards watch."""
     valid = batch.reward_valid
-    kl = None
-    if experience.ref_logprobs is not None:
+    kl = stats.kl_loss  # measured by an on-policy update, which computes no old log-probs beforehand
+    if experience.ref_logprobs is not None and experience.old_logprobs is not None:
         estimate = algorithms.kl_estimate(
             experience.old_logprobs, experience.ref_logprobs, estimator=config.kl.estimator
         )

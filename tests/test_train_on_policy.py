@@ -1,0 +1,61 @@
+"""An on-policy update (one epoch, one mini-batch) reads its old log-probs off its own forward pass."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from train_fixtures import TargetTokenRollout, tiny_model, tiny_tokenizer, toy_examples
+
+from policy.logprobs import sequence_logprobs
+from searchgym.paths import REPO_ROOT
+from train.batch import collate
+from train.config import load_config
+from train.learner import build_optimizers, make_experience, update
+from train.models import build_train_models
+
+SETTINGS = [
+    "batch.prompts_per_step=4",
+    "batch.mini_batch_prompts=4",
+    "batch.micro_batch_size=4",
+    "rollout.samples_per_prompt=2",
+    "optim.actor_lr=1e-2",
+    "optim.critic_lr=1e-2",
+]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["algorithm.name=ppo", "kl.coef=0"], ["algorithm.name=grpo", "kl.coef=0.1", "kl.placement=loss"]],
+)
+def test_skipping_the_old_log_prob_pass_gives_the_same_update(overrides: list[str]) -> None:
+    config = load_config(REPO_ROOT / "configs" / "tiny.yaml", [*SETTINGS, *overrides])
+    assert config.update_is_on_policy
+    torch.manual_seed(1)
+    trajectories = TargetTokenRollout()(tiny_model(), tiny_tokenizer(), toy_examples(8), step=0)
+    batch = collate(trajectories, pad_token_id=0, device="cpu")
+    models = build_train_models(
+        tiny_model(), with_reference=config.uses_reference, with_critic=config.uses_critic
+    )
+    explicit_models = copy.deepcopy(models)
+    experience = make_experience(models, batch, config)
+    assert experience.old_logprobs is None
+    with torch.no_grad():
+        old_logprobs = sequence_logprobs(models.policy, batch.sequences).logprobs
+    explicit = dataclasses.replace(experience, old_logprobs=old_logprobs)
+
+    torch.manual_seed(0)
+    stats = update(models, build_optimizers(models, config), experience, config)
+    torch.manual_seed(0)
+    explicit_stats = update(explicit_models, build_optimizers(explicit_models, config), explicit, config)
+    assert stats.clip_fraction == 0.0 and stats.policy_loss == pytest.approx(explicit_stats.policy_loss)
+    for ours, theirs in zip(models.policy.parameters(), explicit_models.policy.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_several_optimizer_steps_per_batch_score_the_old_log_probs_first() -> None:
+    for overrides in (["algorithm.ppo_epochs=2"], ["batch.mini_batch_prompts=2"]):
+        config = load_config(REPO_ROOT / "configs" / "tiny.yaml", [*SETTINGS, *overrides])
+        assert not config.update_is_on_policy
+    kl_reward = load_config(REPO_ROOT / "configs" / "tiny.yaml", [*SETTINGS, "kl.coef=0.01"])
+    assert kl_reward.kl.placement == "reward" and not kl_reward.update_is_on_policy
