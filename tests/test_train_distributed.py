@@ -5,14 +5,17 @@ import subprocess
 import sys
 
 import pytest
+from env_fixtures import EXAMPLES, FakeRetriever
 from hypothesis import given
 from hypothesis import strategies as st
 
+from env import QAExample, SearchVectorEnv
 from searchgym.paths import REPO_ROOT
 from train.config import TrainConfig, config_help, load_config
 from train.config_io import ConfigError
-from train.distributed.actors import worker_seed
+from train.distributed.actors import RolloutWorker, worker_seed
 from train.distributed.placement import episodes_per_worker, plan_placement, split_evenly
+from train.search_rollout import SearchRollout, load_training_policy
 
 TINY = REPO_ROOT / "configs" / "tiny.yaml"
 SEARCH_R1_PPO = REPO_ROOT / "configs" / "search_r1_3b_ppo.yaml"
@@ -148,3 +151,43 @@ def test_nothing_imports_ray_unless_a_run_asks_for_it() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+@pytest.fixture(scope="module")
+def sampled_rollout() -> tuple[TrainConfig, list[QAExample]]:
+    config = load_config(TINY, ["rollout.max_new_tokens=6"])
+    examples = [example for example in EXAMPLES for _ in range(config.rollout.samples_per_prompt)]
+    return config, examples
+
+
+def test_a_lone_rollout_worker_samples_the_single_process_episodes(
+    sampled_rollout: tuple[TrainConfig, list[QAExample]],
+) -> None:
+    config, examples = sampled_rollout
+    worker = RolloutWorker(
+        config, index=0, num_workers=1, max_episodes=len(examples), retriever=FakeRetriever(), cpus=1
+    )
+    policy = load_training_policy(config)
+    vector_env = SearchVectorEnv(
+        num_envs=len(examples),
+        dataset=None,
+        retriever=FakeRetriever(),
+        config=config.env,
+        tokenizer=policy.tokenizer,
+    )
+    alone = SearchRollout(config, vector_env)(policy.model, policy.tokenizer, examples, step=3)
+    assert [t.response_ids for t in worker.rollout(examples, step=3)] == [t.response_ids for t in alone]
+
+
+def test_two_rollout_workers_sample_distinct_streams(
+    sampled_rollout: tuple[TrainConfig, list[QAExample]],
+) -> None:
+    config, examples = sampled_rollout
+    workers = [
+        RolloutWorker(
+            config, index=i, num_workers=2, max_episodes=len(examples), retriever=FakeRetriever(), cpus=1
+        )
+        for i in range(2)
+    ]
+    first, second = (worker.rollout(examples, step=3) for worker in workers)
+    assert [t.response_ids for t in first] != [t.response_ids for t in second]

@@ -90,7 +90,10 @@ def resume_hint(config: TrainConfig) -> str:
     if latest is None:
         return "No checkpoint was written yet: running the same command again starts afresh"
     step = read_trainer_state(latest).step
-    return f"The last checkpoint (step {step}) is intact at {latest}: run the same command again to resume"
+    how = (
+        "run the same command again" if config.checkpoint.resume else "run again with checkpoint.resume=true"
+    )
+    return f"The last checkpoint (step {step}) is intact at {latest}: {how} to resume"
 
 
 class RayTrainer:
