@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 from env import load_dataset
 from searchgym.demo import DEMO_CONFIG, dev_scores_by_stage, summary_table
 from train.config import TrainConfig, load_config
-from train.search_rollout import run_search_training
+from train.search_rollout import WIKI_MINI_BM25, run_search_training
 
 
 def rag_baseline(config: TrainConfig, out: Path) -> dict[str, float]:
@@ -43,9 +43,13 @@ def rag_baseline(config: TrainConfig, out: Path) -> dict[str, float]:
                 "golden_answers": example.golden_answers,
             }
             file.write(json.dumps(record) + "\n")
+    if config.retriever.url is not None:
+        retriever = ["--retriever-url", config.retriever.url]
+    else:
+        retriever = ["--index", config.retriever.index or str(WIKI_MINI_BM25)]
     command = [
         *(sys.executable, "-m", "searchgym", "eval", "--mode", "rag", "--no-progress"),
-        *("--benchmarks", str(questions), "--topk", str(config.env.topk)),
+        *("--benchmarks", str(questions), *retriever, "--topk", str(config.env.topk)),
         *("--max-new-tokens", str(config.rollout.max_new_tokens), "--out", str(out / "rag")),
     ]
     subprocess.run(command, check=True)
@@ -92,7 +96,7 @@ def main() -> None:
     config = load_config(DEMO_CONFIG, [f"logging.run_dir={args.run_dir}", *args.overrides])
     started = time.perf_counter()
     run_search_training(config)
-    train_minutes = (time.perf_counter() - started) / 60
+    print(f"\ntraining job (warm-start, RL, dev evaluations): {(time.perf_counter() - started) / 60:.1f} min")
     rag = rag_baseline(config, config.run_dir / "baseline")
     print(f"\n{summary_table(config.run_dir)}")
     print(
@@ -105,7 +109,6 @@ def main() -> None:
             f"{row['step']:4.0f} | {row['rollout/reward']:.3f} | {row['rollout/response_tokens']:15.1f} | "
             f"{row['rollout/searches']:8.2f} | {row['rollout/answered']:.2f}"
         )
-    print(f"\ntraining job (warm-start, RL, dev evaluations): {train_minutes:.1f} min")
     if args.plot is not None:
         plot(config.run_dir, rag, args.plot)
         print(f"plot: {args.plot}")

@@ -27,6 +27,8 @@ from train.config import RetrieverConfig, TrainConfig
 from train.loop import TrainResult, resolve_device, seed_everything, train
 from train.warmstart import warm_started_policy
 
+WIKI_MINI_BM25 = paths.CACHE_DIR / "indexes" / "wiki-mini-bm25"
+"""The BM25 index of the bundled wiki-mini that runs without a configured retriever use (built once)."""
 TINY_RANDOM = "tiny-random-llama"
 """``model.path`` of a tiny randomly initialised model with the SmolLM2 tokenizer (smoke tests)."""
 
@@ -42,9 +44,8 @@ def open_retriever(config: RetrieverConfig) -> Retriever:
                 f"`searchgym index --out {config.index}`, or set retriever.index=null for BM25 over wiki-mini"
             )
         return load_retriever(config.index)
-    default = paths.CACHE_DIR / "indexes" / "wiki-mini-bm25"
-    ensure_index(IndexSpec(corpus=paths.WIKI_MINI_CORPUS, out=default, method="bm25", progress=False))
-    return load_retriever(default)
+    ensure_index(IndexSpec(corpus=paths.WIKI_MINI_CORPUS, out=WIKI_MINI_BM25, method="bm25", progress=False))
+    return load_retriever(WIKI_MINI_BM25)
 
 
 def token_budgets(config: TrainConfig) -> TokenBudgets:
