@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from retriever_fixtures import QUERIES, TINY_CORPUS, tiny_index, write_jsonl
 
-from retriever.dense import DenseIndexError, TorchFlatSearch, open_vector_search
+from retriever.dense import (
+    BLAS_MIN_QUERIES,
+    CpuFaissSearch,
+    DenseIndexError,
+    TorchFlatSearch,
+    open_vector_search,
+)
 from retriever.encoder import Encoder, default_prefixes
 from retriever.index import IndexSpec, build_index, load_retriever, open_index
 from retriever.manifest import IndexMismatchError, Manifest
@@ -61,6 +67,19 @@ def test_torch_exact_search_matches_faiss_flat():
     scores, rows = TorchFlatSearch(np.array_split(vectors, 7), device="cpu").search(queries, 5)
     np.testing.assert_array_equal(rows, expected_rows)
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
+
+
+def test_cpu_faiss_gives_the_same_neighbours_with_and_without_blas():
+    vectors = np.random.default_rng(2).standard_normal((500, 16)).astype(np.float32)
+    index = faiss.IndexFlatIP(16)
+    index.add(vectors)
+    search = CpuFaissSearch(index)
+    queries = vectors[: BLAS_MIN_QUERIES + 3] * 0.5
+    scores, rows = search.search(queries, 4)  # BLAS
+    for query, query_scores, query_rows in zip(queries, scores, rows, strict=True):
+        single_scores, single_rows = search.search(query[None], 4)  # FAISS's own kernels
+        np.testing.assert_array_equal(single_rows[0], query_rows)
+        np.testing.assert_allclose(single_scores[0], query_scores, rtol=1e-5)
 
 
 def test_the_torch_search_path_serves_a_flat_index(dense_dir, dense):
