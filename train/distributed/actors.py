@@ -30,7 +30,14 @@ from train.config import RetrieverConfig, TrainConfig
 from train.distributed.data_parallel import SINGLE_PROCESS, DataParallel, TorchDataParallel
 from train.guards import StepHealth
 from train.learner import build_optimizers, make_experience, update
-from train.loop import PhaseTimer, experience_metrics, resolve_device, seed_everything, step_health
+from train.loop import (
+    PhaseTimer,
+    experience_metrics,
+    pad_token_id,
+    resolve_device,
+    seed_everything,
+    step_health,
+)
 from train.models import build_train_models
 from train.search_rollout import load_training_policy, make_generator, open_retriever, token_budgets
 
@@ -158,8 +165,7 @@ class Learner:
         """Experience and update on the step's episodes: this learner's share, then the group's step."""
         timer = PhaseTimer()
         with timer.phase("experience"):
-            pad_token_id = int(self.tokenizer.pad_token_id)  # load_tokenizer always sets one
-            batch = collate(trajectories, pad_token_id=pad_token_id, device=self.device)
+            batch = collate(trajectories, pad_token_id=pad_token_id(self.tokenizer), device=self.device)
             experience = make_experience(self.models, batch, self.config, data_parallel=self.data_parallel)
         with timer.phase("update"):
             stats = update(

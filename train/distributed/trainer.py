@@ -8,18 +8,22 @@ What runs where (one placement group, see :mod:`train.distributed.placement`)::
     retriever replicas       the index; search(queries, k) for whichever rollout worker asks
     rollout workers 0..W-1   a copy of the policy and a vector env over the replicas (or retriever.url)
 
-A step: the rollout workers generate their slices of the batch; the learners score it and update; learner
-0's new weights go to the rollout workers. Checkpoints are learner 0's, in the single-process format, so a
+A configured warm-start runs first, here, as in one process; the actors then start from its folder. A step:
+the rollout workers generate their slices of the batch; the learners score it and update; learner 0's new
+weights go to the rollout workers. Checkpoints are learner 0's, in the single-process format, so a
 run resumes with or without Ray. When an actor dies the run stops, every actor is killed, and the error
 names the actor and the checkpoint to resume from.
 """
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from env import QAExample, load_dataset
+import torch
+
+from env import QAExample, SearchVectorEnv, load_dataset
 from policy.trajectory import Trajectory
 from train.checkpoint import CheckpointManager, TrainerState, read_trainer_state
 from train.config import TrainConfig
@@ -33,10 +37,18 @@ from train.distributed.groups import (
 )
 from train.distributed.placement import plan_placement
 from train.guards import Guards
-from train.loop import ExampleSampler, PhaseTimer, TrainResult, rollout_metrics
+from train.loop import ExampleSampler, PhaseTimer, TrainResult, rollout_metrics, seed_everything
 from train.plots import plot_run
-from train.search_rollout import dev_sampling, dev_scores
+from train.search_rollout import (
+    SearchDevEval,
+    dev_sampling,
+    dev_scores,
+    load_training_policy,
+    open_retriever,
+    token_budgets,
+)
 from train.tracking import Tracker, render_samples
+from train.warmstart import WARMSTART_DIR, warm_started_policy
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +62,8 @@ def run_ray_training(config: TrainConfig) -> TrainResult:
     """
     train_examples = load_dataset(config.data.train, limit=config.data.train_limit)
     dev_examples = load_dataset(config.data.dev, limit=config.data.dev_limit)
+    if config.warmstart.examples > 0:
+        config = warm_start(config, train_examples, dev_examples)
     plan = plan_placement(config)
     logger.info("%s", plan.describe())
     with ray_cluster(config.ray, plan):
@@ -63,6 +77,42 @@ def run_ray_training(config: TrainConfig) -> TrainResult:
         finally:
             roster.stop()
             placement.release()
+
+
+def warm_start(
+    config: TrainConfig, train_examples: Sequence[QAExample], dev_examples: Sequence[QAExample]
+) -> TrainConfig:
+    """Run the configured warm-start here, as the single-process trainer does, and start the actors from it.
+
+    The warm-started policy is a Hugging Face folder in the run folder (reused when it is there already);
+    the returned config points ``model.path`` at it, so that every learner and rollout worker loads it.
+    """
+    if config.system.torch_threads is not None:
+        torch.set_num_threads(config.system.torch_threads)
+    seed_everything(config.system.seed)
+    policy = load_training_policy(config)
+    retriever = open_retriever(config.retriever)
+
+    def vector_env(num_envs: int) -> SearchVectorEnv:
+        return SearchVectorEnv(
+            num_envs=num_envs,
+            dataset=None,
+            retriever=retriever,
+            config=config.env,
+            tokenizer=policy.tokenizer,
+        )
+
+    dev_eval = SearchDevEval(config, dev_examples, vector_env(min(len(dev_examples), config.dev.batch_size)))
+    warm_started_policy(
+        config,
+        policy,
+        make_env=vector_env,
+        budgets=token_budgets(config),
+        train_examples=train_examples,
+        dev_eval=dev_eval,
+    )
+    warm_started = dataclasses.replace(config.model, path=str(config.run_dir / WARMSTART_DIR))
+    return dataclasses.replace(config, model=warm_started)
 
 
 @dataclass(frozen=True, slots=True)
