@@ -59,3 +59,23 @@ def test_several_optimizer_steps_per_batch_score_the_old_log_probs_first() -> No
         assert not config.update_is_on_policy
     kl_reward = load_config(REPO_ROOT / "configs" / "tiny.yaml", [*SETTINGS, "kl.coef=0.01"])
     assert kl_reward.kl.placement == "reward" and not kl_reward.update_is_on_policy
+
+
+def test_a_batch_without_signal_leaves_the_weights_alone() -> None:
+    """GRPO groups that all scored alike have zero advantages: AdamW must not drift on its momentum."""
+    config = load_config(
+        REPO_ROOT / "configs" / "tiny.yaml",
+        [*SETTINGS, "algorithm.name=grpo", "kl.coef=0", "algorithm.entropy_coef=0"],
+    )
+    torch.manual_seed(1)
+    trajectories = TargetTokenRollout()(tiny_model(), tiny_tokenizer(), toy_examples(8), step=0)
+    for trajectory in trajectories:
+        trajectory.reward = 0.5
+    models = build_train_models(tiny_model(), with_reference=False, with_critic=False)
+    optimizers = build_optimizers(models, config)
+    before = [parameter.detach().clone() for parameter in models.policy.parameters()]
+    experience = make_experience(models, collate(trajectories, pad_token_id=0, device="cpu"), config)
+    stats = update(models, optimizers, experience, config)
+    assert stats.actor_steps == 0 and stats.actor_skipped_steps == 0 and stats.actor_grad_norm == 0.0
+    for old, new in zip(before, models.policy.parameters(), strict=True):
+        assert torch.equal(old, new)

@@ -432,17 +432,20 @@ def _accumulate_and_step(
         parameters = [p for p in model.parameters() if p.grad is not None]
         grad_norm = float(nn.utils.clip_grad_norm_(parameters, config.optim.max_grad_norm))
         finite = math.isfinite(grad_norm)
-    if finite:
+    # A zero gradient (e.g. GRPO groups whose samples all scored alike, no entropy or KL term) carries no
+    # signal, yet AdamW would still move the weights along its momentum and decay them: skip the step.
+    stepped = finite and grad_norm > 0
+    if stepped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return _StepOutcome(
-        loss=total_loss if finite else math.nan, grad_norm=grad_norm, stepped=finite, non_finite=not finite
+        loss=total_loss if finite else math.nan, grad_norm=grad_norm, stepped=stepped, non_finite=not finite
     )
 
 
 def _record_outcome(role: str, outcome: _StepOutcome, means: _WeightedMeans) -> None:
     loss_name = "policy_loss" if role == "actor" else "value_loss"
-    if outcome.stepped:
+    if math.isfinite(outcome.grad_norm):  # a zero-gradient step is skipped but still reports its loss
         means.add(loss_name, outcome.loss)
         means.add(f"{role}_grad_norm", outcome.grad_norm)
     means.add(f"{role}_steps", float(outcome.stepped))
