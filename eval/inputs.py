@@ -61,36 +61,61 @@ def load_items(config: EvalConfig) -> list[EvalItem]:
     return items
 
 
-def open_retriever(config: EvalConfig) -> Retriever | None:
-    """The retriever of ``agent`` and ``rag`` runs (None for ``direct``), checked with one probe query.
+def check_retriever(config: EvalConfig) -> None:
+    """Refuse, before the model loads, a retrieval location that cannot work.
+
+    An index folder must exist and hold a readable manifest (the index itself opens later, in
+    :func:`open_retriever`); a server must answer a probe query, with one retry only, so that a wrong URL
+    fails fast.
 
     Raises:
-        SearchgymError: the index folder is missing or not an index, or the server does not answer.
+        SearchgymError: the folder is missing or not an index, or the server does not answer.
     """
     if not config.uses_retrieval:
-        return None
-    from retriever.index import load_retriever
-
+        return
     if config.index is not None:
+        from retriever.manifest import Manifest
+
         if not Path(config.index).is_dir():
             raise SearchgymError(
                 f"index folder {config.index} does not exist: build it with "
                 f"`searchgym index --corpus CORPUS --out {config.index}`"
             )
-        retriever = probe = load_retriever(config.index)
-    else:
-        url = str(config.retriever_url)
-        retriever = load_retriever(url)
-        # The run's client keeps retrying for a while; the probe retries once, so a wrong URL fails fast.
-        probe = load_retriever(url, max_retries=1, timeout_s=PROBE_TIMEOUT_S)
+        Manifest.load(Path(config.index))
+        return
+    from retriever.client import HttpRetriever
+
+    probe(HttpRetriever(str(config.retriever_url), max_retries=1, timeout_s=PROBE_TIMEOUT_S), config)
+
+
+def open_retriever(config: EvalConfig) -> Retriever | None:
+    """The retriever of ``agent`` and ``rag`` runs (None for ``direct``), checked with one probe query.
+
+    Raises:
+        SearchgymError: the index cannot be opened, or the retriever does not answer.
+    """
+    if not config.uses_retrieval:
+        return None
+    from retriever.index import load_retriever
+
+    retriever = load_retriever(str(config.index or config.retriever_url))
+    probe(retriever, config)
+    return retriever
+
+
+def probe(retriever: Retriever, config: EvalConfig) -> None:
+    """Send one query; whatever the backend raises means the run could not search, so say it now.
+
+    Raises:
+        SearchgymError: the retriever failed.
+    """
     try:
-        probe.search([PROBE_QUERY], 1)
-    except Exception as error:  # whatever the backend raises, the run could not search: say so now
+        retriever.search([PROBE_QUERY], 1)
+    except Exception as error:
         raise SearchgymError(
             f"the retriever at {config.index or config.retriever_url} does not answer "
             f"({type(error).__name__}: {error}); start it with `searchgym serve --index DIR` or check the URL"
         ) from error
-    return retriever
 
 
 def load_generator(config: EvalConfig) -> Generator:

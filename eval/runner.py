@@ -21,7 +21,14 @@ from env.retrieval import retrieve_batch
 from env.rewards import cover_exact_match, exact_match, f1_score
 from env.tokens import TokenizerMeter
 from eval.config import EvalConfig
-from eval.inputs import EvalItem, load_generator, load_items, open_retriever, resume_predictions
+from eval.inputs import (
+    EvalItem,
+    check_retriever,
+    load_generator,
+    load_items,
+    open_retriever,
+    resume_predictions,
+)
 from eval.metrics import gold_passage_recall
 from eval.records import Prediction
 from eval.report import (
@@ -349,8 +356,8 @@ def run_evaluations(
     """Evaluate several runs of one model (e.g. its agent, rag and direct modes), loading it once.
 
     Every input of every run is checked before the model loads and the first question runs: the
-    benchmarks, the exclusion file, the run directories' earlier settings, the retriever; then the model.
-    A run directory that an interrupted run left is resumed.
+    benchmarks, the exclusion file, the run directories' earlier settings, the index folder or the
+    server; then the model loads, then the index. A run directory that an interrupted run left is resumed.
 
     Args:
         configs: the runs, sharing one model and one retriever (typically one config per mode).
@@ -371,9 +378,13 @@ def run_evaluations(
     runs = [plan_run(config, run_dir) for config, run_dir in zip(configs, run_dirs, strict=True)]
     searching = next((config for config in configs if config.uses_retrieval), None)
     if retriever is None and searching is not None:
-        retriever = open_retriever(searching)
+        check_retriever(searching)
     if generator is None and any(run.todo for run in runs):
         generator = load_generator(configs[0])
+    # An in-process index opens after the model: vLLM's start-up scans every loaded module for kernels and
+    # fails on those of numba (which bm25s loads).
+    if retriever is None and searching is not None:
+        retriever = open_retriever(searching)
     return [execute_run(run, generator, retriever, show_progress=show_progress) for run in runs]
 
 

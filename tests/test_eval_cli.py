@@ -107,3 +107,19 @@ def test_a_folder_that_holds_no_model_is_refused(tmp_path, wiki_mini_index, caps
     argv = ["eval", "--mode", "direct", "--model", str(wiki_mini_index), "--out", str(tmp_path / "run")]
     assert main(argv) == 2
     assert "is not a model folder (no config.json)" in capsys.readouterr().err
+
+
+def test_a_folder_that_holds_no_index_is_refused_before_the_model_loads(tmp_path, capsys):
+    argv = [
+        "eval",
+        "--mode",
+        "rag",
+        "--index",
+        str(tmp_path),
+        "--model",
+        "/no/such/model",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 2
+    assert "is not a searchgym index" in capsys.readouterr().err
