@@ -48,18 +48,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     index_dir = paths.CACHE_DIR / "indexes" / "wiki-mini-bm25"
-    ensure_index(IndexSpec(corpus=paths.WIKI_MINI_CORPUS, out=index_dir, progress=False))
-    retriever = load_retriever(index_dir)
-    generator = None
-    threads = (
-        "vLLM's own thread binding" if args.backend == "vllm" else f"{torch.get_num_threads()} torch threads"
-    )
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({threads})"
-    model = args.model or "SmolLM2-135M-Instruct"
-    print(f"model {model}, backend {args.backend}, on {device}; {args.limit} wiki-mini dev questions")
-    run_dirs = []
-    for mode in args.modes.split(","):
-        config = EvalConfig(
+    configs = [
+        EvalConfig(
             benchmarks=("wiki-mini-dev",),
             model=args.model,
             mode=mode,
@@ -69,18 +59,30 @@ def main() -> None:
             max_new_tokens=args.max_new_tokens,
             backend=args.backend,
         )
-        if generator is None:
-            started = time.perf_counter()
-            generator = load_generator(config)
-            print(f"model loaded in {time.perf_counter() - started:.1f} s")
-        run_dir = args.out / mode
+        for mode in args.modes.split(",")
+    ]
+    threads = (
+        "vLLM's own thread binding" if args.backend == "vllm" else f"{torch.get_num_threads()} torch threads"
+    )
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({threads})"
+    model = args.model or "SmolLM2-135M-Instruct"
+    print(f"model {model}, backend {args.backend}, on {device}; {args.limit} wiki-mini dev questions")
+    started = time.perf_counter()
+    generator = load_generator(configs[0])
+    print(f"model loaded in {time.perf_counter() - started:.1f} s")
+    # The index loads after the model, as `searchgym eval` does: vLLM cannot start once numba is loaded.
+    ensure_index(IndexSpec(corpus=paths.WIKI_MINI_CORPUS, out=index_dir, progress=False))
+    retriever = load_retriever(index_dir)
+    run_dirs = []
+    for config in configs:
+        run_dir = args.out / config.mode
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: a resumed one would time nothing
         results = run_evaluation(
             config, run_dir, generator=generator, retriever=retriever, show_progress=False
         )
         metrics = results.average
         print(
-            f"{mode:>6}: {metrics.num_examples} questions in {results.seconds:.1f} s = "
+            f"{config.mode:>6}: {metrics.num_examples} questions in {results.seconds:.1f} s = "
             f"{results.questions_per_second:.2f} questions/s; EM {metrics.exact_match:.3f}, "
             f"F1 {metrics.f1:.3f}, valid answers {metrics.valid_answer_rate:.2f}, "
             f"searches {metrics.mean_searches:.2f}, turns {metrics.mean_turns:.2f}, "
