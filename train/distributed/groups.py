@@ -99,13 +99,14 @@ class Roster:
             Member(f"{place.role} {place.index}", handle, "while starting")
             for place, handle in zip(places, handles, strict=True)
         ]
+        first = len(self.members)
         self.members.extend(starting)
         whereabouts = self.gather([(member, member.handle.whereabouts.remote()) for member in starting])
         started = [
             Member(member.name, member.handle, where)
             for member, where in zip(starting, whereabouts, strict=True)
         ]
-        self.members[-len(started) :] = started
+        self.members[first:] = started
         return started
 
     def gather(self, calls: Sequence[tuple[Member, Any]]) -> list[Any]:
@@ -207,9 +208,7 @@ class RetrieverReplicas:
 
         options = {"max_restarts": _REPLICA_RESTARTS, "max_task_retries": _REPLICA_RESTARTS}
         first = roster.start(RetrieverReplica, places[:1], placement, arguments, **options)
-        rest = (
-            roster.start(RetrieverReplica, places[1:], placement, arguments, **options) if places[1:] else []
-        )
+        rest = roster.start(RetrieverReplica, places[1:], placement, arguments, **options)
         return cls(roster, [*first, *rest])
 
     def client(self, worker: int) -> ReplicatedRetriever:
@@ -258,7 +257,7 @@ class RolloutWorkerGroup:
         if replicas is not None:
             return cls(roster, roster.start(RolloutWorker, places, placement, arguments))
         first = roster.start(RolloutWorker, places[:1], placement, arguments)
-        rest = roster.start(RolloutWorker, places[1:], placement, arguments) if places[1:] else []
+        rest = roster.start(RolloutWorker, places[1:], placement, arguments)
         return cls(roster, [*first, *rest])
 
     def load_weights(self, state: Any) -> None:
