@@ -9,9 +9,9 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from retriever.config import API_KEY_ENV, DEFAULT_ENCODER, ServerConfig
+from retriever.config import API_KEY_ENV, DEFAULT_ENCODER, ServerConfig, VectorSearchKind
 from retriever.manifest import METHODS
 from searchgym.paths import WIKI_MINI_CORPUS
 
@@ -101,7 +101,7 @@ def add_serve_command(subparsers: Any) -> None:
     parser.add_argument("--model", help="dense: encoder to use instead of the manifest's (must encode alike)")
     parser.add_argument("--device", default="auto", help="dense: auto, cpu or cuda")
     parser.add_argument(
-        "--vector-search", choices=("auto", "faiss", "torch"), default="auto", help="dense search"
+        "--vector-search", choices=get_args(VectorSearchKind), default="auto", help="dense: where search runs"
     )
     parser.add_argument(
         "--faiss-params", default="", help="dense: e.g. nprobe=32 (IVF) or efSearch=128 (HNSW)"
@@ -119,7 +119,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type, *, sk
                 f"--{field.name.replace('_', '-')}",
                 type=type(field.default),
                 default=field.default,
-                help=f"{docs.get(field.name, '')} (default: {field.default})",
+                help=f"{docs.get(field.name, '').replace('``', '').rstrip('.')} (default: {field.default})",
             )
 
 
