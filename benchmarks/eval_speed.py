@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from env.rewards import cover_exact_match
 from eval.config import BACKENDS, MODES, EvalConfig
 from eval.inputs import load_generator
-from eval.report import compare_runs
+from eval.report import PREDICTIONS_FILE, compare_runs, read_predictions
 from eval.runner import run_evaluation
 from retriever.index import IndexSpec, ensure_index, load_retriever
 from searchgym import paths
@@ -41,6 +42,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--out", type=Path, default=Path("runs") / "eval-bench")
     return parser.parse_args()
+
+
+def raw_text_cover(run_dir: Path) -> float:
+    """Share of one-turn responses whose whole text contains a gold answer, outside the answer protocol.
+
+    Not a score of the protocol (EM needs an ``<answer>`` tag): it tells whether an untrained model that
+    ignores the tags knows or reads the answer at all.
+    """
+    predictions = read_predictions(run_dir / PREDICTIONS_FILE)
+    return sum(cover_exact_match(p.trajectory, p.golden_answers) for p in predictions) / len(predictions)
 
 
 def main() -> None:
@@ -88,6 +99,10 @@ def main() -> None:
             f"searches {metrics.mean_searches:.2f}, turns {metrics.mean_turns:.2f}, "
             f"response tokens {metrics.mean_response_tokens:.1f}"
         )
+        if config.mode != "agent":  # an agent's trajectory holds the retrieved passages too
+            print(
+                f"{'':8}raw-text cover-EM (diagnostic, no answer tag needed): {raw_text_cover(run_dir):.3f}"
+            )
         run_dirs.append(run_dir)
     for metric in ("exact_match", "f1"):
         print("\n" + compare_runs(run_dirs, metric=metric))
