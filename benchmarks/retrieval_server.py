@@ -13,6 +13,7 @@ The result cache is off, and queries are the wiki-mini train + dev questions, so
 """
 
 import argparse
+import dataclasses
 import http.client
 import json
 import os
@@ -20,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,7 +31,7 @@ from retriever.index import IndexSpec, ensure_index, load_retriever
 from searchgym.paths import QA_DIR, REPO_ROOT, WIKI_MINI_CORPUS
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Load:
     """What a closed loop of clients measured."""
 
@@ -39,6 +39,7 @@ class Load:
     p50_ms: float
     p99_ms: float
     errors: int
+    mean_batch: float = 0.0  # queries per backend call, from the server's /stats
 
 
 def questions() -> list[str]:
@@ -123,8 +124,8 @@ def closed_loop(url: str, queries: list[str], *, clients: int, seconds: float) -
 
 def measure_server(
     index_dir: Path, queries: list[str], args: argparse.Namespace, server_args: list[str]
-) -> tuple[str, float]:
-    """One server configuration under load: a report line and its queries/s."""
+) -> Load:
+    """One server configuration under load, with its mean batch size from /stats."""
     server, url = start_server(index_dir, server_args, args.server_threads)
     try:
         closed_loop(url, queries, clients=args.clients, seconds=2.0)  # warm-up
@@ -133,13 +134,10 @@ def measure_server(
     finally:
         server.terminate()
         server.wait(timeout=30)
-    return (
-        f"{load.queries_per_s:8.1f} q/s  p50 {load.p50_ms:6.1f} ms  p99 {load.p99_ms:6.1f} ms  "
-        f"mean batch {batches['mean_size']:5.1f}  errors {load.errors}"
-    ), load.queries_per_s
+    return dataclasses.replace(load, mean_batch=batches["mean_size"])
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -153,7 +151,12 @@ def main() -> None:
         "--server-threads", type=int, default=1, help="OMP/torch threads of the server process"
     )
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batching wait")
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=1, help="run everything N times, keep each one's best")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.server_threads)
     import torch
 
@@ -162,17 +165,28 @@ def main() -> None:
     if args.index is None:
         ensure_index(IndexSpec(corpus=WIKI_MINI_CORPUS, out=index_dir, method=args.method, device="cpu"))
     queries = questions()
-    raw = raw_rate(index_dir, queries, batch=args.clients, seconds=args.seconds)
-    print(f"index {index_dir.name}, {args.clients} clients, {args.server_threads} server thread(s)")
+    settings = {
+        "micro-batching on ": ["--max-wait-ms", str(args.max_wait_ms)],
+        "micro-batching off": ["--max-batch", "1", "--max-wait-ms", "0"],
+    }
+    raw = 0.0
+    best: dict[str, Load] = {}
+    for _ in range(args.repeats):
+        raw = max(raw, raw_rate(index_dir, queries, batch=args.clients, seconds=args.seconds))
+        for name, server_args in settings.items():
+            load = measure_server(index_dir, queries, args, server_args)
+            if name not in best or load.queries_per_s > best[name].queries_per_s:
+                best[name] = load
+    print(f"index {index_dir.name}, {args.clients} clients, {args.server_threads} server thread(s)", end="")
+    print(f", best of {args.repeats}")
     print(f"raw in-process, batches of {args.clients}: {raw:8.1f} q/s")
-    rates = {}
-    for name, server_args in (
-        ("micro-batching on ", ["--max-wait-ms", str(args.max_wait_ms)]),
-        ("micro-batching off", ["--max-batch", "1", "--max-wait-ms", "0"]),
-    ):
-        line, rates[name] = measure_server(index_dir, queries, args, server_args)
-        print(f"server, {name}: {line}  = {rates[name] / raw:5.1%} of raw")
-    on, off = rates.values()
+    for name, load in best.items():
+        rate, share = f"{load.queries_per_s:8.1f} q/s", f"{load.queries_per_s / raw:5.1%} of raw"
+        print(
+            f"server, {name}: {rate}  p50 {load.p50_ms:6.1f} ms  p99 {load.p99_ms:6.1f} ms  "
+            f"mean batch {load.mean_batch:5.1f}  errors {load.errors}  = {share}"
+        )
+    on, off = (load.queries_per_s for load in best.values())
     print(f"micro-batching speed-up: {on / off:.1f}x")
 
 
