@@ -26,6 +26,7 @@ from policy.trajectory import Trajectory
 from train.batch import collate
 from train.checkpoint import CheckpointManager, read_trainer_state
 from train.config import TrainConfig
+from train.distributed.actors import shareable_weights, weight_tensors
 from train.learner import build_optimizers, make_experience, update
 from train.loop import seed_everything
 from train.models import build_train_models
@@ -107,7 +108,7 @@ def test_two_workers_over_two_replicas_decode_what_one_process_decodes(
         sampling=dev_sampling(config),
         budgets=token_budgets(config),
     )
-    parts.rollout_workers.load_weights(ray.put(policy.model.state_dict()))
+    parts.rollout_workers.load_weights(ray.put(shareable_weights(policy.model.state_dict())))
     spread = parts.rollout_workers.episodes(examples, dev_sampling(config))
 
     assert [comparable(t) for t in spread] == [comparable(t) for t in alone]
@@ -159,7 +160,9 @@ def test_two_data_parallel_learners_take_the_one_learner_step(parts: Parts, conf
     initial = policy.model.state_dict()
 
     step = parts.learners.step(trajectories)
-    states = [ray.get(member.handle.policy_state.remote()) for member in parts.learners.members]
+    states = [
+        weight_tensors(ray.get(member.handle.policy_state.remote())) for member in parts.learners.members
+    ]
 
     assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])  # learners in lockstep
     moved = max(float((expected_state[name] - initial[name]).abs().max()) for name in initial)
