@@ -190,7 +190,7 @@ def test_concurrent_requests_are_batched_and_answer_like_unbatched_calls(client_
     bm25 = load_retriever(bm25_dir)
     queries = [f"{query} {extra}" for query in QUERIES for extra in ("", "planet", "city", "tragedy")]
     expected = {query: bm25.search([query], 3)[0] for query in queries}
-    client = client_for(bm25, cache_size=0, max_wait_ms=30.0, max_batch=16)
+    client = client_for(bm25, cache_size=0, max_wait_ms=100.0, max_batch=8)
     start = threading.Barrier(8)
 
     def ask(worker):
@@ -213,7 +213,8 @@ def test_concurrent_requests_are_batched_and_answer_like_unbatched_calls(client_
 
 def test_the_batcher_groups_by_k_and_searches_duplicates_once(echo):
     stats = ServerStats()
-    batcher = MicroBatcher(echo, max_batch=10, max_wait_s=0.2, max_queue=10, stats=stats)
+    # Full at 4 queries, so the long wait only matters on a machine too loaded to submit them in time.
+    batcher = MicroBatcher(echo, max_batch=4, max_wait_s=5.0, max_queue=10, stats=stats)
     futures = batcher.submit(["a", "b"], 2) + batcher.submit(["a"], 2) + batcher.submit(["a"], 1)
     results = [future.result(timeout=10) for future in futures]
     batcher.close()
