@@ -254,11 +254,11 @@ class DenseRetriever:
         if not queries:
             return []
         scores, rows = self._vectors.search(self._encoder.encode_queries(queries), min(k, self.num_documents))
-        results = []
-        for query_scores, query_rows in zip(scores, rows, strict=True):
-            found = query_rows >= 0  # IVF with a small nprobe can find fewer than k
-            results.append(self._store.passages(query_rows[found].tolist(), query_scores[found].tolist()))
-        return results
+        found = rows >= 0  # IVF with a small nprobe can find fewer than k
+        return self._store.passages(
+            [query_rows[f].tolist() for query_rows, f in zip(rows, found, strict=True)],
+            [query_scores[f].tolist() for query_scores, f in zip(scores, found, strict=True)],
+        )
 
 
 def check_encoder(index_dir: Path, manifest: Manifest, encoder: Encoder) -> None:
