@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch is installed first and pinned, so that no other package can pull a CUDA build of it.
 TORCH := torch==2.13.0
 
-.PHONY: venv demo test test-slow test-vllm .venv-vllm pyserini lint bench clean
+.PHONY: venv demo test test-slow test-vllm .venv-vllm pyserini lint clean
 
 venv: $(STAMP)
 
