@@ -7,7 +7,7 @@ from a :class:`~train.config.TrainConfig`.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,13 +170,20 @@ def make_generator(config: TrainConfig) -> Generator | None:
     )
 
 
-def run_search_training(config: TrainConfig) -> TrainResult:
-    """The whole job of ``searchgym train``: load data, policy and retriever, train, evaluate on dev."""
+def starting_policy(
+    config: TrainConfig, train_examples: Sequence[QAExample], dev_examples: Sequence[QAExample]
+) -> tuple[Policy, Callable[[int], SearchVectorEnv], SearchDevEval]:
+    """What every search run starts from: the policy (warm-started when configured), its envs, dev eval.
+
+    Sets the torch threads and the seed first. The single-process trainer goes on with all three; the Ray
+    trainer calls this for the warm-start only and starts its actors from the folder it leaves.
+
+    Returns:
+        The policy, a factory of vector envs over the configured retriever, and the dev evaluation.
+    """
     if config.system.torch_threads is not None:
         torch.set_num_threads(config.system.torch_threads)
     seed_everything(config.system.seed)
-    train_examples = load_dataset(config.data.train, limit=config.data.train_limit)
-    dev_examples = load_dataset(config.data.dev, limit=config.data.dev_limit)
     policy = load_training_policy(config)
     retriever = open_retriever(config.retriever)
 
@@ -199,6 +206,14 @@ def run_search_training(config: TrainConfig) -> TrainResult:
             train_examples=train_examples,
             dev_eval=dev_eval,
         )
+    return policy, vector_env, dev_eval
+
+
+def run_search_training(config: TrainConfig) -> TrainResult:
+    """The whole job of ``searchgym train``: load data, policy and retriever, train, evaluate on dev."""
+    train_examples = load_dataset(config.data.train, limit=config.data.train_limit)
+    dev_examples = load_dataset(config.data.dev, limit=config.data.dev_limit)
+    policy, vector_env, dev_eval = starting_policy(config, train_examples, dev_examples)
     rollout = SearchRollout(config, vector_env(config.trajectories_per_step), make_generator(config))
     return train(
         config,

@@ -21,9 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from env import QAExample, SearchVectorEnv, load_dataset
+from env import QAExample, load_dataset
 from policy.trajectory import Trajectory
 from train.checkpoint import CheckpointManager, TrainerState, read_trainer_state
 from train.config import TrainConfig
@@ -37,18 +35,11 @@ from train.distributed.groups import (
 )
 from train.distributed.placement import plan_placement
 from train.guards import Guards
-from train.loop import ExampleSampler, PhaseTimer, TrainResult, rollout_metrics, seed_everything
+from train.loop import ExampleSampler, PhaseTimer, TrainResult, rollout_metrics
 from train.plots import plot_run
-from train.search_rollout import (
-    SearchDevEval,
-    dev_sampling,
-    dev_scores,
-    load_training_policy,
-    open_retriever,
-    token_budgets,
-)
+from train.search_rollout import dev_sampling, dev_scores, starting_policy
 from train.tracking import Tracker, render_samples
-from train.warmstart import WARMSTART_DIR, warm_started_policy
+from train.warmstart import WARMSTART_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -87,30 +78,7 @@ def warm_start(
     The warm-started policy is a Hugging Face folder in the run folder (reused when it is there already);
     the returned config points ``model.path`` at it, so that every learner and rollout worker loads it.
     """
-    if config.system.torch_threads is not None:
-        torch.set_num_threads(config.system.torch_threads)
-    seed_everything(config.system.seed)
-    policy = load_training_policy(config)
-    retriever = open_retriever(config.retriever)
-
-    def vector_env(num_envs: int) -> SearchVectorEnv:
-        return SearchVectorEnv(
-            num_envs=num_envs,
-            dataset=None,
-            retriever=retriever,
-            config=config.env,
-            tokenizer=policy.tokenizer,
-        )
-
-    dev_eval = SearchDevEval(config, dev_examples, vector_env(min(len(dev_examples), config.dev.batch_size)))
-    warm_started_policy(
-        config,
-        policy,
-        make_env=vector_env,
-        budgets=token_budgets(config),
-        train_examples=train_examples,
-        dev_eval=dev_eval,
-    )
+    starting_policy(config, train_examples, dev_examples)
     warm_started = dataclasses.replace(config.model, path=str(config.run_dir / WARMSTART_DIR))
     return dataclasses.replace(config, model=warm_started)
 
