@@ -19,9 +19,11 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e ".[dense,dev,ray]"
 	touch $@
 
+# mypy checks the packages named in setup.cfg's [mypy] section.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/pytest

@@ -21,8 +21,8 @@ class Tokenizer(Protocol):
         """Token ids of ``text``."""
         ...
 
-    def decode(self, ids: list[int]) -> str:
-        """Text of token ids."""
+    def decode(self, ids: list[int], /) -> str | list[str]:
+        """Text of token ids: one ``str`` (Hugging Face's ``decode`` also declares batches' ``list[str]``)."""
         ...
 
 
@@ -82,7 +82,9 @@ class _MeasuredTokens:
         if max_units <= 0:
             return ""
         # A cut inside a multi-byte character decodes to U+FFFD; drop it rather than show garbage.
-        return self.tokenizer.decode(self.ids[:max_units]).rstrip("\ufffd")
+        text = self.tokenizer.decode(self.ids[:max_units])
+        assert isinstance(text, str)  # one sequence of ids decodes to one text
+        return text.rstrip("\ufffd")
 
 
 class WordMeter:

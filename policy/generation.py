@@ -20,6 +20,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.cache_utils import CacheLayerMixin
 
 from policy.models import Policy
 from searchgym.errors import SearchgymError
@@ -329,9 +330,13 @@ class _DecodeState:
     def kv_of(self, index: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Keys and values, per layer ``(H, T, D)``, of running row ``index`` without its padding."""
         real = self.attention_mask[index].nonzero().squeeze(-1)
-        keys = tuple(layer.keys[index][:, real] for layer in self.cache.layers)
-        values = tuple(layer.values[index][:, real] for layer in self.cache.layers)
-        return keys, values
+        keys, values = [], []
+        for layer in self.cache.layers:
+            # A causal LM's DynamicCache: attention layers only, their keys and values set by the prefill.
+            assert isinstance(layer, CacheLayerMixin) and layer.keys is not None and layer.values is not None
+            keys.append(layer.keys[index][:, real])
+            values.append(layer.values[index][:, real])
+        return tuple(keys), tuple(values)
 
     def step(self, policy: Policy, tokens: torch.Tensor, running: list[int]) -> None:
         """Keep the ``running`` rows (indices into ``rows``) and feed each its newest token."""

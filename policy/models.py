@@ -10,11 +10,13 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BatchEncoding,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -106,8 +108,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, *, chat: bool |
         )
     messages = [{"role": "user", "content": text}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    # transformers 5 returns a BatchEncoding here; older versions a plain list.
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    # transformers 5 returns a BatchEncoding here; older versions a plain list (one conversation's ids).
+    return list(cast(list[int], ids["input_ids"] if isinstance(ids, BatchEncoding) else ids))
 
 
 def load_policy(
@@ -141,7 +143,8 @@ def load_policy(
             f"cannot load the policy model {source!r}: {error}. Pass a local model folder, or a hub id "
             "that is cached on this machine (runs are offline: HF_HUB_OFFLINE=1)."
         ) from error
-    model.to(device).eval()
+    # transformers wraps PreTrainedModel.to in functools.wraps, which mypy reads as an unbound function.
+    model.to(device).eval()  # type: ignore[arg-type]
     return Policy(model=model, tokenizer=tokenizer, name=str(name_or_path or DEFAULT_POLICY))
 
 
@@ -174,7 +177,8 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The loaded model still says it is GGUF-quantised; without clearing that, save_pretrained refuses
     # and a reload would look for the GGUF file again.
-    model.hf_quantizer = None
+    # Undeclared on the class, so mypy reads it through nn.Module.__getattr__ as Tensor | Module.
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -219,5 +223,6 @@ def tiny_random_model(*, seed: int = 0, hidden_size: int = 64, num_layers: int =
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32).eval()
+        # transformers wraps PreTrainedModel.to in functools.wraps, which mypy reads as an unbound function.
+        model = LlamaForCausalLM(config).to(torch.float32).eval()  # type: ignore[arg-type]
     return Policy(model=model, tokenizer=tokenizer, name="tiny-random-llama")

@@ -1,6 +1,7 @@
 """A readable view of a trajectory: its text, span by span, with the loss mask of each span."""
 
 from itertools import groupby
+from typing import cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -15,15 +16,16 @@ def render_trajectory(trajectory: Trajectory, tokenizer: PreTrainedTokenizerBase
     Each span is headed by its kind, turn, mask value and token count, so what the loss sees is visible
     at a glance; the outcome and timings close the view.
     """
+    # One sequence of ids decodes to one str (transformers declares str | list[str], for batches too).
     lines = [
         f"== prompt ({len(trajectory.prompt_ids)} tokens, mask 0)",
-        tokenizer.decode(trajectory.prompt_ids),
+        cast(str, tokenizer.decode(trajectory.prompt_ids)),
     ]
     tokens = zip(trajectory.response_ids, trajectory.loss_mask, trajectory.turn_index, strict=True)
     for (mask, turn), span in groupby(tokens, key=lambda token: (token[1], token[2])):
         ids = [token_id for token_id, _, _ in span]
         lines.append(f"== {_SPAN_NAMES[mask]} turn {turn} ({len(ids)} tokens, mask {mask})")
-        lines.append(tokenizer.decode(ids))
+        lines.append(cast(str, tokenizer.decode(ids)))
     timings = trajectory.timings
     lines.append(
         f"== reward {trajectory.reward} | terminated {trajectory.terminated} | truncated "

@@ -22,7 +22,7 @@ says which budget in ``end_reason`` (``"context_budget"`` or ``"observation_budg
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from gymnasium.vector import AutoresetMode
@@ -226,7 +226,8 @@ def _run_batch(
             max_new_tokens=[_room(episode, run.budgets) for episode in running],
         )
         generation_s += time.perf_counter() - generation_started
-        texts = [generator.tokenizer.decode(generation.token_ids) for generation in generations]
+        # One sequence of ids decodes to one str (transformers declares str | list[str], for batches too).
+        texts = [cast(str, generator.tokenizer.decode(generation.token_ids)) for generation in generations]
         actions = [""] * vector_env.num_envs
         for episode, text in zip(running, texts, strict=True):
             actions[episode.slot] = text

@@ -233,9 +233,10 @@ def serve(
             queries can meet in one batch.
         on_listen: called with the base URL once the socket is bound (before serving).
     """
-    import waitress
+    from waitress.server import create_server
 
-    server = waitress.create_server(app, host=host, port=port, threads=threads, connection_limit=1000)
+    server = create_server(app, host=host, port=port, threads=threads, connection_limit=1000)
     if on_listen is not None:
+        # One host and port give a BaseWSGIServer; types-waitress omits its effective_port (set in __init__).
         on_listen(f"http://{host}:{server.effective_port}")  # type: ignore[union-attr]
     server.run()

@@ -199,7 +199,9 @@ def _as_tuple(state: list[Any]) -> tuple[Any, ...]:
 
 
 def _numpy_rng_state() -> list[Any]:
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()  # type: ignore[misc]
+    state = np.random.get_state()
+    assert isinstance(state, tuple)  # the legacy form: the global RandomState is an MT19937
+    name, keys, position, has_gauss, cached_gaussian = state
     return [name, keys.tolist(), position, has_gauss, cached_gaussian]
 
 

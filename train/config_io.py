@@ -43,13 +43,18 @@ def field_docs(cls: type) -> dict[str, str]:
     """
     docs = _attributes_section(inspect.getdoc(cls) or "")
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for statement, following in itertools.pairwise(body):
-        is_field = isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
-        is_string = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-        if is_field and is_string and isinstance(following.value.value, str):  # type: ignore[attr-defined]
-            text = inspect.cleandoc(following.value.value)  # type: ignore[attr-defined]
-            docs[statement.target.id] = " ".join(text.split())  # type: ignore[attr-defined]
+    class_def = tree.body[0]
+    assert isinstance(class_def, ast.ClassDef)
+    for statement, following in itertools.pairwise(class_def.body):
+        if (
+            isinstance(statement, ast.AnnAssign)
+            and isinstance(statement.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            text = inspect.cleandoc(following.value.value)
+            docs[statement.target.id] = " ".join(text.split())
     return docs
 
 
@@ -94,7 +99,11 @@ def help_text(cls: type, prefix: str = "") -> str:
             lines.append(f"{key}:  {docs.get(field.name, '')}")
             lines.append(help_text(annotation, prefix=f"{key}."))  # type: ignore[arg-type]
             continue
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        else:
+            assert field.default_factory is not dataclasses.MISSING
+            default = field.default_factory()
         lines.append(f"  {key} ({_type_name(annotation)}, default {default!r})")
         doc = docs.get(field.name, "")
         lines.extend(textwrap.wrap(doc, width=100, initial_indent="      ", subsequent_indent="      "))

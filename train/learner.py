@@ -350,6 +350,7 @@ def _actor_step(
         means.add("clip_fraction", surrogate.clip_fraction, tokens)
         means.add("approx_kl", surrogate.approx_kl, tokens)
         if kl_as_loss:
+            assert micro.ref_logprobs is not None  # a slice of the mini-batch's, which kl_as_loss checked
             kl = algorithms.kl_estimate(logprobs, micro.ref_logprobs, estimator=config.kl.estimator)
             kl_term = algorithms.aggregate_loss(kl, mask, mode=aggregation, denominator=denominator)
             means.add("kl_loss", algorithms.masked_mean(kl.detach(), mask), tokens)

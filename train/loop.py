@@ -91,7 +91,7 @@ class ExampleSampler:
 
     def take(self, count: int) -> list[QAExample]:
         """The next ``count`` questions, crossing into the next epoch when this one runs out."""
-        taken = []
+        taken: list[QAExample] = []
         while len(taken) < count:
             if self.position == len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
@@ -241,7 +241,8 @@ def _start_run(
         torch.set_num_threads(config.system.torch_threads)
     seed_everything(config.system.seed)
     device = resolve_device(config.system.device)
-    policy.to(device)
+    # transformers wraps PreTrainedModel.to in functools.wraps, which mypy reads as an unbound function.
+    policy.to(device)  # type: ignore[arg-type]
     models = build_train_models(
         policy,
         with_reference=config.uses_reference,

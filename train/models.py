@@ -22,7 +22,7 @@ class ValueModel(nn.Module):
         hidden_size: width of the body's hidden states.
     """
 
-    def __init__(self, body: nn.Module, hidden_size: int) -> None:
+    def __init__(self, body: PreTrainedModel, hidden_size: int) -> None:
         super().__init__()
         self.body = body
         self.value_head = nn.Linear(hidden_size, 1, bias=False)
@@ -34,6 +34,8 @@ class ValueModel(nn.Module):
     def from_causal_lm(cls, model: PreTrainedModel) -> "ValueModel":
         """A critic whose body is a copy of ``model``'s base model (the LM head is dropped)."""
         body = copy.deepcopy(model.base_model)
+        # Declared an nn.Module, base_model is the body's PreTrainedModel (or the model itself, bodiless).
+        assert isinstance(body, PreTrainedModel)
         return cls(body, model.config.hidden_size).to(model.device)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:

@@ -150,7 +150,8 @@ def load_training_policy(config: TrainConfig) -> Policy:
     device = resolve_device(config.system.device)
     if config.model.path == TINY_RANDOM:
         policy = tiny_random_model(seed=config.system.seed)
-        policy.model.to(device)
+        # transformers wraps PreTrainedModel.to in functools.wraps, which mypy reads as an unbound function.
+        policy.model.to(device)  # type: ignore[arg-type]
         return policy
     return load_policy(config.model.path, device=device, dtype=torch.float32)
 

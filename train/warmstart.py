@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,7 +58,8 @@ class ProtocolTraceGenerator:
         """The scripted next action of each context, as token ids."""
         generations = []
         for prompt in prompts:
-            context = self.tokenizer.decode(prompt)
+            # One sequence of ids decodes to one str (transformers declares str | list[str], for batches too).
+            context = cast(str, self.tokenizer.decode(list(prompt)))
             example = self._example_in(context)
             # Only what follows the question counts: the protocol text itself names the tags.
             if "<information>" in context.rsplit(example.question, 1)[1]:
