@@ -125,7 +125,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type, *, sk
 
 def _attribute_docs(config_class: type) -> dict[str, str]:
     docs: dict[str, str] = {}
-    lines = inspect.getdoc(config_class).partition("Attributes:")[2].splitlines()  # type: ignore[union-attr]
+    lines = (inspect.getdoc(config_class) or "").partition("Attributes:")[2].splitlines()
     name = ""
     for line in lines:
         head, sep, text = line.strip().partition(": ")

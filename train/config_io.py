@@ -97,6 +97,7 @@ def help_text(cls: type, prefix: str = "") -> str:
         annotation = hints[field.name]
         if dataclasses.is_dataclass(annotation):
             lines.append(f"{key}:  {docs.get(field.name, '')}")
+            # is_dataclass narrows to "instance or class"; a type hint is always the class.
             lines.append(help_text(annotation, prefix=f"{key}."))  # type: ignore[arg-type]
             continue
         if field.default is not dataclasses.MISSING:
@@ -115,6 +116,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} is a section: give a mapping of its keys, not {value!r}")
+        # is_dataclass narrows to "instance or class"; a type hint is always the class.
         return build(annotation, value, prefix=f"{key}.")  # type: ignore[arg-type]
     if isinstance(annotation, types.UnionType):
         if value is None and type(None) in typing.get_args(annotation):
@@ -151,6 +153,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 def build(cls: type[ConfigT], values: dict[str, Any], *, prefix: str = "") -> ConfigT:
     """Build dataclass ``cls`` from nested ``values``; absent keys keep their defaults."""
     hints = typing.get_type_hints(cls)
+    # ConfigT is any type; the config tree only ever holds dataclasses (fields() raises otherwise).
     names = [field.name for field in dataclasses.fields(cls)]  # type: ignore[arg-type]
     for key in values:
         if key not in names:

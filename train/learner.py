@@ -376,6 +376,7 @@ def _critic_step(
 
     def micro_batch_loss(micro: Experience) -> Tensor:
         assert micro.values is not None and micro.returns is not None  # PPO experience carries both
+        # The critic may be wrapped for data parallelism; the wrapper forwards the ValueModel's call.
         values = response_values(critic, micro.batch)  # type: ignore[arg-type]
         loss = algorithms.clipped_value_loss(
             values,
