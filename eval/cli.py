@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from eval.config import BACKENDS, MODES, SEARCH_R1_BENCHMARKS, EvalConfig
+from eval.config import BACKENDS, MODES, SEARCH_R1_BENCHMARKS, EvalConfig, training_protocol
 from eval.report import COMPARABLE_METRICS, compare_runs, format_run_table
 from searchgym.errors import SearchgymError
 
@@ -53,13 +53,20 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     where = search.add_mutually_exclusive_group()
     where.add_argument("--index", type=Path, help="index folder built by `searchgym index`")
     where.add_argument("--retriever-url", help="URL of a running `searchgym serve` (or Search-R1 server)")
-    search.add_argument("--topk", type=int, default=3, help="passages per search (default: 3)")
     search.add_argument(
-        "--max-turns", type=int, default=4, help="turns per question in agent mode (default: 4)"
+        "--train-config",
+        type=Path,
+        help=(
+            "evaluate with the protocol the policy was trained on: a training config or run folder "
+            "(its config.yaml) gives the prompt, turns, searches, top-k, observation budget and tokens "
+            "per turn; the flags below override it"
+        ),
     )
+    search.add_argument("--topk", type=int, help="passages per search (default: 3)")
+    search.add_argument("--max-turns", type=int, help="turns per question in agent mode (default: 4)")
     decoding = parser.add_argument_group("decoding (greedy)")
     decoding.add_argument("--backend", choices=BACKENDS, default="hf", help="transformers (hf) or vllm")
-    decoding.add_argument("--max-new-tokens", type=int, default=500, help="tokens per turn (default: 500)")
+    decoding.add_argument("--max-new-tokens", type=int, help="tokens per turn (default: 500)")
     decoding.add_argument(
         "--batch-size", type=int, default=32, help="questions decoded together (default: 32)"
     )
@@ -107,16 +114,29 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 
 def config_from_args(args: argparse.Namespace, mode: str) -> EvalConfig:
-    """The settings of one mode's run from the command line (validated by :class:`EvalConfig`)."""
+    """The settings of one mode's run from the command line (validated by :class:`EvalConfig`).
+
+    Protocol settings come from the flags given, then from ``--train-config``, then from the defaults.
+    """
+    protocol = training_protocol(args.train_config) if args.train_config else {}
+    given = {
+        name: value
+        for name, value in (
+            ("topk", args.topk),
+            ("max_turns", args.max_turns),
+            ("max_new_tokens", args.max_new_tokens),
+        )
+        if value is not None
+    }
+    if "max_turns" in given:  # the training's search budget may not fit fewer turns
+        protocol.pop("max_searches", None)
     return EvalConfig(
         benchmarks=parse_list(args.benchmarks, everything=SEARCH_R1_BENCHMARKS),
         model=args.model,
         mode=mode,
         retriever_url=args.retriever_url,
         index=str(args.index) if args.index else None,
-        topk=args.topk,
-        max_turns=args.max_turns,
-        max_new_tokens=args.max_new_tokens,
+        **{**protocol, **given},
         limit=args.limit,
         seed=args.seed,
         exclude=str(args.exclude) if args.exclude else None,

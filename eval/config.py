@@ -1,10 +1,13 @@
 """The settings of one evaluation run, validated before any work starts."""
 
 from dataclasses import asdict, dataclass, fields
-from pathlib import PurePath
-from typing import Any
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any
 
 from searchgym.errors import SearchgymError
+
+if TYPE_CHECKING:  # the env package loads gymnasium: not for `searchgym --help`
+    from env.config import EnvConfig, PromptStyle
 
 MODES = ("agent", "rag", "direct")
 BACKENDS = ("hf", "vllm")
@@ -40,6 +43,9 @@ class EvalConfig:
         index: a local index directory built by ``searchgym index``.
         topk: passages per search.
         max_turns: generation turns per question in ``agent`` mode (the last one must answer).
+        max_searches: searches per question in ``agent`` mode; None allows one in every turn but the last.
+        max_observation_tokens: the token budget of one observation (``rag`` trims its passages to it too).
+        prompt_template: the ``agent`` prompt with ``{question}``; None is the built-in one.
         max_new_tokens: tokens the model may generate per turn.
         limit: questions per dataset, sampled with ``seed``; None evaluates every question.
         seed: the sampling seed of ``limit``; the same seed gives the same questions.
@@ -55,6 +61,9 @@ class EvalConfig:
     index: str | None = None
     topk: int = 3
     max_turns: int = 4
+    max_searches: int | None = None
+    max_observation_tokens: int = 512
+    prompt_template: str | None = None
     max_new_tokens: int = 500
     limit: int | None = None
     seed: int = 0
@@ -79,6 +88,7 @@ class EvalConfig:
         for name in ("topk", "max_turns", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise SearchgymError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.agent_env(prompt_style="chat")  # an impossible budget or template fails here, before any work
         if self.limit is not None and self.limit < 1:
             raise SearchgymError(f"--limit must be at least 1, got {self.limit}")
         labels = self.dataset_labels
@@ -91,6 +101,19 @@ class EvalConfig:
     def dataset_labels(self) -> tuple[str, ...]:
         """The table column (and ``Prediction.dataset``) of each benchmark, in order."""
         return tuple(dataset_label(benchmark) for benchmark in self.benchmarks)
+
+    def agent_env(self, prompt_style: "PromptStyle") -> "EnvConfig":
+        """The env settings of an ``agent`` episode (``rag`` shares the observation budget)."""
+        from env.config import EnvConfig
+
+        return EnvConfig(
+            max_turns=self.max_turns,
+            max_searches=self.max_turns - 1 if self.max_searches is None else self.max_searches,
+            topk=self.topk,
+            max_observation_tokens=self.max_observation_tokens,
+            prompt_style=prompt_style,
+            prompt_template=self.prompt_template,
+        )
 
     @property
     def uses_retrieval(self) -> bool:
@@ -114,9 +137,9 @@ class EvalConfig:
         """The settings that can change a prediction in this mode (retrieval ones only where it searches)."""
         names = ["model", "mode", "max_new_tokens", "limit", "seed", "exclude", "backend"]
         if self.uses_retrieval:
-            names += ["index", "retriever_url", "topk"]
+            names += ["index", "retriever_url", "topk", "max_observation_tokens"]
         if self.mode == "agent":
-            names.append("max_turns")
+            names += ["max_turns", "max_searches", "prompt_template"]
         return {name: getattr(self, name) for name in names}
 
     def changed_settings(self, other: "EvalConfig") -> list[str]:
@@ -128,3 +151,29 @@ class EvalConfig:
         mine, theirs = self.prediction_settings(), other.prediction_settings()
         names = [*mine, *(name for name in theirs if name not in mine)]
         return [name for name in names if mine.get(name) != theirs.get(name)]
+
+
+def training_protocol(path: str | Path) -> dict[str, Any]:
+    """The ``agent`` protocol a policy was trained with, as :class:`EvalConfig` fields.
+
+    Args:
+        path: a training config (a preset, or the ``config.yaml`` that ``searchgym train`` leaves in its
+            run folder) or a run folder.
+
+    Returns:
+        Its env budgets, top-k and prompt template, and its tokens per turn (``rollout.max_new_tokens``).
+    """
+    from train.config import RUN_CONFIG_FILE, load_config  # dataclasses and YAML only
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / RUN_CONFIG_FILE
+    config = load_config(file)
+    return {
+        "topk": config.env.topk,
+        "max_turns": config.env.max_turns,
+        "max_searches": config.env.max_searches,
+        "max_observation_tokens": config.env.max_observation_tokens,
+        "prompt_template": config.env.prompt_template,
+        "max_new_tokens": config.rollout.max_new_tokens,
+    }

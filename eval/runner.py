@@ -75,12 +75,7 @@ class Engine:
     def for_config(cls, config: EvalConfig, generator: Generator, retriever: Retriever | None) -> "Engine":
         """The engine of a run: prompt style from the tokenizer (chat template or not), greedy decoding."""
         style: PromptStyle = "chat" if is_chat_model(generator.tokenizer) else "plain"
-        env_config = EnvConfig(
-            max_turns=config.max_turns,
-            max_searches=config.max_turns - 1,
-            topk=config.topk,
-            prompt_style=style,
-        )
+        env_config = config.agent_env(prompt_style=style)
         budgets = TokenBudgets(max_turn_tokens=config.max_new_tokens)
         return cls(generator, retriever, env_config, budgets, config.max_new_tokens, config.batch_size)
 

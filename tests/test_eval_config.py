@@ -1,12 +1,14 @@
+import argparse
 import doctest
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 import eval.cli
 import eval.config
 import eval.selection
-from eval.config import EvalConfig, dataset_label
+from eval.config import EvalConfig, dataset_label, training_protocol
 from eval.selection import check_unique_ids, read_id_file, select_examples
 from searchgym.errors import SearchgymError
 
@@ -27,6 +29,8 @@ def test_doctests_pass(module):
         ({"topk": 0}, "topk must be at least 1"),
         ({"limit": -3}, "--limit must be at least 1"),
         ({"benchmarks": ("a/nq.jsonl", "b/nq.parquet")}, "share a table column name"),
+        ({"prompt_template": "no placeholder"}, "must contain {question} exactly once"),
+        ({"max_turns": 2, "max_searches": 2}, "the last turn is reserved for the answer"),
     ],
 )
 def test_config_refuses_bad_settings_with_what_to_do(settings, message):
@@ -43,6 +47,9 @@ def test_config_round_trips_and_names_the_settings_that_change_predictions():
     assert config.changed_settings(EvalConfig.from_dict(config.to_dict() | {"benchmarks": ["nq"]})) == []
     other = EvalConfig.from_dict(config.to_dict() | {"topk": 5, "seed": 1})
     assert config.changed_settings(other) == ["seed", "topk"]
+    agent = EvalConfig(benchmarks=("nq",), mode="agent", index="idx")
+    retrained = EvalConfig.from_dict(agent.to_dict() | {"prompt_template": "Q: {question}"})
+    assert agent.changed_settings(retrained) == ["prompt_template"]
     # Retrieval settings cannot change a direct run's predictions: adding an index resumes it.
     direct = EvalConfig(benchmarks=("nq",), mode="direct")
     assert (
@@ -74,3 +81,56 @@ def test_id_file_ignores_comments_and_blank_lines(tmp_path):
 def test_repeated_ids_are_refused():
     with pytest.raises(SearchgymError, match="'q1' occurs more than once"):
         check_unique_ids("mine", [*examples(2), SimpleNamespace(id="q1")])
+
+
+@pytest.fixture
+def training_run(tmp_path):
+    """A run folder whose config.yaml trained a short protocol."""
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {"max_turns": 2, "max_searches": 1, "topk": 2, "max_observation_tokens": 128}
+    config = {"env": {**env, "prompt_template": "Q: {question}"}, "rollout": {"max_new_tokens": 32}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def test_the_training_protocol_comes_from_a_run_folder_or_its_config_file(training_run):
+    expected = {
+        "topk": 2,
+        "max_turns": 2,
+        "max_searches": 1,
+        "max_observation_tokens": 128,
+        "prompt_template": "Q: {question}",
+        "max_new_tokens": 32,
+    }
+    assert training_protocol(training_run) == expected
+    assert training_protocol(training_run / "config.yaml") == expected
+
+
+def eval_args(*argv):
+    parser = argparse.ArgumentParser()
+    eval.cli.add_eval_command(parser.add_subparsers())
+    return parser.parse_args(["eval", "--index", "idx", *argv])
+
+
+def test_flags_override_the_training_protocol_which_overrides_the_defaults(training_run):
+    default = eval.cli.config_from_args(eval_args(), "agent")
+    assert (default.topk, default.max_turns, default.max_new_tokens, default.prompt_template) == (
+        3,
+        4,
+        500,
+        None,
+    )
+    trained = eval.cli.config_from_args(eval_args("--train-config", str(training_run)), "agent")
+    assert (trained.topk, trained.max_turns, trained.max_searches, trained.max_new_tokens) == (2, 2, 1, 32)
+    assert (trained.max_observation_tokens, trained.prompt_template) == (128, "Q: {question}")
+    flagged = eval.cli.config_from_args(
+        eval_args("--train-config", str(training_run), "--topk", "5", "--max-turns", "4"), "agent"
+    )
+    # More turns than the training had: the search budget becomes the default (every turn but the last).
+    assert (flagged.topk, flagged.max_turns, flagged.max_searches, flagged.max_new_tokens) == (5, 4, None, 32)
+
+
+def test_a_missing_training_config_is_a_clear_error(tmp_path):
+    with pytest.raises(SearchgymError, match="no config file at"):
+        eval.cli.config_from_args(eval_args("--train-config", str(tmp_path)), "agent")

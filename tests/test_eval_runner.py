@@ -131,6 +131,27 @@ def test_agent_mode_runs_the_training_rollout_and_gives_the_known_table(tmp_path
     assert predictions["p2"].end_reason == "max_turns"
 
 
+def test_agent_mode_follows_the_training_protocol(tmp_path, benchmarks, tokenizer):
+    config = EvalConfig(
+        benchmarks=benchmarks,
+        mode="agent",
+        index="fake-index",
+        max_turns=2,
+        max_searches=1,
+        prompt_template="Look it up, then answer. Question: {question}",
+    )
+    generator = ScriptedGenerator(tokenizer, AGENT_SCRIPTS)
+    run_evaluation(
+        config, tmp_path / "agent", show_progress=False, generator=generator, retriever=KeywordRetriever()
+    )
+    first_prompts = [prompt for prompt in generator.prompts if "<information>" not in prompt]
+    assert first_prompts and all("Look it up, then answer. Question: " in prompt for prompt in first_prompts)
+    predictions = {p.example_id: p for p in read_predictions(tmp_path / "agent" / PREDICTIONS_FILE)}
+    assert predictions["g1"].prediction == "Paris"  # search, then answer: within the two turns
+    italy = predictions["g2"]  # its second search is the last turn's action: refused, and the episode ends
+    assert (italy.num_searches, italy.num_turns, italy.prediction) == (1, 2, None)
+
+
 def test_a_killed_run_resumes_from_its_predictions(tmp_path, benchmarks, tokenizer):
     config = EvalConfig(benchmarks=benchmarks, mode="direct", batch_size=1)
     run_dir = tmp_path / "run"

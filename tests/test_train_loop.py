@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from searchgym.errors import SearchgymError
 from train.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
+from train.config import RUN_CONFIG_FILE, load_config
 from train.loop import ExampleSampler, train
 from train.tracking import read_metrics
 
@@ -121,7 +122,9 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
 
 
 def test_run_folder_holds_logs_samples_checkpoints_and_an_hf_export(tmp_path: Path) -> None:
-    result = run_toy(tmp_path, "logging.tensorboard=true", "logging.plots=true", "checkpoint.keep_last=2")
+    overrides = ("logging.tensorboard=true", "logging.plots=true", "checkpoint.keep_last=2")
+    result = run_toy(tmp_path, *overrides)
+    assert load_config(result.run_dir / RUN_CONFIG_FILE) == toy_config(tmp_path, *overrides)
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
     assert "dev/em" in rows[0] and "dev/em" in rows[-1]

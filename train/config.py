@@ -464,6 +464,10 @@ class TrainConfig:
         return config_io.to_dict(self)
 
 
+RUN_CONFIG_FILE = "config.yaml"
+"""A run folder's resolved config: `--config` reads it, `searchgym eval --train-config` takes its protocol."""
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """The config of the YAML preset at ``path`` (None: defaults) with ``section.key=value`` overrides."""
     return config_io.load(TrainConfig, path, overrides)

@@ -11,13 +11,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from policy.render import render_trajectory
 from policy.trajectory import Trajectory
 from searchgym.errors import SearchgymError
-from train.config import TrainConfig
+from train.config import RUN_CONFIG_FILE, TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
 # The progress bar's short names for the numbers a user watches.
@@ -43,6 +44,8 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
         _keep_rows_up_to(self.metrics_path, start_step)
+        # Rewritten at every start: a resumed run may have been given new overrides (more steps).
+        (self.run_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         self._tensorboard = None
         if config.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported only when used: it loads tensorboard
