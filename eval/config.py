@@ -168,6 +168,11 @@ def training_protocol(path: str | Path) -> dict[str, Any]:
     file = Path(path)
     if file.is_dir():
         file = file / RUN_CONFIG_FILE
+    if not file.is_file():
+        raise SearchgymError(
+            f"--train-config {path}: no training config there; give a YAML preset (configs/demo.yaml) or the "
+            f"run folder of a `searchgym train` run (it holds {RUN_CONFIG_FILE})"
+        )
     config = load_config(file)
     return {
         "topk": config.env.topk,

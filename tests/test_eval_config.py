@@ -132,5 +132,5 @@ def test_flags_override_the_training_protocol_which_overrides_the_defaults(train
 
 
 def test_a_missing_training_config_is_a_clear_error(tmp_path):
-    with pytest.raises(SearchgymError, match="no config file at"):
+    with pytest.raises(SearchgymError, match="no training config there"):
         eval.cli.config_from_args(eval_args("--train-config", str(tmp_path)), "agent")
