@@ -14,7 +14,7 @@ from pathlib import Path
 
 from searchgym.errors import SearchgymError
 from searchgym.paths import REPO_ROOT
-from train.config import load_config
+from train.config import TrainConfig, load_config
 from train.warmstart import WARMSTART_REPORT
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -67,6 +67,20 @@ def summary_table(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def eval_command(config: TrainConfig) -> str:
+    """The ``searchgym eval`` command of a run's final policy on its whole dev set, as it was trained."""
+    from train.search_rollout import WIKI_MINI_BM25
+
+    if config.retriever.url is not None:
+        retriever = f"--retriever-url {config.retriever.url}"
+    else:
+        retriever = f"--index {config.retriever.index or WIKI_MINI_BM25}"
+    return (
+        f"searchgym eval --model {config.run_dir / 'final'} --train-config {config.run_dir} {retriever} "
+        f"--benchmarks {config.data.dev}"
+    )
+
+
 def main(overrides: list[str]) -> int:
     """Train with the demo preset and print the summary; returns the process exit status."""
     from train.search_rollout import run_search_training  # torch and transformers load here
@@ -79,6 +93,7 @@ def main(overrides: list[str]) -> int:
     print(f"\nSmolLM2-135M-Instruct on wiki-mini, first {config.data.dev_limit} dev questions, greedy:\n")
     print(summary_table(result.run_dir))
     print(f"\n{minutes:.1f} min; run folder: {result.run_dir} (metrics.jsonl, curves.png, samples/, final/)")
+    print(f"every dev question, with the protocol it was trained on:\n  {eval_command(config)}")
     return 0
 
 

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from env import SearchVectorEnv, load_dataset
-from searchgym.demo import dev_scores_by_stage, summary_table
+from eval.cli import config_from_args
+from searchgym.cli import build_parser
+from searchgym.demo import dev_scores_by_stage, eval_command, summary_table
 from train.config import RetrieverConfig, WarmStartConfig, load_config
 from train.search_rollout import (
     load_training_policy,
@@ -79,6 +81,19 @@ def test_a_run_records_the_warm_start_reuses_it_and_the_demo_table_shows_three_s
     stages = dev_scores_by_stage(tmp_path)
     assert list(stages) == ["untrained", "after warm-start", "after RL (step 1)"]
     assert "train reward per RL step:" in summary_table(tmp_path)
+
+    # The demo's closing hint evaluates the final policy with the protocol it was trained on.
+    config = load_config(TINY, [*overrides, "total_steps=1"])
+    hint = build_parser().parse_args(eval_command(config).split()[1:])
+    evaluated = config_from_args(hint, "agent")
+    assert evaluated.model == str(tmp_path / "final") and evaluated.benchmarks == (config.data.dev,)
+    assert (evaluated.max_turns, evaluated.max_searches, evaluated.topk, evaluated.prompt_template) == (
+        config.env.max_turns,
+        config.env.max_searches,
+        config.env.topk,
+        config.env.prompt_template,
+    )
+    assert evaluated.max_new_tokens == config.rollout.max_new_tokens
 
     # A second run in the same folder resumes: the saved warm-start is loaded, not trained again.
     (tmp_path / WARMSTART_REPORT).write_text(json.dumps(report | {"losses": ["marker"]}))
