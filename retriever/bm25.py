@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import bm25s
+import numpy as np
 import Stemmer
 
 from retriever.base import Passage
@@ -53,7 +54,7 @@ class Bm25Retriever:
         self._model = bm25s.BM25.load(str(index_dir / BM25_SUBDIR), mmap=True, backend="numba")
         # The numba scorer compiles on first use (and Arrow loads its kernels): pay that here, not on the
         # first request, with a query that surely matches: the first document's own text.
-        self.search([store.passages([[0]], [[0.0]])[0][0].contents], 1)
+        self.search([store.passages(np.array([[0]]), np.array([[0.0]]))[0][0].contents], 1)
 
     @property
     def num_documents(self) -> int:
@@ -78,11 +79,7 @@ class Bm25Retriever:
             rows, scores = self._model.retrieve(
                 [token_ids[i] for i in answerable], k=min(k, self.num_documents), show_progress=False
             )
-            matched = scores > 0
-            found = self._store.passages(
-                [query_rows[m].tolist() for query_rows, m in zip(rows, matched, strict=True)],
-                [query_scores[m].tolist() for query_scores, m in zip(scores, matched, strict=True)],
-            )
+            found = self._store.passages(rows, scores, found=scores > 0)
             for i, passages in zip(answerable, found, strict=True):
                 results[i] = passages
         return results

@@ -254,11 +254,8 @@ class DenseRetriever:
         if not queries:
             return []
         scores, rows = self._vectors.search(self._encoder.encode_queries(queries), min(k, self.num_documents))
-        found = rows >= 0  # IVF with a small nprobe can find fewer than k
-        return self._store.passages(
-            [query_rows[f].tolist() for query_rows, f in zip(rows, found, strict=True)],
-            [query_scores[f].tolist() for query_scores, f in zip(scores, found, strict=True)],
-        )
+        # IVF with a small nprobe can find fewer than k: FAISS pads with row -1.
+        return self._store.passages(rows, scores, found=rows >= 0)
 
 
 def check_encoder(index_dir: Path, manifest: Manifest, encoder: Encoder) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
 
@@ -60,20 +61,28 @@ class DocumentStore:
         return self._table.num_rows
 
     def passages(
-        self, rows: Sequence[Sequence[int]], scores: Sequence[Sequence[float]]
+        self, rows: np.ndarray, scores: np.ndarray, found: np.ndarray | None = None
     ) -> list[list[Passage]]:
-        """For each query, the passages at its ``rows``, in that order, each with its score.
+        """For each query, its passages: a backend's ``(queries, k)`` rows and scores, best first.
+
+        Args:
+            rows: document row numbers, one line per query.
+            scores: their scores, the same shape.
+            found: which entries are real hits (the rest are padding, e.g. BM25's zero scores or FAISS's
+                ``-1`` rows); None keeps them all.
 
         One Arrow ``take`` serves the whole batch: a take costs about 0.5 ms whatever its size on
         wiki-mini, as much as a BM25 search, so one per query would double a batch's cost.
         """
-        flat_rows = [row for query_rows in rows for row in query_rows]
-        if not flat_rows:
-            return [[] for _ in rows]
-        picked = self._table.take(pa.array(flat_rows, pa.int64()))
+        if found is None:
+            found = np.ones(rows.shape, dtype=bool)
+        picked = self._table.take(pa.array(rows[found], pa.int64()))
         ids = iter(picked.column("id").to_pylist())
         contents = iter(picked.column("contents").to_pylist())
         return [
-            [Passage(id=next(ids), contents=next(contents), score=float(score)) for score in query_scores]
-            for query_scores in scores
+            [
+                Passage(id=next(ids), contents=next(contents), score=score)
+                for score in query_scores[hits].tolist()
+            ]
+            for query_scores, hits in zip(scores, found, strict=True)
         ]
