@@ -6,29 +6,13 @@ import math
 
 import pytest
 import torch
-from train_fixtures import TargetTokenRollout, tiny_model, tiny_tokenizer, toy_examples
+from train_fixtures import TargetTokenRollout, learner_config, tiny_model, tiny_tokenizer, toy_examples
 
 from policy.trajectory import Trajectory
-from searchgym.paths import REPO_ROOT
 from train.batch import EmptyBatchError, collate
-from train.config import TrainConfig, load_config
+from train.config import TrainConfig
 from train.learner import build_optimizers, lr_multiplier, make_experience, update
 from train.models import build_train_models, response_logprobs
-
-
-def config_for(*overrides: str) -> TrainConfig:
-    return load_config(
-        REPO_ROOT / "configs" / "tiny.yaml",
-        [
-            "batch.prompts_per_step=4",
-            "batch.mini_batch_prompts=4",
-            "batch.micro_batch_size=4",
-            "rollout.samples_per_prompt=2",
-            "optim.actor_lr=1e-2",
-            "optim.critic_lr=1e-2",
-            *overrides,
-        ],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +61,8 @@ def test_micro_batch_size_does_not_change_the_update(
     trajectories: list[Trajectory], aggregation: str
 ) -> None:
     settings = (f"algorithm.loss_aggregation={aggregation}", "optim.weight_decay=0")
-    whole = updated_policy(trajectories, config_for("batch.micro_batch_size=8", *settings))
-    split = updated_policy(trajectories, config_for("batch.micro_batch_size=2", *settings))
+    whole = updated_policy(trajectories, learner_config("batch.micro_batch_size=8", *settings))
+    split = updated_policy(trajectories, learner_config("batch.micro_batch_size=2", *settings))
     for (name, a), b in zip(whole.named_parameters(), split.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
     initial = tiny_model()
@@ -86,7 +70,7 @@ def test_micro_batch_size_does_not_change_the_update(
 
 
 def test_grpo_experience_has_group_advantages_and_no_critic(trajectories: list[Trajectory]) -> None:
-    config = config_for("algorithm.name=grpo", "kl.placement=loss", "kl.estimator=low_var_kl")
+    config = learner_config("algorithm.name=grpo", "kl.placement=loss", "kl.estimator=low_var_kl")
     models = build_train_models(tiny_model(), with_reference=True, with_critic=config.uses_critic)
     assert models.critic is None
     batch = collate(trajectories, pad_token_id=0, device="cpu")
@@ -101,7 +85,7 @@ def test_grpo_experience_has_group_advantages_and_no_critic(trajectories: list[T
 
 
 def test_non_finite_loss_skips_the_step_and_keeps_the_weights(trajectories: list[Trajectory]) -> None:
-    config = config_for()
+    config = learner_config()
     models = build_train_models(tiny_model(), with_reference=True, with_critic=True)
     experience = make_experience(models, collate(trajectories, pad_token_id=0, device="cpu"), config)
     poisoned = experience.advantages.clone()
@@ -116,7 +100,7 @@ def test_non_finite_loss_skips_the_step_and_keeps_the_weights(trajectories: list
 
 
 def test_a_batch_without_any_reward_does_not_step(trajectories: list[Trajectory]) -> None:
-    config = config_for("kl.coef=0")
+    config = learner_config("kl.coef=0")
     missing = [copy.copy(t) for t in trajectories]
     for trajectory in missing:
         trajectory.reward = None

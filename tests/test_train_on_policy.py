@@ -5,23 +5,12 @@ import dataclasses
 
 import pytest
 import torch
-from train_fixtures import TargetTokenRollout, tiny_model, tiny_tokenizer, toy_examples
+from train_fixtures import TargetTokenRollout, learner_config, tiny_model, tiny_tokenizer, toy_examples
 
 from policy.logprobs import sequence_logprobs
-from searchgym.paths import REPO_ROOT
 from train.batch import collate
-from train.config import load_config
 from train.learner import build_optimizers, make_experience, update
 from train.models import build_train_models
-
-SETTINGS = [
-    "batch.prompts_per_step=4",
-    "batch.mini_batch_prompts=4",
-    "batch.micro_batch_size=4",
-    "rollout.samples_per_prompt=2",
-    "optim.actor_lr=1e-2",
-    "optim.critic_lr=1e-2",
-]
 
 
 @pytest.mark.parametrize(
@@ -29,7 +18,7 @@ SETTINGS = [
     [["algorithm.name=ppo", "kl.coef=0"], ["algorithm.name=grpo", "kl.coef=0.1", "kl.placement=loss"]],
 )
 def test_skipping_the_old_log_prob_pass_gives_the_same_update(overrides: list[str]) -> None:
-    config = load_config(REPO_ROOT / "configs" / "tiny.yaml", [*SETTINGS, *overrides])
+    config = learner_config(*overrides)
     assert config.update_is_on_policy
     torch.manual_seed(1)
     trajectories = TargetTokenRollout()(tiny_model(), tiny_tokenizer(), toy_examples(8), step=0)
@@ -55,18 +44,15 @@ def test_skipping_the_old_log_prob_pass_gives_the_same_update(overrides: list[st
 
 def test_several_optimizer_steps_per_batch_score_the_old_log_probs_first() -> None:
     for overrides in (["algorithm.ppo_epochs=2"], ["batch.mini_batch_prompts=2"]):
-        config = load_config(REPO_ROOT / "configs" / "tiny.yaml", [*SETTINGS, *overrides])
+        config = learner_config(*overrides)
         assert not config.update_is_on_policy
-    kl_reward = load_config(REPO_ROOT / "configs" / "tiny.yaml", [*SETTINGS, "kl.coef=0.01"])
+    kl_reward = learner_config("kl.coef=0.01")
     assert kl_reward.kl.placement == "reward" and not kl_reward.update_is_on_policy
 
 
 def test_a_batch_without_signal_leaves_the_weights_alone() -> None:
     """GRPO groups that all scored alike have zero advantages: AdamW must not drift on its momentum."""
-    config = load_config(
-        REPO_ROOT / "configs" / "tiny.yaml",
-        [*SETTINGS, "algorithm.name=grpo", "kl.coef=0", "algorithm.entropy_coef=0"],
-    )
+    config = learner_config("algorithm.name=grpo", "kl.coef=0", "algorithm.entropy_coef=0")
     torch.manual_seed(1)
     trajectories = TargetTokenRollout()(tiny_model(), tiny_tokenizer(), toy_examples(8), step=0)
     for trajectory in trajectories:

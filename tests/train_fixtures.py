@@ -171,6 +171,22 @@ class TargetTokenDevEval:
         return {"em": sum(e.reward or 0.0 for e in episodes) / len(episodes)}
 
 
+def learner_config(*overrides: str) -> TrainConfig:
+    """configs/tiny.yaml for a learner step on 8 toy episodes: 4 questions x 2 samples, micro-batches of 4."""
+    return load_config(
+        REPO_ROOT / "configs" / "tiny.yaml",
+        [
+            "batch.prompts_per_step=4",
+            "batch.mini_batch_prompts=4",
+            "batch.micro_batch_size=4",
+            "rollout.samples_per_prompt=2",
+            "optim.actor_lr=1e-2",
+            "optim.critic_lr=1e-2",
+            *overrides,
+        ],
+    )
+
+
 def toy_config(run_dir: Path, *overrides: str) -> TrainConfig:
     """configs/tiny.yaml for the toy task in ``run_dir``: PPO with critic, reference and dev evaluation."""
     return load_config(
