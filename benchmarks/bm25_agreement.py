@@ -11,9 +11,9 @@ known) how often one of them is in its top k.
 import argparse
 import json
 
-from retriever.base import Passage
-from retriever.index import IndexSpec, ensure_index, load_retriever
 from searchgym.paths import QA_DIR, REPO_ROOT, WIKI_MINI_CORPUS
+from searchgym.retriever.base import Passage
+from searchgym.retriever.index import IndexSpec, ensure_index, load_retriever
 
 
 def answer_found(passages: list[Passage], answers: list[str]) -> bool:

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from env import EnvConfig, QAExample, SearchVectorEnv, load_dataset
-from env.tokens import Tokenizer
-from retriever.base import Retriever
-from retriever.index import IndexSpec, ensure_index, load_retriever
 from searchgym import paths
+from searchgym.env import EnvConfig, QAExample, SearchVectorEnv, load_dataset
+from searchgym.env.tokens import Tokenizer
+from searchgym.retriever.base import Retriever
+from searchgym.retriever.index import IndexSpec, ensure_index, load_retriever
 
 _FIRST_TITLE = re.compile(r"Doc 1\(Title: (.*?)\) ")
 
@@ -81,7 +81,7 @@ def measure(
 
 
 def smollm2_tokenizer() -> Tokenizer:
-    from policy.models import default_policy_path, load_tokenizer
+    from searchgym.policy.models import default_policy_path, load_tokenizer
 
     return load_tokenizer(default_policy_path())
 

@@ -1,6 +1,7 @@
 """Evaluation speed and the untrained baseline: SmolLM2 on wiki-mini dev in direct, rag and agent mode.
 
-The model is loaded once and each mode runs through ``eval.runner.run_evaluation`` (greedy, BM25 top-3,
+The model is loaded once and each mode runs through ``searchgym.eval.runner.run_evaluation`` (greedy, BM25
+top-3,
 agent with at most 4 turns), into a fresh run directory under ``--out``; questions per second count the
 evaluation itself (generation, retrieval, scoring, files), not the model load.
 
@@ -18,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from env.rewards import cover_exact_match
-from eval.config import BACKENDS, MODES, EvalConfig
-from eval.inputs import load_generator
-from eval.report import PREDICTIONS_FILE, compare_runs, read_predictions
-from eval.runner import run_evaluation
-from retriever.index import IndexSpec, ensure_index, load_retriever
 from searchgym import paths
+from searchgym.env.rewards import cover_exact_match
+from searchgym.eval.config import BACKENDS, MODES, EvalConfig
+from searchgym.eval.inputs import load_generator
+from searchgym.eval.report import PREDICTIONS_FILE, compare_runs, read_predictions
+from searchgym.eval.runner import run_evaluation
+from searchgym.retriever.index import IndexSpec, ensure_index, load_retriever
 
 
 def parse_args() -> argparse.Namespace:

@@ -21,10 +21,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from env import load_dataset
 from searchgym.demo import DEMO_CONFIG, dev_scores_by_stage, summary_table
-from train.config import TrainConfig, load_config
-from train.search_rollout import WIKI_MINI_BM25, run_search_training
+from searchgym.env import load_dataset
+from searchgym.train.config import TrainConfig, load_config
+from searchgym.train.search_rollout import WIKI_MINI_BM25, run_search_training
 
 
 def rag_baseline(config: TrainConfig, out: Path) -> dict[str, float]:

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from train.config import TrainConfig, load_config
-from train.distributed.trainer import run_ray_training
-from train.search_rollout import run_search_training
-from train.tracking import read_metrics
+from searchgym.train.config import TrainConfig, load_config
+from searchgym.train.distributed.trainer import run_ray_training
+from searchgym.train.search_rollout import run_search_training
+from searchgym.train.tracking import read_metrics
 
 SINGLE_PHASES = ("time/rollout", "time/experience", "time/update")
 RAY_PHASES = ("time/rollout", "time/learn", "time/weight_sync")

@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import requests
 
-from retriever.index import IndexSpec, ensure_index, load_retriever
 from searchgym.paths import QA_DIR, REPO_ROOT, WIKI_MINI_CORPUS
+from searchgym.retriever.index import IndexSpec, ensure_index, load_retriever
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from env import EnvConfig, SearchVectorEnv, load_dataset
-from policy.generation import Generator, SamplingParams, TransformersGenerator
-from policy.models import default_policy_path, load_policy
-from policy.rollout import TokenBudgets, run_episodes
-from policy.trajectory import Trajectory
-from retriever.base import Retriever
-from retriever.index import IndexSpec, ensure_index, load_retriever
 from searchgym import paths
+from searchgym.env import EnvConfig, SearchVectorEnv, load_dataset
+from searchgym.policy.generation import Generator, SamplingParams, TransformersGenerator
+from searchgym.policy.models import default_policy_path, load_policy
+from searchgym.policy.rollout import TokenBudgets, run_episodes
+from searchgym.policy.trajectory import Trajectory
+from searchgym.retriever.base import Retriever
+from searchgym.retriever.index import IndexSpec, ensure_index, load_retriever
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Figures:
 def make_generator(backend: str, kv_cache_gib: float, max_context: int) -> Generator:
     if backend == "transformers":
         return TransformersGenerator(load_policy(), max_batch_size=64)
-    from policy.vllm_backend import VLLMGenerator
+    from searchgym.policy.vllm_backend import VLLMGenerator
 
     return VLLMGenerator(
         default_policy_path(), dtype="float32", max_model_len=max_context, kv_cache_gib=kv_cache_gib

@@ -18,11 +18,11 @@ from typing import TypeVar
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM
 
-from policy.trajectory import Trajectory
-from train.batch import collate
-from train.config import TrainConfig, load_config
-from train.learner import build_optimizers, make_experience, update
-from train.models import build_train_models
+from searchgym.policy.trajectory import Trajectory
+from searchgym.train.batch import collate
+from searchgym.train.config import TrainConfig, load_config
+from searchgym.train.learner import build_optimizers, make_experience, update
+from searchgym.train.models import build_train_models
 
 T = TypeVar("T")
 

@@ -4,7 +4,7 @@ Importing this package registers ``searchgym/SearchQA-v0`` with Gymnasium (by mo
 heavy is imported until an env is made)::
 
     import gymnasium
-    import env
+    import searchgym.env
 
     search_env = gymnasium.make("searchgym/SearchQA-v0", dataset="wiki-mini-dev", retriever=retriever)
     vector_env = gymnasium.make_vec("searchgym/SearchQA-v0", num_envs=64, dataset=..., retriever=...)
@@ -12,19 +12,19 @@ heavy is imported until an env is made)::
 
 import gymnasium
 
-from env.actions import Answer, Invalid, InvalidReason, Search, parse_action
-from env.config import EnvConfig, EnvConfigError
-from env.data import QAExample, dataset_names, load_dataset
-from env.search_env import SearchEnv
-from env.vector import SearchVectorEnv
+from searchgym.env.actions import Answer, Invalid, InvalidReason, Search, parse_action
+from searchgym.env.config import EnvConfig, EnvConfigError
+from searchgym.env.data import QAExample, dataset_names, load_dataset
+from searchgym.env.search_env import SearchEnv
+from searchgym.env.vector import SearchVectorEnv
 
 ENV_ID = "searchgym/SearchQA-v0"
 
 if ENV_ID not in gymnasium.registry:
     gymnasium.register(
         id=ENV_ID,
-        entry_point="env.search_env:SearchEnv",
-        vector_entry_point="env.vector:SearchVectorEnv",
+        entry_point="searchgym.env.search_env:SearchEnv",
+        vector_entry_point="searchgym.env.vector:SearchVectorEnv",
     )
 
 __all__ = [

@@ -8,9 +8,9 @@ do not use to the longer ones.
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from env.prompts import information_block
-from env.tokens import TextMeter
-from retriever.base import Passage
+from searchgym.env.prompts import information_block
+from searchgym.env.tokens import TextMeter
+from searchgym.retriever.base import Passage
 
 # Tokenizers may merge across the joins of headers and texts, so the assembled block can count a few
 # tokens more than its parts; each retry takes the excess off the longest document.

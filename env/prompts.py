@@ -4,7 +4,7 @@ Every observation after the prompt is exactly the text to append to the model's 
 so it starts and ends with a blank line and never repeats earlier context.
 """
 
-from env.config import QUESTION_PLACEHOLDER, PromptStyle
+from searchgym.env.config import QUESTION_PLACEHOLDER, PromptStyle
 
 PROTOCOL = (
     "Answer the question below. Reason step by step inside <think> and </think> first, and again each time "
@@ -79,7 +79,7 @@ def information_block(documents: list[tuple[str, str]]) -> str:
     return f"{INFORMATION_OPEN}{lines}{INFORMATION_CLOSE}"
 
 
-# Keyed by env.actions.InvalidReason values (a refused search has its own notice above).
+# Keyed by searchgym.env.actions.InvalidReason values (a refused search has its own notice above).
 _INVALID_REASON_TEXT = {
     "no_tag": "no <search> or <answer> tag",
     "unclosed_tag": "a tag was opened but not closed",

@@ -4,7 +4,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from retriever.base import Passage, Retriever
+from searchgym.retriever.base import Passage, Retriever
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,13 +7,13 @@ from typing import Any, SupportsFloat
 
 import gymnasium
 
-from env import prompts
-from env.actions import Answer, Invalid, Search, parse_action
-from env.config import EnvConfig
-from env.data import QAExample, load_dataset
-from env.observations import fit_information
-from env.retrieval import RetrievalResult, retrieve_batch
-from env.rewards import (
+from searchgym.env import prompts
+from searchgym.env.actions import Answer, Invalid, Search, parse_action
+from searchgym.env.config import EnvConfig
+from searchgym.env.data import QAExample, load_dataset
+from searchgym.env.observations import fit_information
+from searchgym.env.retrieval import RetrievalResult, retrieve_batch
+from searchgym.env.rewards import (
     RewardBreakdown,
     answer_in_passages,
     cover_exact_match,
@@ -23,14 +23,14 @@ from env.rewards import (
     score_answer,
     search_penalty,
 )
-from env.spaces import MAX_ACTION_CHARS, MAX_OBSERVATION_CHARS, UnicodeText
-from env.tokens import Tokenizer, make_meter
-from retriever.base import Retriever
+from searchgym.env.spaces import MAX_ACTION_CHARS, MAX_OBSERVATION_CHARS, UnicodeText
+from searchgym.env.tokens import Tokenizer, make_meter
 from searchgym.errors import SearchgymError
+from searchgym.retriever.base import Retriever
 
 DatasetLike = str | os.PathLike[str] | Sequence[QAExample | Mapping[str, Any]]
 
-# Reasons an action parsed as a search was not carried out (beside env.actions.InvalidReason).
+# Reasons an action parsed as a search was not carried out (beside searchgym.env.actions.InvalidReason).
 SEARCH_BUDGET_SPENT = "search_budget_spent"
 SEARCH_ON_LAST_TURN = "search_on_last_turn"
 
@@ -60,15 +60,17 @@ class SearchEnv(gymnasium.Env[str, str]):
     ## Description
     Each episode is one QA example. The model reasons in ``<think>`` blocks, searches with
     ``<search> query </search>`` and ends with ``<answer> text </answer>``; the env parses each turn with
-    :func:`env.actions.parse_action` (the first complete tag wins), runs searches on its retriever and
+    :func:`searchgym.env.actions.parse_action` (the first complete tag wins), runs searches on its retriever
+    and
     returns what to append to the model's context.
 
     ## Action Space
-    :class:`~env.spaces.UnicodeText`: one turn of model text (any string; the closing tag must be
+    :class:`~searchgym.env.spaces.UnicodeText`: one turn of model text (any string; the closing tag must be
     included, so generation should stop *after* ``</search>`` / ``</answer>``).
 
     ## Observation Space
-    :class:`~env.spaces.UnicodeText`. ``reset`` returns the prompt: with ``prompt_style="chat"`` the user
+    :class:`~searchgym.env.spaces.UnicodeText`. ``reset`` returns the prompt: with ``prompt_style="chat"``
+    the user
     message (the policy applies its chat template), with ``"plain"`` the whole context, ending with
     ``Assistant:``. ``step`` returns exactly the text to append after the action:
     ``\n\n<information>Doc 1(Title: T) text\n...</information>\n\n`` after a search (each document
@@ -78,7 +80,8 @@ class SearchEnv(gymnasium.Env[str, str]):
 
     ## Rewards
     0.0 on every step but the last; the last step's reward is ``max(outcome, shaping) - search_cost``
-    (:class:`env.rewards.RewardBreakdown`). When the reward cannot be computed (the retriever failed, or
+    (:class:`searchgym.env.rewards.RewardBreakdown`). When the reward cannot be computed (the retriever
+    failed, or
     the example has no gold answers) the step reward is 0.0 and ``info["reward"]`` is None with
     ``info["reward_error"]`` saying why: mask those episodes, never train on the 0.0.
 
@@ -89,7 +92,7 @@ class SearchEnv(gymnasium.Env[str, str]):
     ## Info
     Every step: ``example_id``, ``turn`` (1-based), ``action_type`` (``"search"``, ``"answer"`` or
     ``"invalid"``: what the env did), ``query`` (the parsed query, also for a refused search),
-    ``invalid_reason`` (an :class:`~env.actions.InvalidReason` value, ``"search_budget_spent"`` or
+    ``invalid_reason`` (an :class:`~searchgym.env.actions.InvalidReason` value, ``"search_budget_spent"`` or
     ``"search_on_last_turn"``), ``retrieved_ids``, ``retrieval_latency_s``, ``num_searches``,
     ``observation_tokens``. At the end also: ``answer``, ``em``, ``f1``, ``cover_em``, ``reward``,
     ``reward_error``, ``reward_outcome``, ``reward_shaping``, ``reward_search_cost``, ``end_reason``
@@ -97,15 +100,18 @@ class SearchEnv(gymnasium.Env[str, str]):
 
     ## Arguments
     ``dataset``: a bundled name (``"wiki-mini-dev"``), a file path, or QA examples; may be None when
-    every reset passes ``options={"example": ...}``. ``retriever``: any :class:`retriever.base.Retriever`
-    (in-process index or HTTP client). ``config``: :class:`env.config.EnvConfig`. ``tokenizer``: counts
+    every reset passes ``options={"example": ...}``. ``retriever``: any
+    :class:`searchgym.retriever.base.Retriever`
+    (in-process index or HTTP client). ``config``: :class:`searchgym.env.config.EnvConfig`. ``tokenizer``:
+    counts
     budgets in the policy's tokens (HF-style ``encode``/``decode``); words without one.
     ``render_mode="ansi"``: ``render()`` returns the episode's text so far.
 
     ## Gymnasium checks
     ``gymnasium.utils.env_checker.check_env`` passes; its one warning is that ``render_mode="ansi"``
     declares no ``render_fps`` (text has no frame rate). Gymnasium's ``Text`` space only holds strings over
-    a finite character set, so both spaces are :class:`~env.spaces.UnicodeText`, a ``Text`` that accepts
+    a finite character set, so both spaces are :class:`~searchgym.env.spaces.UnicodeText`, a ``Text`` that
+    accepts
     any character; ``action_space.sample()`` draws printable ASCII, which parses as an invalid action.
     """
 
@@ -181,7 +187,8 @@ class SearchEnv(gymnasium.Env[str, str]):
     def begin_step(self, action: str) -> str | None:
         """First half of ``step``: parse the turn; return the query to search, or None if no search runs.
 
-        :class:`env.vector.SearchVectorEnv` calls this on every sub-env, sends all queries in one retriever
+        :class:`searchgym.env.vector.SearchVectorEnv` calls this on every sub-env, sends all queries in one
+        retriever
         call, then calls :meth:`finish_step`.
 
         Raises:

@@ -7,19 +7,19 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from env.config import EnvConfig
-from env.retrieval import retrieve_batch
-from env.search_env import DatasetLike, EpisodeStateError, SearchEnv, resolve_examples
-from env.tokens import Tokenizer
-from retriever.base import Retriever
+from searchgym.env.config import EnvConfig
+from searchgym.env.retrieval import retrieve_batch
+from searchgym.env.search_env import DatasetLike, EpisodeStateError, SearchEnv, resolve_examples
+from searchgym.env.tokens import Tokenizer
 from searchgym.errors import SearchgymError
+from searchgym.retriever.base import Retriever
 
 StepOutput = tuple[str, float, bool, bool, dict[str, Any] | None]
 _RESET_OPTIONS = frozenset({"examples", "reset_mask"})
 
 
 class SearchVectorEnv(VectorEnv):
-    """``num_envs`` :class:`~env.search_env.SearchEnv` episodes in lockstep (Gymnasium's VectorEnv API).
+    """``num_envs`` :class:`~searchgym.env.SearchEnv` episodes in lockstep (Gymnasium's VectorEnv API).
 
     Every step sends the searches of all sub-envs to the retriever in ONE ``search`` call (none when no
     sub-env searches); each search's ``retrieval_latency_s`` is that call's wall time.
@@ -51,7 +51,7 @@ class SearchVectorEnv(VectorEnv):
 
     Args:
         num_envs: number of parallel episodes.
-        dataset: as for :class:`~env.search_env.SearchEnv` (loaded once and shared).
+        dataset: as for :class:`~searchgym.env.search_env.SearchEnv` (loaded once and shared).
         retriever: shared by all sub-envs.
         config: shared by all sub-envs.
         tokenizer: counts budgets in the policy's tokens.

@@ -9,9 +9,9 @@ import re
 import sys
 from pathlib import Path
 
-from eval.config import BACKENDS, MODES, SEARCH_R1_BENCHMARKS, EvalConfig, training_protocol
-from eval.report import COMPARABLE_METRICS, compare_runs, format_run_table
 from searchgym.errors import SearchgymError
+from searchgym.eval.config import BACKENDS, MODES, SEARCH_R1_BENCHMARKS, EvalConfig, training_protocol
+from searchgym.eval.report import COMPARABLE_METRICS, compare_runs, format_run_table
 
 DEFAULT_BENCHMARKS = "wiki-mini-dev"
 RUNS_DIR = Path("runs") / "eval"
@@ -98,7 +98,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if args.compare:
         print(compare_runs(args.compare, metric=args.metric, reported=args.reported))
         return 0
-    from eval.runner import run_evaluations  # torch and transformers load here, not at --help
+    from searchgym.eval.runner import run_evaluations  # torch and transformers load here, not at --help
 
     modes = parse_list(args.mode, everything=MODES)
     if not modes:

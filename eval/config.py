@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from searchgym.errors import SearchgymError
 
 if TYPE_CHECKING:  # the env package loads gymnasium: not for `searchgym --help`
-    from env.config import EnvConfig, PromptStyle
+    from searchgym.env.config import EnvConfig, PromptStyle
 
 MODES = ("agent", "rag", "direct")
 BACKENDS = ("hf", "vllm")
@@ -104,7 +104,7 @@ class EvalConfig:
 
     def agent_env(self, prompt_style: "PromptStyle") -> "EnvConfig":
         """The env settings of an ``agent`` episode (``rag`` shares the observation budget)."""
-        from env.config import EnvConfig
+        from searchgym.env.config import EnvConfig
 
         return EnvConfig(
             max_turns=self.max_turns,
@@ -163,7 +163,7 @@ def training_protocol(path: str | Path) -> dict[str, Any]:
     Returns:
         Its env budgets, top-k and prompt template, and its tokens per turn (``rollout.max_new_tokens``).
     """
-    from train.config import RUN_CONFIG_FILE, load_config  # dataclasses and YAML only
+    from searchgym.train.config import RUN_CONFIG_FILE, load_config  # dataclasses and YAML only
 
     file = Path(path)
     if file.is_dir():

@@ -8,14 +8,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from env import QAExample, load_dataset
-from eval.config import EvalConfig
-from eval.records import Prediction
-from eval.report import PREDICTIONS_FILE, RUN_FILE, read_predictions
-from eval.selection import check_unique_ids, read_id_file, select_examples
-from policy.generation import Generator
-from retriever.base import Retriever
+from searchgym.env import QAExample, load_dataset
 from searchgym.errors import SearchgymError
+from searchgym.eval.config import EvalConfig
+from searchgym.eval.records import Prediction
+from searchgym.eval.report import PREDICTIONS_FILE, RUN_FILE, read_predictions
+from searchgym.eval.selection import check_unique_ids, read_id_file, select_examples
+from searchgym.policy.generation import Generator
+from searchgym.retriever.base import Retriever
 
 PROBE_QUERY = "searchgym connectivity check"
 PROBE_TIMEOUT_S = 10.0
@@ -31,7 +31,7 @@ class EvalItem:
 
     @property
     def key(self) -> tuple[str, str]:
-        """(dataset, example id), as :attr:`eval.records.Prediction.key`."""
+        """(dataset, example id), as :attr:`searchgym.eval.records.Prediction.key`."""
         return (self.dataset, self.example.id)
 
 
@@ -74,7 +74,7 @@ def check_retriever(config: EvalConfig) -> None:
     if not config.uses_retrieval:
         return
     if config.index is not None:
-        from retriever.manifest import Manifest
+        from searchgym.retriever.manifest import Manifest
 
         if not Path(config.index).is_dir():
             raise SearchgymError(
@@ -83,7 +83,7 @@ def check_retriever(config: EvalConfig) -> None:
             )
         Manifest.load(Path(config.index))
         return
-    from retriever.client import HttpRetriever
+    from searchgym.retriever.client import HttpRetriever
 
     probe(HttpRetriever(str(config.retriever_url), max_retries=1, timeout_s=PROBE_TIMEOUT_S), config)
 
@@ -96,7 +96,7 @@ def open_retriever(config: EvalConfig) -> Retriever | None:
     """
     if not config.uses_retrieval:
         return None
-    from retriever.index import load_retriever
+    from searchgym.retriever.index import load_retriever
 
     retriever = load_retriever(str(config.index or config.retriever_url))
     probe(retriever, config)
@@ -130,8 +130,8 @@ def load_generator(config: EvalConfig) -> Generator:
     if config.backend == "vllm":
         import torch
 
-        from policy.models import DEFAULT_POLICY, default_policy_path
-        from policy.vllm_backend import VLLMGenerator
+        from searchgym.policy.models import DEFAULT_POLICY, default_policy_path
+        from searchgym.policy.vllm_backend import VLLMGenerator
 
         embedded = config.model in (None, DEFAULT_POLICY)
         # On CPU vLLM would otherwise reserve most of the machine's memory for its KV cache.
@@ -139,8 +139,8 @@ def load_generator(config: EvalConfig) -> Generator:
         return VLLMGenerator(
             default_policy_path() if embedded else str(config.model), kv_cache_gib=kv_cache_gib
         )
-    from policy.generation import TransformersGenerator
-    from policy.models import load_policy
+    from searchgym.policy.generation import TransformersGenerator
+    from searchgym.policy.models import load_policy
 
     try:
         policy = load_policy(config.model)

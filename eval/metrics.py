@@ -1,7 +1,8 @@
 """Per-question scores aggregated into per-dataset metrics, and the average across datasets.
 
 The per-question scores (EM, cover-EM, F1) are computed once, by the training reward code, and stored in
-each :class:`~eval.records.Prediction`; this module only averages them, so a table can always be rebuilt
+each :class:`~searchgym.eval.records.Prediction`; this module only averages them, so a table can always be
+rebuilt
 from a ``predictions.jsonl`` file.
 """
 
@@ -9,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from statistics import fmean
 
-from eval.records import Prediction
+from searchgym.eval.records import Prediction
 
 AVERAGE = "average"
 

@@ -8,7 +8,7 @@ from typing import Any
 class Prediction:
     """What happened on one question, with its scores.
 
-    The scores come from ``env.rewards`` (the training reward code), applied to ``prediction``.
+    The scores come from ``searchgym.env.rewards`` (the training reward code), applied to ``prediction``.
 
     Attributes:
         example_id: id of the QA example (unique within its dataset).

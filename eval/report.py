@@ -1,7 +1,8 @@
 """Run files and tables: ``predictions.jsonl``, ``results.json``, the markdown tables and the paper's numbers.
 
 A run directory holds ``run.json`` (the settings, written before the first question), ``predictions.jsonl``
-(one :class:`~eval.records.Prediction` per line, appended batch by batch so a killed run can resume) and, at
+(one :class:`~searchgym.eval.records.Prediction` per line, appended batch by batch so a killed run can
+resume) and, at
 the end, ``results.json`` and ``results.md``. Tables put datasets in columns, like the Search-R1 paper.
 """
 
@@ -15,11 +16,11 @@ from typing import Any, Self
 
 import yaml
 
-from eval.config import EvalConfig
-from eval.metrics import AVERAGE, DatasetMetrics, macro_average, summarize
-from eval.records import Prediction
 from searchgym import __version__
 from searchgym.errors import SearchgymError
+from searchgym.eval.config import EvalConfig
+from searchgym.eval.metrics import AVERAGE, DatasetMetrics, macro_average, summarize
+from searchgym.eval.records import Prediction
 
 RUN_FILE = "run.json"
 PREDICTIONS_FILE = "predictions.jsonl"

@@ -1,7 +1,9 @@
 """Running an evaluation: check everything it needs, then generate in batches, score and write the run files.
 
-The three modes share the training code end to end: answers are read by ``env.actions.parse_action`` and
-scored by ``env.rewards``; ``agent`` episodes run through ``policy.rollout.run_episodes`` and the vector env
+The three modes share the training code end to end: answers are read by
+``searchgym.env.actions.parse_action`` and
+scored by ``searchgym.env.rewards``; ``agent`` episodes run through ``searchgym.policy.rollout.run_episodes``
+and the vector env
 (all searches of a turn in one retriever call), exactly as in training but greedy.
 """
 
@@ -13,15 +15,16 @@ from typing import cast
 
 from tqdm import tqdm
 
-from env import Answer, EnvConfig, SearchVectorEnv, parse_action
-from env.config import PromptStyle
-from env.observations import fit_information
-from env.prompts import build_baseline_prompt
-from env.retrieval import retrieve_batch
-from env.rewards import cover_exact_match, exact_match, f1_score
-from env.tokens import TokenizerMeter
-from eval.config import EvalConfig
-from eval.inputs import (
+from searchgym.env import Answer, EnvConfig, SearchVectorEnv, parse_action
+from searchgym.env.config import PromptStyle
+from searchgym.env.observations import fit_information
+from searchgym.env.prompts import build_baseline_prompt
+from searchgym.env.retrieval import retrieve_batch
+from searchgym.env.rewards import cover_exact_match, exact_match, f1_score
+from searchgym.env.tokens import TokenizerMeter
+from searchgym.errors import SearchgymError
+from searchgym.eval.config import EvalConfig
+from searchgym.eval.inputs import (
     EvalItem,
     check_retriever,
     load_generator,
@@ -29,9 +32,9 @@ from eval.inputs import (
     open_retriever,
     resume_predictions,
 )
-from eval.metrics import gold_passage_recall
-from eval.records import Prediction
-from eval.report import (
+from searchgym.eval.metrics import gold_passage_recall
+from searchgym.eval.records import Prediction
+from searchgym.eval.report import (
     PREDICTIONS_FILE,
     RUN_FILE,
     PredictionsWriter,
@@ -39,12 +42,11 @@ from eval.report import (
     write_json_atomic,
     write_run_files,
 )
-from policy.generation import DEFAULT_STOP, Generation, Generator, SamplingParams
-from policy.models import encode_prompt, is_chat_model
-from policy.rollout import TokenBudgets, run_episodes
-from policy.trajectory import Trajectory
-from retriever.base import Retriever
-from searchgym.errors import SearchgymError
+from searchgym.policy.generation import DEFAULT_STOP, Generation, Generator, SamplingParams
+from searchgym.policy.models import encode_prompt, is_chat_model
+from searchgym.policy.rollout import TokenBudgets, run_episodes
+from searchgym.policy.trajectory import Trajectory
+from searchgym.retriever.base import Retriever
 
 ANSWER_STOP = ("</answer>",)
 

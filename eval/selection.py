@@ -9,7 +9,7 @@ from searchgym.errors import SearchgymError
 
 
 class HasId(Protocol):
-    """Anything with an example id (``env.data.QAExample`` in practice)."""
+    """Anything with an example id (``searchgym.env.data.QAExample`` in practice)."""
 
     @property
     def id(self) -> str:

@@ -22,8 +22,8 @@ from transformers import (
 )
 from transformers.cache_utils import CacheLayerMixin
 
-from policy.models import Policy
 from searchgym.errors import SearchgymError
+from searchgym.policy.models import Policy
 
 FinishReason = Literal["stop", "eos", "length"]
 """``stop``: a stop string was completed; ``eos``: an end-of-sequence token; ``length``: the token limit."""

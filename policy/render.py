@@ -5,7 +5,7 @@ from typing import cast
 
 from transformers import PreTrainedTokenizerBase
 
-from policy.trajectory import Trajectory
+from searchgym.policy.trajectory import Trajectory
 
 _SPAN_NAMES = {1: "policy", 0: "observation"}
 

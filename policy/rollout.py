@@ -27,12 +27,12 @@ from typing import Any, cast
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from env import EnvConfig, QAExample, SearchVectorEnv
-from env.search_env import as_example, episode_scores
-from policy.generation import Generation, Generator, SamplingParams, TransformersGenerator
-from policy.models import Policy, encode_prompt
-from policy.trajectory import Timings, Trajectory, TurnRecord
+from searchgym.env import EnvConfig, QAExample, SearchVectorEnv
+from searchgym.env.search_env import as_example, episode_scores
 from searchgym.errors import SearchgymError
+from searchgym.policy.generation import Generation, Generator, SamplingParams, TransformersGenerator
+from searchgym.policy.models import Policy, encode_prompt
+from searchgym.policy.trajectory import Timings, Trajectory, TurnRecord
 
 CONTEXT_BUDGET = "context_budget"
 OBSERVATION_BUDGET = "observation_budget"

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from policy.generation import FinishReason, Generation, SamplingParams, token_limits
-from policy.models import load_tokenizer
 from searchgym.errors import SearchgymError
+from searchgym.policy.generation import FinishReason, Generation, SamplingParams, token_limits
+from searchgym.policy.models import load_tokenizer
 
 
 class VLLMUnavailableError(SearchgymError):
@@ -31,7 +31,8 @@ class VLLMGenerator:
     same quantity the transformers backend reports.
 
     Args:
-        model: a local model folder (a Hugging Face layout; ``policy.models.default_policy_path()`` for
+        model: a local model folder (a Hugging Face layout; ``searchgym.policy.models.default_policy_path()``
+        for
             the embedded SmolLM2) or a hub id cached on this machine.
         dtype: weight dtype (``"auto"``: bf16 on GPU; vLLM's CPU backend runs fp32 and bf16).
         max_model_len: the longest context (prompt and generation) a request may have.
@@ -94,7 +95,7 @@ class VLLMGenerator:
         *,
         max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
-        """Generate a continuation of each prompt (see ``policy.generation.Generator``).
+        """Generate a continuation of each prompt (see ``searchgym.policy.generation.Generator``).
 
         With a seed, request ``i`` is seeded ``seed + i``: identical prompts in one batch (a GRPO group)
         still get different samples, and the same call gives the same samples.

@@ -16,8 +16,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from retriever.base import Passage, Retriever
 from searchgym.errors import SearchgymError
+from searchgym.retriever.base import Passage, Retriever
 
 logger = logging.getLogger(__name__)
 Key = TypeVar("Key", bound=Hashable)

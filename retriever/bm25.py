@@ -12,10 +12,10 @@ import bm25s
 import numpy as np
 import Stemmer
 
-from retriever.base import Passage
-from retriever.corpus import Document
-from retriever.docstore import DocumentStore
-from retriever.manifest import Bm25Params
+from searchgym.retriever.base import Passage
+from searchgym.retriever.corpus import Document
+from searchgym.retriever.docstore import DocumentStore
+from searchgym.retriever.manifest import Bm25Params
 
 BM25_SUBDIR = "bm25s"
 

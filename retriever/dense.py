@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from retriever.base import Passage
-from retriever.config import VectorSearchKind
-from retriever.corpus import Document, batched
-from retriever.docstore import DocumentStore
-from retriever.encoder import PROBE_MIN_COSINE, Encoder
-from retriever.manifest import IndexLoadError, IndexMismatchError, Manifest
 from searchgym.errors import SearchgymError
+from searchgym.retriever.base import Passage
+from searchgym.retriever.config import VectorSearchKind
+from searchgym.retriever.corpus import Document, batched
+from searchgym.retriever.docstore import DocumentStore
+from searchgym.retriever.encoder import PROBE_MIN_COSINE, Encoder
+from searchgym.retriever.manifest import IndexLoadError, IndexMismatchError, Manifest
 
 if TYPE_CHECKING:
     import faiss

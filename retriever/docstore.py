@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
 
-from retriever.base import Passage
-from retriever.corpus import Document
+from searchgym.retriever.base import Passage
+from searchgym.retriever.corpus import Document
 
 _SCHEMA = pa.schema([("id", pa.string()), ("contents", pa.large_string())])
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retriever.config import DEFAULT_ENCODER
 from searchgym.errors import SearchgymError
 from searchgym.paths import default_encoder_path
+from searchgym.retriever.config import DEFAULT_ENCODER
 
 _DEFAULT_ENCODER_ALIASES = (DEFAULT_ENCODER, f"sentence-transformers/{DEFAULT_ENCODER}")
 # Encoded at build time and again at load time: the same model gives (nearly) the same vector, another

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retriever.base import Retriever
-from retriever.config import DEFAULT_ENCODER, VectorSearchKind
-from retriever.corpus import CorpusReader, Document, batched, file_sha256, read_corpus
-from retriever.docstore import DocumentStore, DocumentStoreWriter
-from retriever.encoder import default_prefixes
-from retriever.manifest import (
+from searchgym.errors import SearchgymError
+from searchgym.retriever.base import Retriever
+from searchgym.retriever.config import DEFAULT_ENCODER, VectorSearchKind
+from searchgym.retriever.corpus import CorpusReader, Document, batched, file_sha256, read_corpus
+from searchgym.retriever.docstore import DocumentStore, DocumentStoreWriter
+from searchgym.retriever.encoder import default_prefixes
+from searchgym.retriever.manifest import (
     MANIFEST_NAME,
     Bm25Params,
     CorpusInfo,
@@ -28,7 +29,6 @@ from retriever.manifest import (
     Manifest,
     Method,
 )
-from searchgym.errors import SearchgymError
 
 DOCSTORE_NAME = "documents.arrow"
 _STORE_BATCH = 4096  # documents per Arrow record batch
@@ -136,7 +136,7 @@ def _build_backend(
     spec: IndexSpec, documents: Iterator[Document], folder: Path, corpus: CorpusInfo
 ) -> Manifest:
     if spec.method == "pyserini":
-        from retriever.pyserini_backend import build_pyserini_index
+        from searchgym.retriever.pyserini_backend import build_pyserini_index
 
         params = Bm25Params()
         count = build_pyserini_index(documents, folder)
@@ -144,13 +144,13 @@ def _build_backend(
     with DocumentStoreWriter(folder / DOCSTORE_NAME) as store:
         stored = _stored(documents, store)
         if spec.method == "bm25":
-            from retriever.bm25 import build_bm25_index
+            from searchgym.retriever.bm25 import build_bm25_index
 
             params = Bm25Params()
             count = build_bm25_index(stored, folder, params)
             return Manifest(method="bm25", num_documents=count, corpus=corpus, bm25=params)
-        from retriever.dense import build_dense_index
-        from retriever.encoder import Encoder
+        from searchgym.retriever.dense import build_dense_index
+        from searchgym.retriever.encoder import Encoder
 
         query_prefix, passage_prefix = default_prefixes(spec.model)
         encoder = Encoder(
@@ -199,7 +199,8 @@ def open_index(
         model: dense only: the encoder to use instead of the manifest's (e.g. the same model at another path);
             it must encode like the one the index was built with.
         device: ``auto``, ``cpu`` or ``cuda`` (dense).
-        vector_search: ``auto``, ``faiss`` or ``torch`` (dense; see ``retriever.dense.open_vector_search``).
+        vector_search: ``auto``, ``faiss`` or ``torch`` (dense; see
+        ``searchgym.retriever.dense.open_vector_search``).
         faiss_params: FAISS search parameters such as ``nprobe=32`` (dense).
 
     Raises:
@@ -211,13 +212,13 @@ def open_index(
     if corpus is not None:
         _check_corpus(index_dir, manifest, Path(corpus))
     if manifest.method == "pyserini":
-        from retriever.pyserini_backend import PyseriniRetriever
+        from searchgym.retriever.pyserini_backend import PyseriniRetriever
 
         assert manifest.bm25 is not None  # Manifest.__post_init__ checked it
         return OpenIndex(manifest, PyseriniRetriever(index_dir, manifest.bm25))
     store = _open_store(index_dir, manifest)
     if manifest.method == "bm25":
-        from retriever.bm25 import Bm25Retriever
+        from searchgym.retriever.bm25 import Bm25Retriever
 
         assert manifest.bm25 is not None  # Manifest.__post_init__ checked it
         return OpenIndex(manifest, Bm25Retriever(index_dir, manifest.bm25, store))
@@ -235,8 +236,8 @@ def _open_dense(
     vector_search: VectorSearchKind,
     faiss_params: str,
 ) -> Retriever:
-    from retriever.dense import DenseRetriever, open_vector_search
-    from retriever.encoder import Encoder, resolve_device
+    from searchgym.retriever.dense import DenseRetriever, open_vector_search
+    from searchgym.retriever.encoder import Encoder, resolve_device
 
     assert manifest.encoder is not None  # Manifest.__post_init__ checked it
     device = resolve_device(device)
@@ -285,10 +286,10 @@ def load_retriever(location: str | Path, **options: Any) -> Retriever:
         location: an index folder built by ``searchgym index``, or the URL of a ``searchgym serve`` (or any
             Search-R1-compatible) server, e.g. ``http://127.0.0.1:8000/retrieve``.
         **options: for a folder, :func:`open_index`'s keyword arguments; for a URL,
-            :class:`retriever.client.HttpRetriever`'s.
+            :class:`searchgym.retriever.client.HttpRetriever`'s.
     """
     if str(location).startswith(("http://", "https://")):
-        from retriever.client import HttpRetriever
+        from searchgym.retriever.client import HttpRetriever
 
         return HttpRetriever(str(location), **options)
     return open_index(location, **options).retriever

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from retriever.base import Passage
-from retriever.corpus import Document, batched
-from retriever.manifest import Bm25Params
 from searchgym.errors import SearchgymError
+from searchgym.retriever.base import Passage
+from searchgym.retriever.corpus import Document, batched
+from searchgym.retriever.manifest import Bm25Params
 
 LUCENE_SUBDIR = "lucene"
 MIN_JAVA = 21

@@ -21,11 +21,11 @@ from typing import Any, Self
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from retriever.base import Passage, Retriever
-from retriever.batching import LruCache, MicroBatcher, QueueFullError, ServerStats
-from retriever.config import ServerConfig
-from retriever.manifest import Manifest
 from searchgym.errors import SearchgymError
+from searchgym.retriever.base import Passage, Retriever
+from searchgym.retriever.batching import LruCache, MicroBatcher, QueueFullError, ServerStats
+from searchgym.retriever.config import ServerConfig
+from searchgym.retriever.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1  # what a 429 tells clients to wait

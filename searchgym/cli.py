@@ -8,11 +8,11 @@ declares arguments; the heavy imports (torch, faiss, vllm, ray) happen inside th
 import argparse
 import sys
 
-from eval.cli import add_eval_command
-from retriever.cli import add_index_command, add_serve_command
 from searchgym import __version__
 from searchgym.errors import SearchgymError
-from train.cli import add_train_command
+from searchgym.eval.cli import add_eval_command
+from searchgym.retriever.cli import add_index_command, add_serve_command
+from searchgym.train.cli import add_train_command
 
 
 def build_parser() -> argparse.ArgumentParser:

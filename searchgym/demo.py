@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 from searchgym.errors import SearchgymError
-from searchgym.paths import REPO_ROOT
-from train.config import TrainConfig, load_config
-from train.warmstart import WARMSTART_REPORT
+from searchgym.paths import CONFIGS_DIR
+from searchgym.train.config import TrainConfig, load_config
+from searchgym.train.warmstart import WARMSTART_REPORT
 
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = CONFIGS_DIR / "demo.yaml"
 # (label, key in the dev scores, format)
 DEV_COLUMNS = (
     ("dev EM", "em", "{:.1%}"),
@@ -69,7 +69,7 @@ def summary_table(run_dir: Path) -> str:
 
 def eval_command(config: TrainConfig) -> str:
     """The ``searchgym eval`` command of a run's final policy on its whole dev set, as it was trained."""
-    from train.search_rollout import WIKI_MINI_BM25
+    from searchgym.train.search_rollout import WIKI_MINI_BM25
 
     if config.retriever.url is not None:
         retriever = f"--retriever-url {config.retriever.url}"
@@ -83,7 +83,7 @@ def eval_command(config: TrainConfig) -> str:
 
 def main(overrides: list[str]) -> int:
     """Train with the demo preset and print the summary; returns the process exit status."""
-    from train.search_rollout import run_search_training  # torch and transformers load here
+    from searchgym.train.search_rollout import run_search_training  # torch and transformers load here
 
     logging.basicConfig(level=logging.INFO, format="demo: %(message)s")
     config = load_config(DEMO_CONFIG, overrides)

@@ -1,15 +1,22 @@
 """Where the bundled data and the embedded default models live.
 
-The bundled data ships in the repository's ``data/`` folder; ``SEARCHGYM_DATA`` points elsewhere
-(for an installed copy without the repository, or a larger corpus laid out the same way).
+The bundled data and the YAML presets ship inside the package (``searchgym/data``, ``searchgym/configs``;
+in a checkout these are links to the top-level ``data/`` and ``configs/`` folders), so editable and
+non-editable installs find them the same way. ``SEARCHGYM_DATA`` points elsewhere (a larger corpus laid
+out the same way).
 """
 
 import importlib.util
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("SEARCHGYM_DATA", REPO_ROOT / "data"))
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+"""The source checkout in an editable install (tests and benchmarks write beside it); site-packages
+otherwise."""
+DATA_DIR = Path(os.environ.get("SEARCHGYM_DATA", PACKAGE_DIR / "data"))
+CONFIGS_DIR = PACKAGE_DIR / "configs"
+"""The YAML presets (``demo.yaml``, ``tiny.yaml``, the Search-R1 presets)."""
 CACHE_DIR = Path(os.environ.get("SEARCHGYM_CACHE", Path.home() / ".cache" / "searchgym"))
 
 WIKI_MINI_CORPUS = DATA_DIR / "corpus" / "wiki-mini.jsonl.gz"

@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from env.data import QAExample
-from retriever.base import Passage
+from searchgym.env.data import QAExample
+from searchgym.retriever.base import Passage
 
 CORPUS = (
     Passage("d0", '"Paris"\nParis is the capital and largest city of France.', 0.0),

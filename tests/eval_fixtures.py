@@ -5,9 +5,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from eval.records import Prediction
-from policy.generation import Generation, SamplingParams
-from retriever.base import Passage
+from searchgym.eval.records import Prediction
+from searchgym.policy.generation import Generation, SamplingParams
+from searchgym.retriever.base import Passage
 
 
 def prediction(
@@ -95,7 +95,8 @@ class KeywordRetriever:
 
 
 class ScriptedGenerator:
-    """A fake policy behind the ``policy.generation.Generator`` interface: fixed texts per question and turn.
+    """A fake policy behind the ``searchgym.policy.generation.Generator`` interface: fixed texts per question
+    and turn.
 
     The question is read from the prompt (``Question: ...``); its n-th generation call returns
     ``scripts[question][n]``, tokenized by the real tokenizer, as a backend would return sampled ids.

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from policy.generation import Generation, SamplingParams, token_limits
+from searchgym.policy.generation import Generation, SamplingParams, token_limits
 
 SCRIPTED_LOGPROB = -0.5
 

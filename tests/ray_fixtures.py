@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from env_fixtures import CORPUS, EXAMPLES
 
-from env.prompts import build_prompt
-from policy.models import encode_prompt, tiny_random_model
-from policy.trajectory import Trajectory
-from retriever.index import IndexSpec, build_index
-from searchgym.paths import REPO_ROOT
-from train.config import TrainConfig, load_config
+from searchgym.env.prompts import build_prompt
+from searchgym.paths import CONFIGS_DIR
+from searchgym.policy.models import encode_prompt, tiny_random_model
+from searchgym.policy.trajectory import Trajectory
+from searchgym.retriever.index import IndexSpec, build_index
+from searchgym.train.config import TrainConfig, load_config
 
 SEARCH = "<search> capital of France </search>"
 _TEACHING_STEPS = 25
@@ -76,7 +76,7 @@ def searching_model(folder: Path) -> Path:
 def ray_test_config(workdir: Path, *overrides: str) -> TrainConfig:
     """configs/tiny.yaml on the searching model, the tiny index and the four questions (8 episodes a step)."""
     return load_config(
-        REPO_ROOT / "configs" / "tiny.yaml",
+        CONFIGS_DIR / "tiny.yaml",
         [
             f"model.path={workdir / 'model'}",
             f"retriever.index={workdir / 'index'}",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from retriever.base import Passage
-from retriever.index import IndexSpec, build_index
+from searchgym.retriever.base import Passage
+from searchgym.retriever.index import IndexSpec, build_index
 
 TINY_CORPUS = [
     {"id": "0", "contents": '"Mars"\nMars is the fourth planet from the Sun, often called the Red Planet.'},

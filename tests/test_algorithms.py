@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from train.algorithms import (
+from searchgym.train.algorithms import (
     aggregate_loss,
     clipped_policy_loss,
     clipped_value_loss,

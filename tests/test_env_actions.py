@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from env.actions import Answer, Invalid, InvalidReason, Search, parse_action
+from searchgym.env.actions import Answer, Invalid, InvalidReason, Search, parse_action
 
 TAGS = ["<search>", "</search>", "<answer>", "</answer>", "<think>", "</think>", "< SEARCH >", "</ Answer>"]
 # Text without angle brackets cannot hold a tag.

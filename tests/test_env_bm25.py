@@ -4,10 +4,10 @@ import gymnasium
 import numpy as np
 import pytest
 
-import env
-from env import EnvConfig, SearchVectorEnv
-from retriever.index import IndexSpec, build_index, load_retriever
+from searchgym import env
+from searchgym.env import EnvConfig, SearchVectorEnv
 from searchgym.paths import WIKI_MINI_CORPUS
+from searchgym.retriever.index import IndexSpec, build_index, load_retriever
 
 pytestmark = pytest.mark.slow
 

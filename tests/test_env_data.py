@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from env.data import (
+from searchgym.env.data import (
     BENCHMARKS,
     DatasetError,
     QAExample,

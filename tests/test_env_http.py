@@ -7,10 +7,10 @@ import pytest
 import waitress
 from env_fixtures import EXAMPLES, FakeRetriever
 
-from env import EnvConfig, SearchEnv, SearchVectorEnv
-from retriever.client import HttpRetriever
-from retriever.config import ServerConfig
-from retriever.server import RetrievalService, create_app
+from searchgym.env import EnvConfig, SearchEnv, SearchVectorEnv
+from searchgym.retriever.client import HttpRetriever
+from searchgym.retriever.config import ServerConfig
+from searchgym.retriever.server import RetrievalService, create_app
 
 SCRIPT = ["<think>Look it up.</think><search> capital of France </search>", "<answer> Paris </answer>"]
 TIMING_KEYS = {"retrieval_latency_s"}

@@ -2,10 +2,10 @@ from env_fixtures import CORPUS, CharTokenizer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from env.observations import fit_information, share_budget
-from env.prompts import information_block
-from env.tokens import TokenizerMeter, WordMeter, make_meter
-from retriever.base import Passage
+from searchgym.env.observations import fit_information, share_budget
+from searchgym.env.prompts import information_block
+from searchgym.env.tokens import TokenizerMeter, WordMeter, make_meter
+from searchgym.retriever.base import Passage
 
 
 def long_passage(doc_id, title, words):

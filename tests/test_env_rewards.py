@@ -6,14 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import env.actions
-import env.observations
-import env.prompts
-import env.rewards
-import env.tokens
-import env.vector
-from env.config import EnvConfig, EnvConfigError
-from env.rewards import (
+import searchgym.env.actions
+import searchgym.env.observations
+import searchgym.env.prompts
+import searchgym.env.rewards
+import searchgym.env.tokens
+import searchgym.env.vector
+from searchgym.env.config import EnvConfig, EnvConfigError
+from searchgym.env.rewards import (
     RewardBreakdown,
     answer_in_passages,
     cover_exact_match,
@@ -27,7 +27,15 @@ from env.rewards import (
 
 
 @pytest.mark.parametrize(
-    "module", [env.rewards, env.actions, env.prompts, env.observations, env.tokens, env.vector]
+    "module",
+    [
+        searchgym.env.rewards,
+        searchgym.env.actions,
+        searchgym.env.prompts,
+        searchgym.env.observations,
+        searchgym.env.tokens,
+        searchgym.env.vector,
+    ],
 )
 def test_docstring_examples(module):
     result = doctest.testmod(module)

@@ -6,12 +6,12 @@ import pytest
 from env_fixtures import CORPUS, EXAMPLES, CharTokenizer, FakeRetriever
 from gymnasium.utils.env_checker import check_env
 
-import env
-from env import prompts
-from env.config import EnvConfig
-from env.data import QAExample
-from env.search_env import EpisodeStateError, SearchEnv
-from env.tokens import WordMeter
+from searchgym import env
+from searchgym.env import prompts
+from searchgym.env.config import EnvConfig
+from searchgym.env.data import QAExample
+from searchgym.env.search_env import EpisodeStateError, SearchEnv
+from searchgym.env.tokens import WordMeter
 from searchgym.errors import SearchgymError
 
 FRANCE = EXAMPLES[0]

@@ -4,9 +4,9 @@ import pytest
 from env_fixtures import EXAMPLES, FakeRetriever
 from gymnasium.vector import AutoresetMode
 
-import env
-from env.config import EnvConfig
-from env.vector import SearchVectorEnv, stack_infos
+from searchgym import env
+from searchgym.env.config import EnvConfig
+from searchgym.env.vector import SearchVectorEnv, stack_infos
 from searchgym.errors import SearchgymError
 
 

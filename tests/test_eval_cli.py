@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from eval.report import PREDICTIONS_FILE, RESULTS_FILE, RUN_FILE
-from policy.models import tiny_random_model
 from searchgym import paths
 from searchgym.cli import main
+from searchgym.eval.report import PREDICTIONS_FILE, RESULTS_FILE, RUN_FILE
+from searchgym.policy.models import tiny_random_model
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,15 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-import eval.cli
-import eval.config
-import eval.selection
-from eval.config import EvalConfig, dataset_label, training_protocol
-from eval.selection import check_unique_ids, read_id_file, select_examples
+import searchgym.eval.cli
+import searchgym.eval.config
+import searchgym.eval.selection
 from searchgym.errors import SearchgymError
+from searchgym.eval.config import EvalConfig, dataset_label, training_protocol
+from searchgym.eval.selection import check_unique_ids, read_id_file, select_examples
 
 
-@pytest.mark.parametrize("module", [eval.cli, eval.config, eval.selection])
+@pytest.mark.parametrize("module", [searchgym.eval.cli, searchgym.eval.config, searchgym.eval.selection])
 def test_doctests_pass(module):
     assert doctest.testmod(module).failed == 0
 
@@ -109,22 +109,22 @@ def test_the_training_protocol_comes_from_a_run_folder_or_its_config_file(traini
 
 def eval_args(*argv):
     parser = argparse.ArgumentParser()
-    eval.cli.add_eval_command(parser.add_subparsers())
+    searchgym.eval.cli.add_eval_command(parser.add_subparsers())
     return parser.parse_args(["eval", "--index", "idx", *argv])
 
 
 def test_flags_override_the_training_protocol_which_overrides_the_defaults(training_run):
-    default = eval.cli.config_from_args(eval_args(), "agent")
+    default = searchgym.eval.cli.config_from_args(eval_args(), "agent")
     assert (default.topk, default.max_turns, default.max_new_tokens, default.prompt_template) == (
         3,
         4,
         500,
         None,
     )
-    trained = eval.cli.config_from_args(eval_args("--train-config", str(training_run)), "agent")
+    trained = searchgym.eval.cli.config_from_args(eval_args("--train-config", str(training_run)), "agent")
     assert (trained.topk, trained.max_turns, trained.max_searches, trained.max_new_tokens) == (2, 2, 1, 32)
     assert (trained.max_observation_tokens, trained.prompt_template) == (128, "Q: {question}")
-    flagged = eval.cli.config_from_args(
+    flagged = searchgym.eval.cli.config_from_args(
         eval_args("--train-config", str(training_run), "--topk", "5", "--max-turns", "4"), "agent"
     )
     # More turns than the training had: the search budget becomes the default (every turn but the last).
@@ -133,4 +133,4 @@ def test_flags_override_the_training_protocol_which_overrides_the_defaults(train
 
 def test_a_missing_training_config_is_a_clear_error(tmp_path):
     with pytest.raises(SearchgymError, match="no training config there"):
-        eval.cli.config_from_args(eval_args("--train-config", str(tmp_path)), "agent")
+        searchgym.eval.cli.config_from_args(eval_args("--train-config", str(tmp_path)), "agent")

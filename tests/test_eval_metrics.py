@@ -4,15 +4,15 @@ import re
 import pytest
 from eval_fixtures import prediction
 
-import eval.metrics
-from eval.config import SEARCH_R1_BENCHMARKS
-from eval.metrics import AVERAGE, dataset_metrics, gold_passage_recall, macro_average, summarize
-from eval.report import load_reported, select_reported
+import searchgym.eval.metrics
 from searchgym.errors import SearchgymError
+from searchgym.eval.config import SEARCH_R1_BENCHMARKS
+from searchgym.eval.metrics import AVERAGE, dataset_metrics, gold_passage_recall, macro_average, summarize
+from searchgym.eval.report import load_reported, select_reported
 
 
 def test_doctests_pass():
-    assert doctest.testmod(eval.metrics).failed == 0
+    assert doctest.testmod(searchgym.eval.metrics).failed == 0
 
 
 @pytest.mark.parametrize(

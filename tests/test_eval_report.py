@@ -3,8 +3,9 @@ import json
 import pytest
 from eval_fixtures import prediction
 
-from eval.config import EvalConfig
-from eval.report import (
+from searchgym.errors import SearchgymError
+from searchgym.eval.config import EvalConfig
+from searchgym.eval.report import (
     PREDICTIONS_FILE,
     RESULTS_FILE,
     TABLE_FILE,
@@ -18,7 +19,6 @@ from eval.report import (
     read_predictions,
     write_run_files,
 )
-from searchgym.errors import SearchgymError
 
 
 def finished_run(run_dir, *, mode="direct", scores=None):

@@ -3,11 +3,11 @@ import json
 import pytest
 from eval_fixtures import GEO, PEOPLE, Interrupted, KeywordRetriever, ScriptedGenerator, write_jsonl
 
-from eval.config import EvalConfig
-from eval.report import PREDICTIONS_FILE, RESULTS_FILE, RUN_FILE, read_predictions
-from eval.runner import run_evaluation
-from policy.models import default_policy_path, load_tokenizer
 from searchgym.errors import SearchgymError
+from searchgym.eval.config import EvalConfig
+from searchgym.eval.report import PREDICTIONS_FILE, RESULTS_FILE, RUN_FILE, read_predictions
+from searchgym.eval.runner import run_evaluation
+from searchgym.policy.models import default_policy_path, load_tokenizer
 
 FRANCE, ITALY = GEO[0]["question"], GEO[1]["question"]
 HAMLET, MONA_LISA = PEOPLE[0]["question"], PEOPLE[1]["question"]

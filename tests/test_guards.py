@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from train.config import GuardConfig
-from train.guards import Guards, StepHealth
+from searchgym.train.config import GuardConfig
+from searchgym.train.guards import Guards, StepHealth
 
 HEALTHY = StepHealth(
     reward=0.5,

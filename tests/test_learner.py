@@ -8,11 +8,11 @@ import pytest
 import torch
 from train_fixtures import TargetTokenRollout, learner_config, tiny_model, tiny_tokenizer, toy_examples
 
-from policy.trajectory import Trajectory
-from train.batch import EmptyBatchError, collate
-from train.config import TrainConfig
-from train.learner import build_optimizers, lr_multiplier, make_experience, update
-from train.models import build_train_models, response_logprobs
+from searchgym.policy.trajectory import Trajectory
+from searchgym.train.batch import EmptyBatchError, collate
+from searchgym.train.config import TrainConfig
+from searchgym.train.learner import build_optimizers, lr_multiplier, make_experience, update
+from searchgym.train.models import build_train_models, response_logprobs
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from policy.generation import SamplingError, SamplingParams, StopMatcher, TransformersGenerator
-from policy.logprobs import SequenceBatch, sequence_logprobs
-from policy.models import tiny_random_model
+from searchgym.policy.generation import SamplingError, SamplingParams, StopMatcher, TransformersGenerator
+from searchgym.policy.logprobs import SequenceBatch, sequence_logprobs
+from searchgym.policy.models import tiny_random_model
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, stop=())
 QUESTIONS = (

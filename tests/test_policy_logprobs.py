@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from policy.logprobs import SequenceBatch, logprob_mismatch, sequence_logprobs
-from policy.models import tiny_random_model
+from searchgym.policy.logprobs import SequenceBatch, logprob_mismatch, sequence_logprobs
+from searchgym.policy.models import tiny_random_model
 
 PROMPTS = [[1, 20, 30, 40, 50], [1, 60], [1, 70, 80]]
 RESPONSES = [[11, 12, 13], [14, 15, 16, 17, 18], [19]]

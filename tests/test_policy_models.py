@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from policy.generation import SamplingParams, TransformersGenerator
-from policy.models import (
+from searchgym.policy.generation import SamplingParams, TransformersGenerator
+from searchgym.policy.models import (
     ModelLoadError,
     PromptFormatError,
     default_dtype,
@@ -83,8 +83,8 @@ def test_smollm2_loads_offline_from_its_package_and_answers_a_question():
 
 @pytest.mark.slow
 def test_gguf_conversion_writes_a_loadable_copy_atomically(tmp_path, monkeypatch):
-    from policy import models
     from searchgym import paths
+    from searchgym.policy import models
 
     monkeypatch.setattr(paths, "CACHE_DIR", tmp_path)
     path = models.default_policy_path()

@@ -5,12 +5,12 @@ from env_fixtures import EXAMPLES, FakeRetriever
 from gymnasium.vector import AutoresetMode
 from policy_fixtures import SCRIPTED_LOGPROB, ScriptedGenerator
 
-from env import EnvConfig, SearchVectorEnv
-from policy.generation import SamplingParams, TransformersGenerator
-from policy.logprobs import SequenceBatch, logprob_mismatch, sequence_logprobs
-from policy.models import tiny_random_model
-from policy.render import render_trajectory
-from policy.rollout import RolloutError, TokenBudgets, run_episodes
+from searchgym.env import EnvConfig, SearchVectorEnv
+from searchgym.policy.generation import SamplingParams, TransformersGenerator
+from searchgym.policy.logprobs import SequenceBatch, logprob_mismatch, sequence_logprobs
+from searchgym.policy.models import tiny_random_model
+from searchgym.policy.render import render_trajectory
+from searchgym.policy.rollout import RolloutError, TokenBudgets, run_episodes
 
 FRANCE, HAMLET, STAMBOLIC, MOON = EXAMPLES
 SEARCH_THEN_ANSWER = [

@@ -4,12 +4,12 @@ import pytest
 import torch
 from env_fixtures import EXAMPLES, FakeRetriever
 
-from env import EnvConfig, SearchVectorEnv
-from policy.generation import SamplingParams, TransformersGenerator
-from policy.logprobs import SequenceBatch, logprob_mismatch, sequence_logprobs
-from policy.models import tiny_random_model
-from policy.rollout import run_episodes
-from policy.vllm_backend import VLLMGenerator
+from searchgym.env import EnvConfig, SearchVectorEnv
+from searchgym.policy.generation import SamplingParams, TransformersGenerator
+from searchgym.policy.logprobs import SequenceBatch, logprob_mismatch, sequence_logprobs
+from searchgym.policy.models import tiny_random_model
+from searchgym.policy.rollout import run_episodes
+from searchgym.policy.vllm_backend import VLLMGenerator
 
 pytestmark = pytest.mark.vllm
 

@@ -5,8 +5,8 @@ import pytest
 import Stemmer
 from retriever_fixtures import QUERIES, TINY_CORPUS, tiny_index
 
-from retriever.base import Retriever
-from retriever.index import load_retriever
+from searchgym.retriever.base import Retriever
+from searchgym.retriever.index import load_retriever
 
 # (query, [(id, score), ...]) on the tiny corpus with k1=0.9, b=0.4; queries chosen without score ties.
 PINNED = [

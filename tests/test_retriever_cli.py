@@ -10,10 +10,10 @@ import pytest
 import requests
 from retriever_fixtures import QUERIES, TINY_CORPUS, write_jsonl
 
-from retriever.cli import default_index_dir
-from retriever.client import HttpRetriever
-from retriever.index import load_retriever
 from searchgym.cli import build_parser
+from searchgym.retriever.cli import default_index_dir
+from searchgym.retriever.client import HttpRetriever
+from searchgym.retriever.index import load_retriever
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 

@@ -7,10 +7,10 @@ from flask import Flask, jsonify, request
 from retriever_fixtures import EchoRetriever
 from werkzeug.serving import make_server
 
-from retriever.base import Passage
-from retriever.client import HttpRetriever, RetrievalRequestError, RetrieverUnavailableError
-from retriever.config import ServerConfig
-from retriever.server import RetrievalService, create_app
+from searchgym.retriever.base import Passage
+from searchgym.retriever.client import HttpRetriever, RetrievalRequestError, RetrieverUnavailableError
+from searchgym.retriever.config import ServerConfig
+from searchgym.retriever.server import RetrievalService, create_app
 
 FAST_RETRIES = {"backoff_s": 0.001, "max_backoff_s": 0.01}
 

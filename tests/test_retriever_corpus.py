@@ -5,7 +5,7 @@ import json
 import pytest
 from retriever_fixtures import TINY_CORPUS, write_jsonl
 
-from retriever.corpus import CorpusError, Document, batched, file_sha256, parse_row, read_corpus
+from searchgym.retriever.corpus import CorpusError, Document, batched, file_sha256, parse_row, read_corpus
 
 
 @pytest.mark.parametrize("name", ["c.jsonl", "c.jsonl.gz"])

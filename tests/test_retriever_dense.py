@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 from retriever_fixtures import QUERIES, TINY_CORPUS, tiny_index, write_jsonl
 
-from retriever.dense import (
+from searchgym.paths import default_encoder_path
+from searchgym.retriever.dense import (
     BLAS_MIN_QUERIES,
     CpuFaissSearch,
     DenseIndexError,
     TorchFlatSearch,
     open_vector_search,
 )
-from retriever.encoder import Encoder, default_prefixes
-from retriever.index import IndexSpec, build_index, load_retriever, open_index
-from retriever.manifest import IndexMismatchError, Manifest
-from searchgym.paths import default_encoder_path
+from searchgym.retriever.encoder import Encoder, default_prefixes
+from searchgym.retriever.index import IndexSpec, build_index, load_retriever, open_index
+from searchgym.retriever.manifest import IndexMismatchError, Manifest
 
 EXPECTED_TOP1 = ["0", "2", "3", "6", "7", "9"]  # the passage each of QUERIES is about
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from retriever.base import Passage
-from retriever.corpus import Document
-from retriever.docstore import DocumentStore, DocumentStoreWriter
+from searchgym.retriever.base import Passage
+from searchgym.retriever.corpus import Document
+from searchgym.retriever.docstore import DocumentStore, DocumentStoreWriter
 
 
 @pytest.fixture

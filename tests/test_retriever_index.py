@@ -4,13 +4,13 @@ import json
 import pytest
 from retriever_fixtures import TINY_CORPUS, write_jsonl
 
-from retriever.bm25 import Bm25Retriever
-from retriever.client import HttpRetriever
-from retriever.corpus import CorpusError, file_sha256
-from retriever.index import IndexSpec, build_index, ensure_index, load_retriever, open_index
-from retriever.manifest import FORMAT_VERSION, IndexLoadError, IndexMismatchError, Manifest
 from searchgym import __version__
 from searchgym.errors import SearchgymError
+from searchgym.retriever.bm25 import Bm25Retriever
+from searchgym.retriever.client import HttpRetriever
+from searchgym.retriever.corpus import CorpusError, file_sha256
+from searchgym.retriever.index import IndexSpec, build_index, ensure_index, load_retriever, open_index
+from searchgym.retriever.manifest import FORMAT_VERSION, IndexLoadError, IndexMismatchError, Manifest
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import sys
 import pytest
 from retriever_fixtures import QUERIES, TINY_CORPUS, tiny_index, write_jsonl
 
-from retriever import pyserini_backend
-from retriever.index import IndexSpec, build_index, load_retriever
-from retriever.pyserini_backend import PyseriniUnavailableError, find_java_home
+from searchgym.retriever import pyserini_backend
+from searchgym.retriever.index import IndexSpec, build_index, load_retriever
+from searchgym.retriever.pyserini_backend import PyseriniUnavailableError, find_java_home
 
 
 def pyserini_missing_reason() -> str | None:

@@ -12,11 +12,11 @@ from retriever_fixtures import (
     tiny_index,
 )
 
-from retriever.batching import LruCache, MicroBatcher, QueueFullError, ServerStats
-from retriever.config import ServerConfig
-from retriever.index import load_retriever, open_index
-from retriever.server import RetrievalService, create_app
 from searchgym.errors import SearchgymError
+from searchgym.retriever.batching import LruCache, MicroBatcher, QueueFullError, ServerStats
+from searchgym.retriever.config import ServerConfig
+from searchgym.retriever.index import load_retriever, open_index
+from searchgym.retriever.server import RetrievalService, create_app
 
 
 @pytest.fixture

@@ -7,17 +7,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from env import SearchVectorEnv, load_dataset
-from policy.models import tiny_random_model
-from retriever.base import Passage
-from searchgym.paths import REPO_ROOT
-from train.config import TrainConfig, load_config
-from train.config_io import build
-from train.loop import train
-from train.search_rollout import SearchDevEval, SearchRollout
-from train.tracking import read_metrics
+from searchgym.env import SearchVectorEnv, load_dataset
+from searchgym.paths import CONFIGS_DIR, REPO_ROOT
+from searchgym.policy.models import tiny_random_model
+from searchgym.retriever.base import Passage
+from searchgym.train.config import TrainConfig, load_config
+from searchgym.train.config_io import build
+from searchgym.train.loop import train
+from searchgym.train.search_rollout import SearchDevEval, SearchRollout
+from searchgym.train.tracking import read_metrics
 
-TINY = REPO_ROOT / "configs" / "tiny.yaml"
+TINY = CONFIGS_DIR / "tiny.yaml"
 
 
 def searchgym(*args: str) -> subprocess.CompletedProcess[str]:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from searchgym.paths import REPO_ROOT
-from train.config import TrainConfig, config_help, load_config
-from train.config_io import ConfigError, build, field_docs
+from searchgym.paths import CONFIGS_DIR
+from searchgym.train.config import TrainConfig, config_help, load_config
+from searchgym.train.config_io import ConfigError, build, field_docs
 
-PRESETS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+PRESETS = sorted(CONFIGS_DIR.glob("*.yaml"))
 
 
 def leaf_keys(cls: type, prefix: str = "") -> list[str]:
@@ -36,14 +36,14 @@ def test_presets_named_by_the_issue_exist() -> None:
 
 
 def test_search_r1_presets_hold_the_paper_settings() -> None:
-    ppo = load_config(REPO_ROOT / "configs" / "search_r1_3b_ppo.yaml")
+    ppo = load_config(CONFIGS_DIR / "search_r1_3b_ppo.yaml")
     assert (ppo.optim.actor_lr, ppo.optim.actor_warmup_ratio) == (1e-6, 0.285)
     assert (ppo.optim.critic_lr, ppo.optim.critic_warmup_ratio) == (1e-5, 0.015)
     assert (ppo.kl.coef, ppo.batch.prompts_per_step, ppo.batch.mini_batch_prompts) == (0.001, 512, 256)
     assert (ppo.env.max_turns, ppo.env.topk, ppo.env.max_observation_tokens) == (4, 3, 500)
     assert (ppo.rollout.max_new_tokens, ppo.rollout.backend, ppo.system.dtype) == (500, "vllm", "bfloat16")
     assert ppo.model.gradient_checkpointing and ppo.uses_critic and ppo.env.reward_type == "em"
-    grpo = load_config(REPO_ROOT / "configs" / "search_r1_3b_grpo.yaml")
+    grpo = load_config(CONFIGS_DIR / "search_r1_3b_grpo.yaml")
     assert (grpo.algorithm.name, grpo.rollout.samples_per_prompt, grpo.uses_critic) == ("grpo", 5, False)
     assert grpo.mini_batch_trajectories == 256 * 5
 

@@ -9,16 +9,16 @@ from env_fixtures import EXAMPLES, FakeRetriever
 from hypothesis import given
 from hypothesis import strategies as st
 
-from env import QAExample, SearchVectorEnv
-from searchgym.paths import REPO_ROOT
-from train.config import TrainConfig, config_help, load_config
-from train.config_io import ConfigError
-from train.distributed.actors import RolloutWorker, worker_seed
-from train.distributed.placement import episodes_per_worker, plan_placement, split_evenly
-from train.search_rollout import SearchRollout, load_training_policy
+from searchgym.env import QAExample, SearchVectorEnv
+from searchgym.paths import CONFIGS_DIR, REPO_ROOT
+from searchgym.train.config import TrainConfig, config_help, load_config
+from searchgym.train.config_io import ConfigError
+from searchgym.train.distributed.actors import RolloutWorker, worker_seed
+from searchgym.train.distributed.placement import episodes_per_worker, plan_placement, split_evenly
+from searchgym.train.search_rollout import SearchRollout, load_training_policy
 
-TINY = REPO_ROOT / "configs" / "tiny.yaml"
-SEARCH_R1_PPO = REPO_ROOT / "configs" / "search_r1_3b_ppo.yaml"
+TINY = CONFIGS_DIR / "tiny.yaml"
+SEARCH_R1_PPO = CONFIGS_DIR / "search_r1_3b_ppo.yaml"
 
 
 def tiny(*overrides: str) -> TrainConfig:
@@ -134,7 +134,7 @@ def test_each_worker_gets_at_most_its_share_of_a_step() -> None:
 def test_a_lone_worker_samples_the_single_process_stream_and_several_draw_their_own() -> None:
     assert (
         worker_seed(7, 3, index=0, num_workers=1) == 7 * 1_000_003 + 3
-    )  # train.search_rollout.SearchRollout
+    )  # searchgym.train.search_rollout.SearchRollout
     seeds = {worker_seed(7, step, index=i, num_workers=4) for step in range(5) for i in range(4)}
     assert len(seeds) == 20
 
@@ -142,8 +142,9 @@ def test_a_lone_worker_samples_the_single_process_stream_and_several_draw_their_
 def test_nothing_imports_ray_unless_a_run_asks_for_it() -> None:
     code = (
         "import sys\n"
-        "import searchgym.cli, train.search_rollout, train.loop, train.learner\n"
-        "import train.distributed.actors, train.distributed.placement, train.distributed.data_parallel\n"
+        "import searchgym.cli, searchgym.train.search_rollout, searchgym.train.loop\n"
+        "import searchgym.train.learner, searchgym.train.distributed.actors\n"
+        "import searchgym.train.distributed.placement, searchgym.train.distributed.data_parallel\n"
         "print('ray' in sys.modules)\n"
     )
     result = subprocess.run(

@@ -18,10 +18,10 @@ from train_fixtures import (
 from transformers import AutoModelForCausalLM
 
 from searchgym.errors import SearchgymError
-from train.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
-from train.config import RUN_CONFIG_FILE, load_config
-from train.loop import ExampleSampler, train
-from train.tracking import read_metrics
+from searchgym.train.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
+from searchgym.train.config import RUN_CONFIG_FILE, load_config
+from searchgym.train.loop import ExampleSampler, train
+from searchgym.train.tracking import read_metrics
 
 FIXTURES = Path(__file__).parent / "train_fixtures.py"
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from train_fixtures import TargetTokenRollout, learner_config, tiny_model, tiny_tokenizer, toy_examples
 
-from policy.logprobs import sequence_logprobs
-from train.batch import collate
-from train.learner import build_optimizers, make_experience, update
-from train.models import build_train_models
+from searchgym.policy.logprobs import sequence_logprobs
+from searchgym.train.batch import collate
+from searchgym.train.learner import build_optimizers, make_experience, update
+from searchgym.train.models import build_train_models
 
 
 @pytest.mark.parametrize(

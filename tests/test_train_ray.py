@@ -19,32 +19,32 @@ import torch
 from env_fixtures import EXAMPLES
 from ray_fixtures import comparable, questions, ray_test_config, searching_model, tiny_index
 
-from env import SearchVectorEnv
-from policy.generation import TransformersGenerator
-from policy.rollout import run_episodes
-from policy.trajectory import Trajectory
-from train.batch import collate
-from train.checkpoint import CheckpointManager, read_trainer_state
-from train.config import TrainConfig
-from train.distributed.actors import shareable_weights, weight_tensors
-from train.learner import build_optimizers, make_experience, update
-from train.loop import seed_everything
-from train.models import build_train_models
-from train.search_rollout import (
+from searchgym.env import SearchVectorEnv
+from searchgym.policy.generation import TransformersGenerator
+from searchgym.policy.rollout import run_episodes
+from searchgym.policy.trajectory import Trajectory
+from searchgym.train.batch import collate
+from searchgym.train.checkpoint import CheckpointManager, read_trainer_state
+from searchgym.train.config import TrainConfig
+from searchgym.train.distributed.actors import shareable_weights, weight_tensors
+from searchgym.train.learner import build_optimizers, make_experience, update
+from searchgym.train.loop import seed_everything
+from searchgym.train.models import build_train_models
+from searchgym.train.search_rollout import (
     dev_sampling,
     load_training_policy,
     open_retriever,
     run_search_training,
     token_budgets,
 )
-from train.tracking import read_metrics
+from searchgym.train.tracking import read_metrics
 
 ray = pytest.importorskip("ray")
 
-from train.distributed.cluster import reserve  # noqa: E402  (needs ray)
-from train.distributed.groups import Roster, WorkerDiedError  # noqa: E402
-from train.distributed.placement import plan_placement  # noqa: E402
-from train.distributed.trainer import Parts, run_ray_training, start_parts  # noqa: E402
+from searchgym.train.distributed.cluster import reserve  # noqa: E402  (needs ray)
+from searchgym.train.distributed.groups import Roster, WorkerDiedError  # noqa: E402
+from searchgym.train.distributed.placement import plan_placement  # noqa: E402
+from searchgym.train.distributed.trainer import Parts, run_ray_training, start_parts  # noqa: E402
 
 CLUSTER_CPUS = 10  # one-CPU actors: the module's six parts and the killed run's four
 

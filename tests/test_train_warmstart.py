@@ -5,18 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from env import SearchVectorEnv, load_dataset
-from eval.cli import config_from_args
 from searchgym.cli import build_parser
 from searchgym.demo import dev_scores_by_stage, eval_command, summary_table
-from train.config import RetrieverConfig, WarmStartConfig, load_config
-from train.search_rollout import (
+from searchgym.env import SearchVectorEnv, load_dataset
+from searchgym.eval.cli import config_from_args
+from searchgym.train.config import RetrieverConfig, WarmStartConfig, load_config
+from searchgym.train.search_rollout import (
     load_training_policy,
     open_retriever,
     run_search_training,
     token_budgets,
 )
-from train.warmstart import WARMSTART_DIR, WARMSTART_REPORT, protocol_traces, supervised_warm_start
+from searchgym.train.warmstart import WARMSTART_DIR, WARMSTART_REPORT, protocol_traces, supervised_warm_start
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

@@ -22,11 +22,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from env.data import QAExample
-from policy.trajectory import Trajectory, TurnRecord
-from searchgym.paths import REPO_ROOT
-from train.config import TrainConfig, load_config
-from train.loop import TrainResult, train
+from searchgym.env.data import QAExample
+from searchgym.paths import CONFIGS_DIR
+from searchgym.policy.trajectory import Trajectory, TurnRecord
+from searchgym.train.config import TrainConfig, load_config
+from searchgym.train.loop import TrainResult, train
 
 WORDS = [f"w{i}" for i in range(21)]
 VOCABULARY = ["<pad>", "<eos>", "<unk>", *WORDS]
@@ -92,7 +92,8 @@ class SimulatedCrash(RuntimeError):
 
 
 class TargetTokenRollout:
-    """A :class:`train.loop.RolloutFunc`: two policy turns around one observation, reward for the target.
+    """A :class:`searchgym.train.loop.RolloutFunc`: two policy turns around one observation, reward for the
+    target.
 
     Args:
         temperature: sampling temperature (0: greedy, for evaluation).
@@ -158,7 +159,8 @@ class TargetTokenRollout:
 
 
 class TargetTokenDevEval:
-    """A :class:`train.loop.DevEvalFunc`: greedy episodes on fixed questions, ``em`` = target hit rate."""
+    """A :class:`searchgym.train.loop.DevEvalFunc`: greedy episodes on fixed questions, ``em`` = target hit
+    rate."""
 
     def __init__(self, count: int = 4) -> None:
         self.examples = toy_examples(count)
@@ -174,7 +176,7 @@ class TargetTokenDevEval:
 def learner_config(*overrides: str) -> TrainConfig:
     """configs/tiny.yaml for a learner step on 8 toy episodes: 4 questions x 2 samples, micro-batches of 4."""
     return load_config(
-        REPO_ROOT / "configs" / "tiny.yaml",
+        CONFIGS_DIR / "tiny.yaml",
         [
             "batch.prompts_per_step=4",
             "batch.mini_batch_prompts=4",
@@ -190,7 +192,7 @@ def learner_config(*overrides: str) -> TrainConfig:
 def toy_config(run_dir: Path, *overrides: str) -> TrainConfig:
     """configs/tiny.yaml for the toy task in ``run_dir``: PPO with critic, reference and dev evaluation."""
     return load_config(
-        REPO_ROOT / "configs" / "tiny.yaml",
+        CONFIGS_DIR / "tiny.yaml",
         [
             f"logging.run_dir={run_dir}",
             "total_steps=4",

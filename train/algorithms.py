@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from train.config import KLEstimator, LossAggregation
+from searchgym.train.config import KLEstimator, LossAggregation
 
 # low_var_kl bounds the log-ratio before exponentiating and the estimate after it, so that one token whose
 # probability collapsed under the policy cannot produce an inf that poisons the whole batch.

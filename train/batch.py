@@ -1,6 +1,7 @@
 """Trajectories as padded tensors, and the per-token quantities the update needs beside them.
 
-Layout of a batch of ``B`` episodes (:class:`policy.logprobs.SequenceBatch`): the prompts are left-padded
+Layout of a batch of ``B`` episodes (:class:`searchgym.policy.logprobs.SequenceBatch`): the prompts are
+left-padded
 to ``P`` tokens and the responses right-padded to ``R`` tokens, so that every response starts at column
 ``P`` and per-token tensors of the response are plain ``(B, R)`` slices.
 """
@@ -13,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from policy.logprobs import SequenceBatch
-from policy.trajectory import Trajectory
 from searchgym.errors import SearchgymError
+from searchgym.policy.logprobs import SequenceBatch
+from searchgym.policy.trajectory import Trajectory
 
 
 class EmptyBatchError(SearchgymError):

@@ -26,7 +26,7 @@ class _HelpWithConfigKeys(argparse.Action):
         super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
-        from train.config import config_help
+        from searchgym.train.config import config_help
 
         parser.print_help()
         print("\nconfig keys (set any of them as section.key=value):\n")
@@ -68,7 +68,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     """Resolve the config, then train (or only print the config)."""
     import yaml
 
-    from train.config import load_config
+    from searchgym.train.config import load_config
 
     config = load_config(args.config, args.overrides)
     if args.print_config:
@@ -76,15 +76,15 @@ def run_train_command(args: argparse.Namespace) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="searchgym train: %(message)s", stream=sys.stderr)
     if config.ray.enabled:
-        from train.distributed.config import require_ray
+        from searchgym.train.distributed.config import require_ray
 
         require_ray()
-        from train.distributed.trainer import run_ray_training  # ray loads here only
+        from searchgym.train.distributed.trainer import run_ray_training  # ray loads here only
 
         result = run_ray_training(config)
     else:
         # torch, transformers and the retriever load here
-        from train.search_rollout import run_search_training
+        from searchgym.train.search_rollout import run_search_training
 
         result = run_search_training(config)
     print(f"trained {result.steps} steps; run folder {result.run_dir}")

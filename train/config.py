@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from env.config import EnvConfig
-from train import config_io
-from train.config_io import ConfigError
-from train.distributed.config import RayConfig
+from searchgym.env.config import EnvConfig
+from searchgym.train import config_io
+from searchgym.train.config_io import ConfigError
+from searchgym.train.distributed.config import RayConfig
 
 KLEstimator = Literal["k1", "k3", "low_var_kl"]
 LossAggregation = Literal["token-mean", "seq-mean"]

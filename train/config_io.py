@@ -39,7 +39,7 @@ def field_docs(cls: type) -> dict[str, str]:
     """The documentation of each field of dataclass ``cls``.
 
     Read from the string literal right under each field, or else from the ``Attributes:`` section of the
-    class docstring (Google style, as :class:`env.config.EnvConfig` writes it).
+    class docstring (Google style, as :class:`searchgym.env.config.EnvConfig` writes it).
     """
     docs = _attributes_section(inspect.getdoc(cls) or "")
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))

@@ -3,13 +3,13 @@
 The failures are those users of Search-R1 report: collapse of the reward (7B instruct models, GRPO),
 responses that shrink to nothing, entropy collapse, a policy running away from its reference, updates so
 large that most tokens hit the clip, and rewards that come back NaN. Each watch compares one number of the
-step with a threshold of :class:`~train.config.GuardConfig`; a step that trips any watch is "bad".
+step with a threshold of :class:`~searchgym.train.config.GuardConfig`; a step that trips any watch is "bad".
 """
 
 import math
 from dataclasses import dataclass
 
-from train.config import GuardConfig
+from searchgym.train.config import GuardConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,12 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from policy.logprobs import sequence_logprobs
-from train import algorithms
-from train.batch import Batch, Experience
-from train.config import TrainConfig
-from train.distributed.data_parallel import SINGLE_PROCESS, DataParallel
-from train.models import TrainModels, response_logprobs, response_values
+from searchgym.policy.logprobs import sequence_logprobs
+from searchgym.train import algorithms
+from searchgym.train.batch import Batch, Experience
+from searchgym.train.config import TrainConfig
+from searchgym.train.distributed.data_parallel import SINGLE_PROCESS, DataParallel
+from searchgym.train.models import TrainModels, response_logprobs, response_values
 
 RecordT = TypeVar("RecordT", Batch, Experience)
 logger = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ def update(
     normaliser, so the step does not depend on the micro-batch size. A step whose loss or gradient is not
     finite is skipped (and counted); so is a step without any rewarded policy token. The learning-rate
     schedules advance once at the end. Data-parallel learners each compute their share of every
-    mini-batch and take the same step (see :mod:`train.distributed.data_parallel`).
+    mini-batch and take the same step (see :mod:`searchgym.train.distributed.data_parallel`).
     """
     means = _WeightedMeans()
     models.policy.train()

@@ -2,7 +2,7 @@
 
 The rollout is a plug-in (:class:`RolloutFunc`): the real run plugs in the search environment with the
 policy's generator, the tests a one-turn toy task. The loop reads top to bottom; the math lives in
-:mod:`train.algorithms`, the update in :mod:`train.learner`.
+:mod:`searchgym.train.algorithms`, the update in :mod:`searchgym.train.learner`.
 """
 
 import logging
@@ -19,18 +19,18 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from env.data import QAExample
-from policy.trajectory import Trajectory
+from searchgym.env.data import QAExample
 from searchgym.errors import SearchgymError
-from train import algorithms
-from train.batch import Batch, Experience, collate
-from train.checkpoint import CheckpointManager, TrainerState, export_hf_model
-from train.config import TrainConfig
-from train.guards import Guards, StepHealth
-from train.learner import Optimizers, UpdateStats, build_optimizers, make_experience, update
-from train.models import TrainModels, build_train_models
-from train.plots import plot_run
-from train.tracking import Tracker, render_samples
+from searchgym.policy.trajectory import Trajectory
+from searchgym.train import algorithms
+from searchgym.train.batch import Batch, Experience, collate
+from searchgym.train.checkpoint import CheckpointManager, TrainerState, export_hf_model
+from searchgym.train.config import TrainConfig
+from searchgym.train.guards import Guards, StepHealth
+from searchgym.train.learner import Optimizers, UpdateStats, build_optimizers, make_experience, update
+from searchgym.train.models import TrainModels, build_train_models
+from searchgym.train.plots import plot_run
+from searchgym.train.tracking import Tracker, render_samples
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class RolloutFunc(Protocol):
 
     Called with the policy as it is now, its tokenizer, the step's examples (each question repeated
     ``rollout.samples_per_prompt`` times, consecutively) and the step index; returns one
-    :class:`~policy.trajectory.Trajectory` per example, whose ``group_id`` identifies the question.
+    :class:`~searchgym.policy.trajectory.Trajectory` per example, whose ``group_id`` identifies the question.
     """
 
     def __call__(

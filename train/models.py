@@ -1,6 +1,7 @@
 """The models a run trains or consults: policy, critic (PPO) and frozen reference, and their forward passes.
 
-Every forward pass here reads a :class:`~train.batch.Batch` and returns ``(B, R)`` tensors aligned with the
+Every forward pass here reads a :class:`~searchgym.train.batch.Batch` and returns ``(B, R)`` tensors aligned
+with the
 response: position ``t`` holds what the model says about response token ``t`` given everything before it.
 """
 
@@ -10,8 +11,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from policy.logprobs import sequence_logprobs
-from train.batch import Batch
+from searchgym.policy.logprobs import sequence_logprobs
+from searchgym.train.batch import Batch
 
 
 class ValueModel(nn.Module):

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from train.tracking import read_metrics
+from searchgym.train.tracking import read_metrics
 
 # (metric, panel title); a panel whose metric the run never logged is left out.
 CURVES = (

@@ -1,9 +1,10 @@
-"""The real run: the policy searches through the vector env, plugged into :func:`train.loop.train`.
+"""The real run: the policy searches through the vector env, plugged into :func:`searchgym.train.loop.train`.
 
 This module wires the parts built elsewhere — datasets and the vector env (``env``), the generation
 backends and ``run_episodes`` (``policy``), the index or server (``retriever``) — into a
-:class:`~train.loop.RolloutFunc` and a :class:`~train.loop.DevEvalFunc`, and runs a whole training job
-from a :class:`~train.config.TrainConfig`.
+:class:`~searchgym.train.loop.RolloutFunc` and a :class:`~searchgym.train.loop.DevEvalFunc`, and runs a whole
+training job
+from a :class:`~searchgym.train.config.TrainConfig`.
 """
 
 import math
@@ -14,18 +15,24 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from env import QAExample, SearchVectorEnv, load_dataset
-from policy.generation import Generator, SamplingParams, TransformersGenerator
-from policy.models import DEFAULT_POLICY, Policy, default_policy_path, load_policy, tiny_random_model
-from policy.rollout import TokenBudgets, run_episodes
-from policy.trajectory import Trajectory
-from retriever.base import Retriever
-from retriever.index import IndexSpec, ensure_index, load_retriever
 from searchgym import paths
+from searchgym.env import QAExample, SearchVectorEnv, load_dataset
 from searchgym.errors import SearchgymError
-from train.config import RetrieverConfig, TrainConfig
-from train.loop import TrainResult, resolve_device, seed_everything, train
-from train.warmstart import warm_started_policy
+from searchgym.policy.generation import Generator, SamplingParams, TransformersGenerator
+from searchgym.policy.models import (
+    DEFAULT_POLICY,
+    Policy,
+    default_policy_path,
+    load_policy,
+    tiny_random_model,
+)
+from searchgym.policy.rollout import TokenBudgets, run_episodes
+from searchgym.policy.trajectory import Trajectory
+from searchgym.retriever.base import Retriever
+from searchgym.retriever.index import IndexSpec, ensure_index, load_retriever
+from searchgym.train.config import RetrieverConfig, TrainConfig
+from searchgym.train.loop import TrainResult, resolve_device, seed_everything, train
+from searchgym.train.warmstart import warm_started_policy
 
 WIKI_MINI_BM25 = paths.CACHE_DIR / "indexes" / "wiki-mini-bm25"
 """The BM25 index of the bundled wiki-mini that runs without a configured retriever use (built once)."""
@@ -60,7 +67,7 @@ def token_budgets(config: TrainConfig) -> TokenBudgets:
 
 @dataclass(slots=True)
 class SearchRollout:
-    """A :class:`~train.loop.RolloutFunc` over the search env.
+    """A :class:`~searchgym.train.loop.RolloutFunc` over the search env.
 
     With vLLM the engine is made once and receives the trained weights before each rollout; with
     transformers the trained model itself generates. Sampling is seeded by the run's seed and the step,
@@ -104,7 +111,7 @@ class SearchRollout:
 
 @dataclass(slots=True)
 class SearchDevEval:
-    """A :class:`~train.loop.DevEvalFunc`: greedy search episodes on the dev questions, mean EM and more."""
+    """A :class:`~searchgym.train.loop.DevEvalFunc`: greedy search episodes on dev questions, mean EM."""
 
     config: TrainConfig
     examples: Sequence[QAExample]
@@ -160,7 +167,7 @@ def make_generator(config: TrainConfig) -> Generator | None:
     """The vLLM engine for ``rollout.backend=vllm`` (None: the trained model generates itself)."""
     if config.rollout.backend != "vllm":
         return None
-    from policy.vllm_backend import VLLMGenerator  # vllm loads here only
+    from searchgym.policy.vllm_backend import VLLMGenerator  # vllm loads here only
 
     model = default_policy_path() if config.model.path == DEFAULT_POLICY else config.model.path
     return VLLMGenerator(

@@ -15,10 +15,10 @@ import yaml
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from policy.render import render_trajectory
-from policy.trajectory import Trajectory
 from searchgym.errors import SearchgymError
-from train.config import RUN_CONFIG_FILE, TrainConfig
+from searchgym.policy.render import render_trajectory
+from searchgym.policy.trajectory import Trajectory
+from searchgym.train.config import RUN_CONFIG_FILE, TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
 # The progress bar's short names for the numbers a user watches.

@@ -4,7 +4,7 @@ A small instruct model (SmolLM2-135M) never writes a well-formed ``<answer>`` ta
 so exact match gives RL nothing to reinforce. The warm-start shows it the protocol on training questions:
 each trace is a real episode of the search env in which the "policy" searches for the question itself and
 then answers with the gold answer — ``<search> question </search>``, the real retrieved ``<information>``,
-``<answer> gold </answer>``. The traces are collected by :func:`policy.rollout.run_episodes` with a
+``<answer> gold </answer>``. The traces are collected by :func:`searchgym.policy.rollout.run_episodes` with a
 scripted generator, so prompts, observations, token budgets and loss masks are exactly those of training;
 the loss is the negative log-likelihood of the policy tokens only (observations are masked, as in RL).
 """
@@ -21,25 +21,25 @@ from typing import cast
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from env import QAExample, SearchVectorEnv
-from policy.generation import Generation, SamplingParams
-from policy.logprobs import sequence_logprobs
-from policy.models import Policy, load_policy
-from policy.rollout import TokenBudgets, run_episodes
-from policy.trajectory import Trajectory
+from searchgym.env import QAExample, SearchVectorEnv
 from searchgym.errors import SearchgymError
-from train import algorithms
-from train.batch import collate
-from train.checkpoint import export_hf_model
-from train.config import TrainConfig, WarmStartConfig
-from train.loop import DevEvalFunc, pad_token_id
+from searchgym.policy.generation import Generation, SamplingParams
+from searchgym.policy.logprobs import sequence_logprobs
+from searchgym.policy.models import Policy, load_policy
+from searchgym.policy.rollout import TokenBudgets, run_episodes
+from searchgym.policy.trajectory import Trajectory
+from searchgym.train import algorithms
+from searchgym.train.batch import collate
+from searchgym.train.checkpoint import export_hf_model
+from searchgym.train.config import TrainConfig, WarmStartConfig
+from searchgym.train.loop import DevEvalFunc, pad_token_id
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class ProtocolTraceGenerator:
-    """A scripted :class:`~policy.generation.Generator`: search for the question, then answer with the gold.
+    """A scripted :class:`~searchgym.policy.generation.Generator`: search the question, answer the gold.
 
     The rollout gives a generator only token ids, so the episode's question is found in the decoded context;
     a context with an ``<information>`` block after the question gets the answer, any other the search.
@@ -118,7 +118,8 @@ def supervised_warm_start(
 ) -> WarmStartResult:
     """Fit ``model`` to the policy tokens of ``traces`` with AdamW; observations and prompts carry no loss.
 
-    Batches are collated by the trainer's :func:`~train.batch.collate`, so the loss mask is the RL update's.
+    Batches are collated by the trainer's :func:`~searchgym.train.batch.collate`, so the loss mask is the RL
+    update's.
     """
     if not traces:
         raise SearchgymError("no warm-start traces: check data.train and warmstart.examples")

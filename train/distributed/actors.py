@@ -1,9 +1,11 @@
 """The three kinds of actor of a Ray run, as plain classes: a learner, a rollout worker, a retrieval replica.
 
-:mod:`train.distributed.groups` starts them with ``ray.remote``; nothing here imports ray, so each class
-also runs in-process. Every actor rebuilds its part from the same :class:`~train.config.TrainConfig` as
+:mod:`searchgym.train.distributed.groups` starts them with ``ray.remote``; nothing here imports ray, so each
+class
+also runs in-process. Every actor rebuilds its part from the same
+:class:`~searchgym.train.config.TrainConfig` as
 the single-process trainer does, so that learners start from the same weights, optimizer and random
-state as :func:`train.loop.train` would.
+state as :func:`searchgym.train.loop.train` would.
 """
 
 import os
@@ -19,19 +21,19 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from env import QAExample, SearchVectorEnv
-from policy.generation import Generator, SamplingParams, TransformersGenerator
-from policy.rollout import run_episodes
-from policy.trajectory import Trajectory
-from policy.vllm_backend import VLLMGenerator  # vllm itself loads only when an engine is made
-from retriever.base import Passage, Retriever
-from train.batch import collate
-from train.checkpoint import CheckpointManager, TrainerState, export_hf_model
-from train.config import RetrieverConfig, TrainConfig
-from train.distributed.data_parallel import SINGLE_PROCESS, DataParallel, TorchDataParallel
-from train.guards import StepHealth
-from train.learner import build_optimizers, make_experience, update
-from train.loop import (
+from searchgym.env import QAExample, SearchVectorEnv
+from searchgym.policy.generation import Generator, SamplingParams, TransformersGenerator
+from searchgym.policy.rollout import run_episodes
+from searchgym.policy.trajectory import Trajectory
+from searchgym.policy.vllm_backend import VLLMGenerator  # vllm itself loads only when an engine is made
+from searchgym.retriever.base import Passage, Retriever
+from searchgym.train.batch import collate
+from searchgym.train.checkpoint import CheckpointManager, TrainerState, export_hf_model
+from searchgym.train.config import RetrieverConfig, TrainConfig
+from searchgym.train.distributed.data_parallel import SINGLE_PROCESS, DataParallel, TorchDataParallel
+from searchgym.train.guards import StepHealth
+from searchgym.train.learner import build_optimizers, make_experience, update
+from searchgym.train.loop import (
     PhaseTimer,
     experience_metrics,
     pad_token_id,
@@ -39,8 +41,8 @@ from train.loop import (
     seed_everything,
     step_health,
 )
-from train.models import build_train_models
-from train.search_rollout import load_training_policy, make_generator, open_retriever, token_budgets
+from searchgym.train.models import build_train_models
+from searchgym.train.search_rollout import load_training_policy, make_generator, open_retriever, token_budgets
 
 _GROUP_TIMEOUT = timedelta(minutes=30)
 """How long a learner waits in a collective before torch.distributed gives up on the others."""
@@ -75,7 +77,8 @@ def whereabouts() -> Whereabouts:
 def worker_seed(seed: int, step: int, *, index: int, num_workers: int) -> int:
     """The sampling seed of rollout worker ``index`` at ``step``.
 
-    A lone worker uses the single-process trainer's seed (:class:`train.search_rollout.SearchRollout`),
+    A lone worker uses the single-process trainer's seed
+    (:class:`searchgym.train.search_rollout.SearchRollout`),
     so that it samples the same episodes; several workers draw independent streams spawned from it (a
     shared seed would give every worker the same random numbers, row for row).
     """
@@ -325,7 +328,7 @@ class RetrieverReplica:
         return whereabouts()
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
-        """The retriever's answer (see :class:`retriever.base.Retriever`)."""
+        """The retriever's answer (see :class:`searchgym.retriever.base.Retriever`)."""
         self.calls += 1
         self.queries += len(queries)
         return self.retriever.search(queries, k)

@@ -13,8 +13,8 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from searchgym.errors import SearchgymError
-from train.distributed.config import RayConfig
-from train.distributed.placement import STRATEGY, ActorPlace, PlacementPlan
+from searchgym.train.distributed.config import RayConfig
+from searchgym.train.distributed.placement import STRATEGY, ActorPlace, PlacementPlan
 
 logger = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from train.config_io import ConfigError
+from searchgym.train.config_io import ConfigError
 
 if TYPE_CHECKING:
-    from train.config import TrainConfig
+    from searchgym.train.config import TrainConfig
 
 
 @dataclass(frozen=True, kw_only=True)

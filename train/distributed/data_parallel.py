@@ -1,6 +1,7 @@
 """How data-parallel learners share one update: the protocol the learner follows, and its two implementations.
 
-:func:`train.learner.make_experience` and :func:`train.learner.update` take a :class:`DataParallel`. With
+:func:`searchgym.train.learner.make_experience` and :func:`searchgym.train.learner.update` take a
+:class:`DataParallel`. With
 :data:`SINGLE_PROCESS` they are the one-process update. With :class:`TorchDataParallel`, N learners that
 each hold the whole batch compute contiguous shares of it and together take the step one learner takes on
 the whole batch:
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from train.batch import Batch, Experience
+from searchgym.train.batch import Batch, Experience
 
 RecordT = TypeVar("RecordT", Batch, Experience)
 _BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default bucket of 25 MiB, in float32 elements

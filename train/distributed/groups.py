@@ -15,17 +15,23 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
-from env import QAExample
-from policy.generation import SamplingParams
-from policy.trajectory import Trajectory
-from retriever.base import Passage
-from retriever.client import RetrieverUnavailableError
+from searchgym.env import QAExample
 from searchgym.errors import SearchgymError
-from train.checkpoint import TrainerState
-from train.config import TrainConfig
-from train.distributed.actors import Learner, LearnerStep, RetrieverReplica, RolloutWorker, Whereabouts
-from train.distributed.cluster import Placement
-from train.distributed.placement import ActorPlace, episodes_per_worker, split_evenly
+from searchgym.policy.generation import SamplingParams
+from searchgym.policy.trajectory import Trajectory
+from searchgym.retriever.base import Passage
+from searchgym.retriever.client import RetrieverUnavailableError
+from searchgym.train.checkpoint import TrainerState
+from searchgym.train.config import TrainConfig
+from searchgym.train.distributed.actors import (
+    Learner,
+    LearnerStep,
+    RetrieverReplica,
+    RolloutWorker,
+    Whereabouts,
+)
+from searchgym.train.distributed.cluster import Placement
+from searchgym.train.distributed.placement import ActorPlace, episodes_per_worker, split_evenly
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +160,7 @@ class Roster:
 
 
 class ReplicatedRetriever:
-    """A :class:`retriever.base.Retriever` over retrieval replicas: each call goes to the next in turn.
+    """A :class:`~searchgym.retriever.base.Retriever` over retrieval replicas, each called in turn.
 
     Each rollout worker holds its own copy, starting at its own replica, so that W workers spread their
     calls over the replicas. A replica that died is skipped (Ray restarts it meanwhile).

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from train.config import TrainConfig
+from searchgym.train.config import TrainConfig
 
 Role = Literal["learner", "rollout worker", "retriever replica"]
 STRATEGY = "PACK"

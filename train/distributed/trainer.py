@@ -1,6 +1,6 @@
-"""``searchgym train ... ray.enabled=true``: the placement map, then the steps of `train.loop` on actors.
+"""``searchgym train ... ray.enabled=true``: the placement map, then the loop's steps on actors.
 
-What runs where (one placement group, see :mod:`train.distributed.placement`)::
+What runs where (one placement group, see :mod:`searchgym.train.distributed.placement`)::
 
     driver (this process)    data order, guards, logs, samples, dev scores, when to save or roll back
     learners 0..L-1          policy, critic, reference and optimizers; experience and the PPO/GRPO update,
@@ -21,25 +21,25 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from env import QAExample, load_dataset
-from policy.trajectory import Trajectory
-from train.checkpoint import CheckpointManager, TrainerState, read_trainer_state
-from train.config import TrainConfig
-from train.distributed.cluster import Placement, ray_cluster, reserve
-from train.distributed.groups import (
+from searchgym.env import QAExample, load_dataset
+from searchgym.policy.trajectory import Trajectory
+from searchgym.train.checkpoint import CheckpointManager, TrainerState, read_trainer_state
+from searchgym.train.config import TrainConfig
+from searchgym.train.distributed.cluster import Placement, ray_cluster, reserve
+from searchgym.train.distributed.groups import (
     LearnerGroup,
     RetrieverReplicas,
     RolloutWorkerGroup,
     Roster,
     WorkerDiedError,
 )
-from train.distributed.placement import plan_placement
-from train.guards import Guards
-from train.loop import ExampleSampler, PhaseTimer, TrainResult, rollout_metrics
-from train.plots import plot_run
-from train.search_rollout import dev_sampling, dev_scores, starting_policy
-from train.tracking import Tracker, render_samples
-from train.warmstart import WARMSTART_DIR
+from searchgym.train.distributed.placement import plan_placement
+from searchgym.train.guards import Guards
+from searchgym.train.loop import ExampleSampler, PhaseTimer, TrainResult, rollout_metrics
+from searchgym.train.plots import plot_run
+from searchgym.train.search_rollout import dev_sampling, dev_scores, starting_policy
+from searchgym.train.tracking import Tracker, render_samples
+from searchgym.train.warmstart import WARMSTART_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def resume_hint(config: TrainConfig) -> str:
 
 
 class RayTrainer:
-    """The loop of :func:`train.loop.train`, with the models in learner actors and rollouts in workers.
+    """The loop of :func:`~searchgym.train.loop.train`, models in learner actors, rollouts in workers.
 
     Args:
         config: the run's settings.
@@ -202,7 +202,7 @@ class RayTrainer:
         return state.step
 
     def _roll_back(self, tracker: Tracker, step: int) -> int:
-        """As :func:`train.loop` rolls back: weights, optimizers and guards; steps and data go on."""
+        """As the single-process loop rolls back: weights, optimizers and guards; steps and data go on."""
         target = self.checkpoints.latest(healthy_only=True)
         if target is None:
             tracker.warn(f"step {step}: roll-back wanted but no healthy checkpoint exists yet; continuing")
@@ -252,5 +252,5 @@ def _log(tracker: Tracker, step: int, metrics: dict[str, float]) -> dict[str, fl
 
 
 def _due(step: int, every: int, total_steps: int) -> bool:
-    """Periodic work happens every ``every`` steps and after the last one (as in :mod:`train.loop`)."""
+    """Periodic work happens every ``every`` steps and after the last one (as in the loop)."""
     return step == total_steps or (every > 0 and step % every == 0)
