@@ -25,6 +25,7 @@ from searchgym.eval.config import BACKENDS, MODES, EvalConfig
 from searchgym.eval.inputs import load_generator
 from searchgym.eval.report import PREDICTIONS_FILE, compare_runs, read_predictions
 from searchgym.eval.runner import run_evaluation
+from searchgym.policy.budgets import TokenBudgets
 from searchgym.retriever.index import IndexSpec, ensure_index, load_retriever
 
 
@@ -68,7 +69,7 @@ def main() -> None:
             index=None if mode == "direct" else str(index_dir),
             limit=args.limit,
             batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
+            budgets=TokenBudgets(max_turn_tokens=args.max_new_tokens),
             backend=args.backend,
         )
         for mode in args.modes.split(",")

@@ -23,8 +23,9 @@ import matplotlib.pyplot as plt
 
 from searchgym.demo import DEMO_CONFIG, dev_scores_by_stage, summary_table
 from searchgym.env import load_dataset
+from searchgym.train.build import WIKI_MINI_BM25
 from searchgym.train.config import TrainConfig, load_config
-from searchgym.train.search_rollout import WIKI_MINI_BM25, run_search_training
+from searchgym.train.run import run_training
 
 
 def rag_baseline(config: TrainConfig, out: Path) -> dict[str, float]:
@@ -95,7 +96,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(DEMO_CONFIG, [f"logging.run_dir={args.run_dir}", *args.overrides])
     started = time.perf_counter()
-    run_search_training(config)
+    run_training(config)
     print(f"\ntraining job (warm-start, RL, dev evaluations): {(time.perf_counter() - started) / 60:.1f} min")
     rag = rag_baseline(config, config.run_dir / "baseline")
     print(f"\n{summary_table(config.run_dir)}")

@@ -2,7 +2,7 @@
 
 Three runs of the same config (no dev evaluation, a checkpoint only at the end, no export):
 
-- ``single``: ``searchgym train`` in this process (``run_search_training``);
+- ``single``: ``searchgym train`` in this process (``run_training``);
 - ``ray 1/1/1``: one learner, one rollout worker and one retrieval replica as Ray actors. The same work
   as ``single``, plus the transfers: episodes to the learner, weights back to the worker, and searches
   through the replica. Its episodes are the single-process run's (the same sampling seed);
@@ -32,12 +32,10 @@ from pathlib import Path
 import torch
 
 from searchgym.train.config import TrainConfig, load_config
-from searchgym.train.distributed.trainer import run_ray_training
-from searchgym.train.search_rollout import run_search_training
+from searchgym.train.run import run_training
 from searchgym.train.tracking import read_metrics
 
-SINGLE_PHASES = ("time/rollout", "time/experience", "time/update")
-RAY_PHASES = ("time/rollout", "time/learn", "time/weight_sync")
+PHASES = ("time/rollout", "time/learn", "time/weight_sync")
 MODES = {"single": None, "ray 1/1/1": 1, "ray 2/2/2": 2}
 
 
@@ -67,9 +65,9 @@ def mode_config(base: TrainConfig, run_dir: Path, parts: int | None) -> TrainCon
 
 def measure(config: TrainConfig) -> dict[str, float]:
     """Run ``config``; its startup, mean step time after the first, and mean phase times."""
-    phases = RAY_PHASES if config.ray.enabled else SINGLE_PHASES
+    phases = PHASES
     started = time.perf_counter()
-    result = run_ray_training(config) if config.ray.enabled else run_search_training(config)
+    result = run_training(config)
     wall = time.perf_counter() - started
     rows = [row for row in read_metrics(result.run_dir / "metrics.jsonl") if row["step"] >= 1]
     step_times = [sum(row[name] for name in phases) for row in rows]
@@ -78,11 +76,11 @@ def measure(config: TrainConfig) -> dict[str, float]:
         "step_s": statistics.mean(step_times[1:] or step_times),
     }
     measured = rows[1:] or rows
-    for name in (*phases, "time/experience", "time/update", "time/rollout_slowest_worker"):
+    for name in (*phases, "time/experience", "time/update", "time/rollout_slowest_batch"):
         if name in measured[0]:
             figures[name] = statistics.mean(row[name] for row in measured)
     if config.ray.enabled:
-        figures["dispatch"] = figures["time/rollout"] - figures["time/rollout_slowest_worker"]
+        figures["dispatch"] = figures["time/rollout"] - figures["time/rollout_slowest_batch"]
         figures["transfer"] = figures["time/learn"] - figures["time/experience"] - figures["time/update"]
     return figures
 

@@ -18,11 +18,13 @@ from typing import TypeVar
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM
 
+from searchgym.env.outcome import EpisodeOutcome
 from searchgym.policy.trajectory import Trajectory
 from searchgym.train.batch import collate
 from searchgym.train.config import TrainConfig, load_config
-from searchgym.train.learner import build_optimizers, make_experience, update
+from searchgym.train.learner import make_experience, update
 from searchgym.train.models import build_train_models
+from searchgym.train.optim import build_optimizers
 
 T = TypeVar("T")
 
@@ -78,7 +80,7 @@ def synthetic_episode(
         response_ids=response,
         loss_mask=mask,
         turn_index=[0] * len(response),
-        reward=float(rng.random() < 0.3),
+        outcome=EpisodeOutcome(answer=None, end_reason="answered", reward=float(rng.random() < 0.3)),
     )
 
 

@@ -2,7 +2,7 @@
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, SupportsFloat
 
 import gymnasium
@@ -12,6 +12,7 @@ from searchgym.env.actions import Answer, Invalid, Search, parse_action
 from searchgym.env.config import EnvConfig
 from searchgym.env.data import QAExample, load_dataset
 from searchgym.env.observations import fit_information
+from searchgym.env.outcome import EndReason, EpisodeOutcome
 from searchgym.env.retrieval import RetrievalResult, retrieve_batch
 from searchgym.env.rewards import (
     RewardBreakdown,
@@ -96,7 +97,8 @@ class SearchEnv(gymnasium.Env[str, str]):
     ``"search_on_last_turn"``), ``retrieved_ids``, ``retrieval_latency_s``, ``num_searches``,
     ``observation_tokens``. At the end also: ``answer``, ``em``, ``f1``, ``cover_em``, ``reward``,
     ``reward_error``, ``reward_outcome``, ``reward_shaping``, ``reward_search_cost``, ``end_reason``
-    (``"answered"``, ``"max_turns"``, ``"retriever_error"``), ``error`` and ``episode_retrieved_ids``.
+    (``"answered"``, ``"max_turns"``, ``"retriever_error"``), ``error``, ``episode_retrieved_ids``, and
+    ``outcome``: all of these as one :class:`~searchgym.env.outcome.EpisodeOutcome`, which is what code reads.
 
     ## Arguments
     ``dataset``: a bundled name (``"wiki-mini-dev"``), a file path, or QA examples; may be None when
@@ -292,71 +294,77 @@ class SearchEnv(gymnasium.Env[str, str]):
         info: dict[str, Any],
         *,
         answer: str | None,
-        end_reason: str,
+        end_reason: EndReason,
         terminated: bool,
         error: str | None = None,
     ) -> tuple[str, float, bool, bool, dict[str, Any]]:
         episode = self._running_episode()
         episode.done = True
-        well_formed = episode.well_formed and answer is not None
-        info |= {
-            "answer": answer,
-            "end_reason": end_reason,
-            "error": error,
-            "episode_retrieved_ids": tuple(episode.retrieved_ids),
-        }
-        info |= episode_scores(
+        outcome = score_episode(
             episode.example,
             answer=answer,
+            end_reason=end_reason,
+            retrieved_ids=tuple(episode.retrieved_ids),
             retrieved_texts=episode.retrieved_texts,
-            well_formed=well_formed,
+            well_formed=episode.well_formed and answer is not None,
             num_searches=episode.num_searches,
+            num_turns=episode.turn,
             config=self.config,
             error=error,
         )
-        reward = 0.0 if info["reward"] is None else info["reward"]
+        info |= outcome.info_entries()
+        reward = 0.0 if outcome.reward is None else outcome.reward
         return "", reward, terminated, not terminated, info
 
 
-def episode_scores(
+def score_episode(
     example: QAExample,
     *,
     answer: str | None,
+    end_reason: EndReason,
+    retrieved_ids: tuple[str, ...],
     retrieved_texts: Sequence[str],
     well_formed: bool,
     num_searches: int,
+    num_turns: int,
     config: EnvConfig,
     error: str | None = None,
-) -> dict[str, Any]:
-    """The final ``info`` entries of an episode: metrics, reward and its parts, or None with a reason."""
-    missing = {"em": None, "f1": None, "cover_em": None, "reward": None}
-    parts = {"reward_outcome": None, "reward_shaping": None, "reward_search_cost": None}
+) -> EpisodeOutcome:
+    """The outcome of an episode: metrics and reward (with its parts), or a missing reward with its reason."""
+    ended = EpisodeOutcome(
+        answer=answer,
+        end_reason=end_reason,
+        reward=None,
+        num_searches=num_searches,
+        num_turns=num_turns,
+        well_formed=well_formed,
+        error=error,
+        retrieved_ids=retrieved_ids,
+    )
     if error is not None:
-        return missing | parts | {"reward_error": f"retriever failed: {error}"}
+        return replace(ended, reward_error=f"retriever failed: {error}")
     golds = example.golden_answers
     if not golds:
-        return missing | parts | {"reward_error": f"example {example.id!r} has no golden answers"}
+        return replace(ended, reward_error=f"example {example.id!r} has no golden answers")
     shaping = format_reward(
         well_formed=well_formed,
         answer_retrieved=config.retrieval_weight > 0 and answer_in_passages(retrieved_texts, golds),
         format_weight=config.format_weight,
         retrieval_weight=config.retrieval_weight,
     )
-    breakdown = RewardBreakdown(
+    parts = RewardBreakdown(
         outcome=score_answer(answer, golds, config.reward_type),
         shaping=shaping,
         search_cost=search_penalty(num_searches, config.search_cost),
     )
-    return {
-        "em": exact_match(answer, golds),
-        "f1": f1_score(answer, golds),
-        "cover_em": cover_exact_match(answer, golds),
-        "reward": breakdown.total,
-        "reward_error": None,
-        "reward_outcome": breakdown.outcome,
-        "reward_shaping": breakdown.shaping,
-        "reward_search_cost": breakdown.search_cost,
-    }
+    return replace(
+        ended,
+        reward=parts.total,
+        reward_parts=parts,
+        em=exact_match(answer, golds),
+        f1=f1_score(answer, golds),
+        cover_em=cover_exact_match(answer, golds),
+    )
 
 
 def as_example(example: QAExample | Mapping[str, Any]) -> QAExample:

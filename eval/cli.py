@@ -10,8 +10,16 @@ import sys
 from pathlib import Path
 
 from searchgym.errors import SearchgymError
-from searchgym.eval.config import BACKENDS, MODES, SEARCH_R1_BENCHMARKS, EvalConfig, training_protocol
+from searchgym.eval.config import (
+    BACKENDS,
+    DEFAULT_TURN_TOKENS,
+    MODES,
+    SEARCH_R1_BENCHMARKS,
+    EvalConfig,
+    training_protocol,
+)
 from searchgym.eval.report import COMPARABLE_METRICS, compare_runs, format_run_table
+from searchgym.policy.budgets import TokenBudgets
 
 DEFAULT_BENCHMARKS = "wiki-mini-dev"
 RUNS_DIR = Path("runs") / "eval"
@@ -116,27 +124,32 @@ def run_eval_command(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace, mode: str) -> EvalConfig:
     """The settings of one mode's run from the command line (validated by :class:`EvalConfig`).
 
-    Protocol settings come from the flags given, then from ``--train-config``, then from the defaults.
+    Protocol settings come from the flags given, then from ``--train-config`` (all of its episode protocol:
+    prompt style and template, turns, searches, top-k, token budgets), then from the defaults.
     """
-    protocol = training_protocol(args.train_config) if args.train_config else {}
-    given = {
-        name: value
-        for name, value in (
-            ("topk", args.topk),
-            ("max_turns", args.max_turns),
-            ("max_new_tokens", args.max_new_tokens),
-        )
-        if value is not None
-    }
-    if "max_turns" in given:  # the training's search budget may not fit fewer turns
-        protocol.pop("max_searches", None)
+    from dataclasses import replace
+
+    from searchgym.env.config import EnvConfig  # gymnasium loads here, not at --help
+
+    trained = args.train_config is not None
+    env, budgets = training_protocol(args.train_config) if trained else (EnvConfig(), TokenBudgets())
+    if not trained:
+        budgets = replace(budgets, max_turn_tokens=DEFAULT_TURN_TOKENS)
+    if args.max_turns is not None:  # the search budget follows: one search in every turn but the last
+        env = replace(env, max_turns=args.max_turns, max_searches=args.max_turns - 1)
+    if args.topk is not None:
+        env = replace(env, topk=args.topk)
+    if args.max_new_tokens is not None:
+        budgets = replace(budgets, max_turn_tokens=args.max_new_tokens)
     return EvalConfig(
         benchmarks=parse_list(args.benchmarks, everything=SEARCH_R1_BENCHMARKS),
         model=args.model,
         mode=mode,
         retriever_url=args.retriever_url,
         index=str(args.index) if args.index else None,
-        **{**protocol, **given},
+        env=env,
+        budgets=budgets,
+        infer_prompt_style=not trained,
         limit=args.limit,
         seed=args.seed,
         exclude=str(args.exclude) if args.exclude else None,

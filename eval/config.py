@@ -1,10 +1,11 @@
 """The settings of one evaluation run, validated before any work starts."""
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from searchgym.errors import SearchgymError
+from searchgym.policy.budgets import TokenBudgets
 
 if TYPE_CHECKING:  # the env package loads gymnasium: not for `searchgym --help`
     from searchgym.env.config import EnvConfig, PromptStyle
@@ -29,6 +30,20 @@ def dataset_label(benchmark: str) -> str:
     return name
 
 
+def _default_env() -> "EnvConfig":
+    from searchgym.env.config import EnvConfig  # the env package loads gymnasium: not for `searchgym --help`
+
+    return EnvConfig()
+
+
+def _default_budgets() -> TokenBudgets:
+    return TokenBudgets(max_turn_tokens=DEFAULT_TURN_TOKENS)
+
+
+DEFAULT_TURN_TOKENS = 500
+"""Tokens a model may generate per turn unless told otherwise (or trained otherwise)."""
+
+
 @dataclass(frozen=True, slots=True)
 class EvalConfig:
     """What to evaluate and how.
@@ -41,12 +56,11 @@ class EvalConfig:
             answer) or ``direct`` (answer without retrieval).
         retriever_url: a running ``searchgym serve`` (or any Search-R1 compatible server).
         index: a local index directory built by ``searchgym index``.
-        topk: passages per search.
-        max_turns: generation turns per question in ``agent`` mode (the last one must answer).
-        max_searches: searches per question in ``agent`` mode; None allows one in every turn but the last.
-        max_observation_tokens: the token budget of one observation (``rag`` trims its passages to it too).
-        prompt_template: the ``agent`` prompt with ``{question}``; None is the built-in one.
-        max_new_tokens: tokens the model may generate per turn.
+        env: the episode protocol (turns, searches, top-k, observation budget, prompt); ``rag`` shares its
+            top-k, observation budget and prompt style. ``--train-config`` takes the training run's.
+        budgets: the token budgets of an episode; ``max_turn_tokens`` is every mode's tokens per turn.
+        infer_prompt_style: replace ``env.prompt_style`` by what the model's tokenizer suggests (chat with
+            a chat template, plain without); False when the protocol comes from a training run.
         limit: questions per dataset, sampled with ``seed``; None evaluates every question.
         seed: the sampling seed of ``limit``; the same seed gives the same questions.
         exclude: a file of example ids to leave out (one per line), e.g. overlap with training data.
@@ -59,12 +73,9 @@ class EvalConfig:
     mode: str = "agent"
     retriever_url: str | None = None
     index: str | None = None
-    topk: int = 3
-    max_turns: int = 4
-    max_searches: int | None = None
-    max_observation_tokens: int = 512
-    prompt_template: str | None = None
-    max_new_tokens: int = 500
+    env: "EnvConfig" = field(default_factory=_default_env)
+    budgets: TokenBudgets = field(default_factory=_default_budgets)
+    infer_prompt_style: bool = True
     limit: int | None = None
     seed: int = 0
     exclude: str | None = None
@@ -85,10 +96,8 @@ class EvalConfig:
                 f"mode {self.mode!r} searches: give --index DIR (built by `searchgym index`) or "
                 "--retriever-url URL (a running `searchgym serve`), or use --mode direct"
             )
-        for name in ("topk", "max_turns", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise SearchgymError(f"{name} must be at least 1, got {getattr(self, name)}")
-        self.agent_env(prompt_style="chat")  # an impossible budget or template fails here, before any work
+        if self.batch_size < 1:
+            raise SearchgymError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise SearchgymError(f"--limit must be at least 1, got {self.limit}")
         labels = self.dataset_labels
@@ -102,18 +111,14 @@ class EvalConfig:
         """The table column (and ``Prediction.dataset``) of each benchmark, in order."""
         return tuple(dataset_label(benchmark) for benchmark in self.benchmarks)
 
-    def agent_env(self, prompt_style: "PromptStyle") -> "EnvConfig":
-        """The env settings of an ``agent`` episode (``rag`` shares the observation budget)."""
-        from searchgym.env.config import EnvConfig
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens per generation call, in every mode."""
+        return self.budgets.max_turn_tokens
 
-        return EnvConfig(
-            max_turns=self.max_turns,
-            max_searches=self.max_turns - 1 if self.max_searches is None else self.max_searches,
-            topk=self.topk,
-            max_observation_tokens=self.max_observation_tokens,
-            prompt_style=prompt_style,
-            prompt_template=self.prompt_template,
-        )
+    def env_for(self, prompt_style: "PromptStyle") -> "EnvConfig":
+        """The episode protocol, with the style the model suggests unless the protocol fixes it."""
+        return replace(self.env, prompt_style=prompt_style) if self.infer_prompt_style else self.env
 
     @property
     def uses_retrieval(self) -> bool:
@@ -121,7 +126,7 @@ class EvalConfig:
         return self.mode != "direct"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings, as stored in ``results.json``."""
+        """JSON-ready settings, as stored in ``results.json`` (``env`` and ``budgets`` nested)."""
         settings = asdict(self)
         settings["benchmarks"] = list(self.benchmarks)
         return settings
@@ -129,18 +134,32 @@ class EvalConfig:
     @classmethod
     def from_dict(cls, settings: dict[str, Any]) -> "EvalConfig":
         """Rebuild from ``to_dict`` output; keys this version does not know are ignored."""
+        from searchgym.env.config import EnvConfig
+
         known = {f.name: settings[f.name] for f in fields(cls) if f.name in settings}
         known["benchmarks"] = tuple(known.get("benchmarks", ()))
+        if isinstance(known.get("env"), dict):
+            known["env"] = EnvConfig(**known["env"])
+        if isinstance(known.get("budgets"), dict):
+            known["budgets"] = TokenBudgets(**known["budgets"])
         return cls(**known)
 
     def prediction_settings(self) -> dict[str, Any]:
-        """The settings that can change a prediction in this mode (retrieval ones only where it searches)."""
-        names = ["model", "mode", "max_new_tokens", "limit", "seed", "exclude", "backend"]
+        """The settings that can change a prediction in this mode (retrieval ones only where it searches).
+
+        Protocol settings are named by their place: ``env.topk``, ``budgets.max_turn_tokens``, ...
+        """
+        env = {f"env.{name}": value for name, value in asdict(self.env).items()}
+        budgets = {f"budgets.{name}": value for name, value in asdict(self.budgets).items()}
+        names = ["model", "mode", "limit", "seed", "exclude", "backend", "infer_prompt_style"]
+        names += ["budgets.max_turn_tokens", "env.prompt_style"]
         if self.uses_retrieval:
-            names += ["index", "retriever_url", "topk", "max_observation_tokens"]
+            names += ["index", "retriever_url", "env.topk", "env.max_observation_tokens"]
+        settings = {name: getattr(self, name) for name in names if "." not in name}
+        everything = env | budgets
         if self.mode == "agent":
-            names += ["max_turns", "max_searches", "prompt_template"]
-        return {name: getattr(self, name) for name in names}
+            return settings | everything
+        return settings | {name: everything[name] for name in names if "." in name}
 
     def changed_settings(self, other: "EvalConfig") -> list[str]:
         """The settings that differ from ``other`` and would change a prediction.
@@ -153,15 +172,12 @@ class EvalConfig:
         return [name for name in names if mine.get(name) != theirs.get(name)]
 
 
-def training_protocol(path: str | Path) -> dict[str, Any]:
-    """The ``agent`` protocol a policy was trained with, as :class:`EvalConfig` fields.
+def training_protocol(path: str | Path) -> tuple["EnvConfig", TokenBudgets]:
+    """The episode protocol a policy was trained with: its env settings and its token budgets.
 
     Args:
         path: a training config (a preset, or the ``config.yaml`` that ``searchgym train`` leaves in its
             run folder) or a run folder.
-
-    Returns:
-        Its env budgets, top-k and prompt template, and its tokens per turn (``rollout.max_new_tokens``).
     """
     from searchgym.train.config import RUN_CONFIG_FILE, load_config  # dataclasses and YAML only
 
@@ -174,11 +190,4 @@ def training_protocol(path: str | Path) -> dict[str, Any]:
             f"run folder of a `searchgym train` run (it holds {RUN_CONFIG_FILE})"
         )
     config = load_config(file)
-    return {
-        "topk": config.env.topk,
-        "max_turns": config.env.max_turns,
-        "max_searches": config.env.max_searches,
-        "max_observation_tokens": config.env.max_observation_tokens,
-        "prompt_template": config.env.prompt_template,
-        "max_new_tokens": config.rollout.max_new_tokens,
-    }
+    return config.env, config.token_budgets

@@ -75,11 +75,16 @@ class Engine:
 
     @classmethod
     def for_config(cls, config: EvalConfig, generator: Generator, retriever: Retriever | None) -> "Engine":
-        """The engine of a run: prompt style from the tokenizer (chat template or not), greedy decoding."""
+        """The engine of a run: greedy decoding, the prompt style the protocol or the tokenizer says."""
         style: PromptStyle = "chat" if is_chat_model(generator.tokenizer) else "plain"
-        env_config = config.agent_env(prompt_style=style)
-        budgets = TokenBudgets(max_turn_tokens=config.max_new_tokens)
-        return cls(generator, retriever, env_config, budgets, config.max_new_tokens, config.batch_size)
+        return cls(
+            generator,
+            retriever,
+            config.env_for(style),
+            config.budgets,
+            config.max_new_tokens,
+            config.batch_size,
+        )
 
     def sampling(self, stop: tuple[str, ...] = DEFAULT_STOP) -> SamplingParams:
         """Greedy decoding (evaluation is deterministic), stopping at the protocol's closing tags."""
@@ -127,20 +132,20 @@ def agent_predictions(items: Sequence[EvalItem], engine: Engine) -> list[Predict
 
 def trajectory_prediction(item: EvalItem, trajectory: Trajectory, engine: Engine) -> Prediction:
     """Score an agent episode from its final answer and keep what it did, turn by turn."""
-    info = trajectory.info
+    outcome = trajectory.outcome
     searches = [turn for turn in trajectory.turns if turn.action_type == "search"]
     retrieved = [list(turn.retrieved_ids) for turn in searches]
     return scored_prediction(
         item,
-        answer=info.get("answer"),
-        num_searches=int(info.get("num_searches", len(searches))),
-        num_turns=len(trajectory.turns),
+        answer=outcome.answer,
+        num_searches=outcome.num_searches,
+        num_turns=outcome.num_turns,
         num_response_tokens=trajectory.num_policy_tokens,
         queries=[turn.query for turn in searches if turn.query is not None],
         retrieved_ids=retrieved,
         trajectory=engine.decode(trajectory.response_ids),
-        end_reason=info.get("end_reason"),
-        error=info.get("error"),
+        end_reason=outcome.end_reason,
+        error=outcome.error,
     )
 
 

@@ -112,6 +112,20 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, *, chat: bool |
     return list(cast(list[int], ids["input_ids"] if isinstance(ids, BatchEncoding) else ids))
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS token.
+
+    Raises:
+        ModelLoadError: the tokenizer has neither.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ModelLoadError(
+            "the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token first"
+        )
+    return int(pad)
+
+
 def load_policy(
     name_or_path: str | Path | None = None,
     *,

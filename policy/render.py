@@ -26,11 +26,10 @@ def render_trajectory(trajectory: Trajectory, tokenizer: PreTrainedTokenizerBase
         ids = [token_id for token_id, _, _ in span]
         lines.append(f"== {_SPAN_NAMES[mask]} turn {turn} ({len(ids)} tokens, mask {mask})")
         lines.append(cast(str, tokenizer.decode(ids)))
-    timings = trajectory.timings
+    timings, outcome = trajectory.timings, trajectory.outcome
     lines.append(
-        f"== reward {trajectory.reward} | terminated {trajectory.terminated} | truncated "
-        f"{trajectory.truncated} | end {trajectory.info.get('end_reason')} | answer "
-        f"{trajectory.info.get('answer')!r} | generation {timings.generation:.2f}s, retrieval "
-        f"{timings.retrieval:.3f}s, bookkeeping {timings.bookkeeping:.3f}s (whole batch)"
+        f"== reward {outcome.reward} | end {outcome.end_reason} | answer {outcome.answer!r} | "
+        f"generation {timings.generation:.2f}s, retrieval {timings.retrieval:.3f}s, bookkeeping "
+        f"{timings.bookkeeping:.3f}s (whole batch)"
     )
     return "\n".join(lines)

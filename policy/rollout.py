@@ -15,7 +15,7 @@ Token budgets (all in the policy's tokens):
 - ``max_context_tokens``: prompt and response together; when the next turn has no room, or an
   observation does not fit, the episode ends as truncated.
 
-An episode that a budget ends is scored as the env scores one without an answer, and its ``info``
+An episode that a budget ends is scored as the env scores one without an answer, and its outcome
 says which budget in ``end_reason`` (``"context_budget"`` or ``"observation_budget"``).
 """
 
@@ -28,49 +28,16 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from searchgym.env import EnvConfig, QAExample, SearchVectorEnv
-from searchgym.env.search_env import as_example, episode_scores
-from searchgym.errors import SearchgymError
+from searchgym.env.outcome import EndReason, EpisodeOutcome
+from searchgym.env.search_env import as_example, score_episode
+from searchgym.policy.budgets import RolloutError, TokenBudgets
 from searchgym.policy.generation import Generation, Generator, SamplingParams, TransformersGenerator
 from searchgym.policy.models import Policy, encode_prompt
 from searchgym.policy.trajectory import Timings, Trajectory, TurnRecord
 
-CONTEXT_BUDGET = "context_budget"
-OBSERVATION_BUDGET = "observation_budget"
 # Seeds of successive generation calls are this far apart, so that per-request seeds derived from them
 # (vLLM seeds request i with seed + i) never repeat across the calls of a run.
 _SEED_STRIDE = 1 << 20
-
-
-class RolloutError(SearchgymError):
-    """A rollout cannot run with these settings or inputs."""
-
-
-@dataclass(frozen=True, slots=True)
-class TokenBudgets:
-    """Token limits of one episode, in the policy's tokens.
-
-    Attributes:
-        max_prompt_tokens: the longest prompt (chat template included); longer is an error, never a cut.
-        max_turn_tokens: new tokens the policy may write in one turn.
-        max_observation_tokens: the longest observation appended after a turn.
-        max_context_tokens: prompt plus response; must not exceed the backend's context (vLLM's
-            ``max_model_len``).
-    """
-
-    max_prompt_tokens: int = 1024
-    max_turn_tokens: int = 512
-    max_observation_tokens: int = 640
-    max_context_tokens: int = 4096
-
-    def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_turn_tokens", "max_observation_tokens", "max_context_tokens"):
-            if getattr(self, name) < 1:
-                raise RolloutError(f"{name}={getattr(self, name)}: set it to 1 or more")
-        if self.max_prompt_tokens >= self.max_context_tokens:
-            raise RolloutError(
-                f"max_prompt_tokens={self.max_prompt_tokens} leaves no room in max_context_tokens="
-                f"{self.max_context_tokens}: raise max_context_tokens or lower max_prompt_tokens"
-            )
 
 
 def run_episodes(
@@ -151,10 +118,8 @@ class _Episode:
     turn_index: list[int] = field(default_factory=list)
     logprobs: list[float] | None = field(default_factory=list)
     turns: list[TurnRecord] = field(default_factory=list)
-    last_info: dict[str, Any] = field(default_factory=dict)
-    done: bool = False
-    terminated: bool = False
-    reward: float | None = None
+    num_searches: int = 0
+    outcome: EpisodeOutcome | None = None
 
     @property
     def context_length(self) -> int:
@@ -183,13 +148,14 @@ class _Episode:
                 num_observation_tokens=observation_count,
             )
         )
-        self.last_info = info
+        self.num_searches = int(info.get("num_searches", self.num_searches))
 
-    def finish(self, *, terminated: bool, info: dict[str, Any]) -> None:
-        self.done, self.terminated = True, terminated
-        self.reward, self.last_info = info.get("reward"), info
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
 
     def to_trajectory(self, timings: Timings) -> Trajectory:
+        assert self.outcome is not None  # the batch loop runs until every episode has its outcome
         return Trajectory(
             example_id=self.example.id,
             group_id=self.group_id,
@@ -197,12 +163,9 @@ class _Episode:
             response_ids=self.response_ids,
             loss_mask=self.loss_mask,
             turn_index=self.turn_index,
-            reward=self.reward,
+            outcome=self.outcome,
             sampler_logprobs=self.logprobs,
-            terminated=self.terminated,
-            truncated=not self.terminated,
             turns=self.turns,
-            info=self.last_info,
             timings=timings,
         )
 
@@ -237,7 +200,7 @@ def _run_batch(
             if terminated[episode.slot] or truncated[episode.slot]:
                 final_info = dict(vector_env.final_infos[episode.slot] or {})
                 episode.add_turn(generation, text, final_info, [])
-                episode.finish(terminated=bool(terminated[episode.slot]), info=final_info)
+                episode.outcome = final_info["outcome"]
             else:
                 step_info = _info_at(infos, episode.slot)
                 _continue(episode, generation, text, observations[episode.slot], step_info, generator, run)
@@ -282,7 +245,7 @@ def _with_room(episodes: list[_Episode], run: _RunSettings) -> list[_Episode]:
     """The running episodes, after ending those whose context has no room for another token."""
     for episode in episodes:
         if not episode.done and _room(episode, run.budgets) < 1:
-            _end_on_budget(episode, CONTEXT_BUDGET, run)
+            _end_on_budget(episode, "context_budget", run)
     return [episode for episode in episodes if not episode.done]
 
 
@@ -298,11 +261,11 @@ def _continue(
     """Record a turn the env did not end: append its observation, or end the episode if it does not fit."""
     observation_ids = generator.tokenizer.encode(observation, add_special_tokens=False)
     context_after = episode.context_length + len(generation.token_ids) + len(observation_ids)
-    over_budget = None
+    over_budget: EndReason | None = None
     if len(observation_ids) > run.budgets.max_observation_tokens:
-        over_budget = OBSERVATION_BUDGET
+        over_budget = "observation_budget"
     elif context_after > run.budgets.max_context_tokens:
-        over_budget = CONTEXT_BUDGET
+        over_budget = "context_budget"
     if over_budget is None:
         episode.add_turn(generation, text, info, observation_ids)
     else:
@@ -310,32 +273,23 @@ def _continue(
         _end_on_budget(episode, over_budget, run)
 
 
-def _end_on_budget(episode: _Episode, reason: str, run: _RunSettings) -> None:
+def _end_on_budget(episode: _Episode, reason: EndReason, run: _RunSettings) -> None:
     """End an episode the env still runs, scored as the env scores an episode without an answer.
 
     The sub-env is left as it is: later steps of this batch give it an empty action (no search) and
     ignore what it returns, and the next batch resets it.
     """
-    retrieved = tuple(passage_id for turn in episode.turns for passage_id in turn.retrieved_ids)
-    scores = episode_scores(
+    episode.outcome = score_episode(
         episode.example,
         answer=None,
+        end_reason=reason,
+        retrieved_ids=tuple(passage_id for turn in episode.turns for passage_id in turn.retrieved_ids),
         retrieved_texts=(),
         well_formed=False,
-        num_searches=int(episode.last_info.get("num_searches", 0)),
+        num_searches=episode.num_searches,
+        num_turns=len(episode.turns),
         config=run.env_config,
     )
-    info = (
-        episode.last_info
-        | scores
-        | {
-            "answer": None,
-            "end_reason": reason,
-            "error": None,
-            "episode_retrieved_ids": retrieved,
-        }
-    )
-    episode.finish(terminated=False, info=info)
 
 
 def _info_at(infos: Mapping[str, Any], index: int) -> dict[str, Any]:

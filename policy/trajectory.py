@@ -1,7 +1,8 @@
 """The record of one episode that rollouts produce and the trainer and evaluator consume."""
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from searchgym.env.outcome import EpisodeOutcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +50,10 @@ class Trajectory:
         response_ids: (R,) policy and observation tokens in order.
         loss_mask: (R,) 1 exactly on policy-generated tokens, 0 on observation tokens.
         turn_index: (R,) the turn each response token belongs to (0-based).
-        reward: the scalar outcome reward, or None when it could not be computed (masked from the update).
+        outcome: how the episode ended and what it scored (its reward is the one the update uses).
         sampler_logprobs: (R,) the generation backend's log-probs of the policy tokens (0.0 on observation
             tokens), or None when the backend gives none.
-        terminated: the policy answered.
-        truncated: a turn, search or token budget ended the episode without an answer.
         turns: one record per turn.
-        info: the env's final ``info`` (answer, em, f1, cover_em, reward components, ...).
         timings: where the batch's time went.
     """
 
@@ -65,12 +63,9 @@ class Trajectory:
     response_ids: list[int]
     loss_mask: list[int]
     turn_index: list[int]
-    reward: float | None
+    outcome: EpisodeOutcome
     sampler_logprobs: list[float] | None = None
-    terminated: bool = False
-    truncated: bool = False
     turns: list[TurnRecord] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
 
     def __post_init__(self) -> None:
@@ -79,6 +74,11 @@ class Trajectory:
             lengths.add(len(self.sampler_logprobs))
         if len(lengths) != 1:
             raise ValueError(f"per-token lists of the response differ in length: {lengths}")
+
+    @property
+    def reward(self) -> float | None:
+        """The scalar outcome reward, or None when it could not be computed (masked from the update)."""
+        return self.outcome.reward
 
     @property
     def num_policy_tokens(self) -> int:

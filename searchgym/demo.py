@@ -69,7 +69,7 @@ def summary_table(run_dir: Path) -> str:
 
 def eval_command(config: TrainConfig) -> str:
     """The ``searchgym eval`` command of a run's final policy on its whole dev set, as it was trained."""
-    from searchgym.train.search_rollout import WIKI_MINI_BM25
+    from searchgym.train.build import WIKI_MINI_BM25
 
     if config.retriever.url is not None:
         retriever = f"--retriever-url {config.retriever.url}"
@@ -83,12 +83,12 @@ def eval_command(config: TrainConfig) -> str:
 
 def main(overrides: list[str]) -> int:
     """Train with the demo preset and print the summary; returns the process exit status."""
-    from searchgym.train.search_rollout import run_search_training  # torch and transformers load here
+    from searchgym.train.run import run_training  # torch and transformers load here
 
     logging.basicConfig(level=logging.INFO, format="demo: %(message)s")
     config = load_config(DEMO_CONFIG, overrides)
     started = time.perf_counter()
-    result = run_search_training(config)
+    result = run_training(config)
     minutes = (time.perf_counter() - started) / 60
     print(f"\nSmolLM2-135M-Instruct on wiki-mini, first {config.data.dev_limit} dev questions, greedy:\n")
     print(summary_table(result.run_dir))

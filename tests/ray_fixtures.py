@@ -101,5 +101,4 @@ def comparable(trajectory: Trajectory) -> dict:
     """Everything of an episode but its wall-clock timings and its sampler log-probs (floats)."""
     record = dataclasses.asdict(trajectory)
     del record["timings"], record["sampler_logprobs"]
-    record["info"] = {k: v for k, v in record["info"].items() if k != "retrieval_latency_s"}
     return record

@@ -3,6 +3,7 @@ import json
 import pytest
 from eval_fixtures import GEO, PEOPLE, Interrupted, KeywordRetriever, ScriptedGenerator, write_jsonl
 
+from searchgym.env.config import EnvConfig
 from searchgym.errors import SearchgymError
 from searchgym.eval.config import EvalConfig
 from searchgym.eval.report import PREDICTIONS_FILE, RESULTS_FILE, RUN_FILE, read_predictions
@@ -136,9 +137,9 @@ def test_agent_mode_follows_the_training_protocol(tmp_path, benchmarks, tokenize
         benchmarks=benchmarks,
         mode="agent",
         index="fake-index",
-        max_turns=2,
-        max_searches=1,
-        prompt_template="Look it up, then answer. Question: {question}",
+        env=EnvConfig(
+            max_turns=2, max_searches=1, prompt_template="Look it up, then answer. Question: {question}"
+        ),
     )
     generator = ScriptedGenerator(tokenizer, AGENT_SCRIPTS)
     run_evaluation(

@@ -1,24 +1,24 @@
 """The learner on a tiny model: collation, experience, gradient accumulation, skipped and masked steps."""
 
-import copy
 import dataclasses
 import math
 
 import pytest
 import torch
-from train_fixtures import TargetTokenRollout, learner_config, tiny_model, tiny_tokenizer, toy_examples
+from train_fixtures import learner_config, tiny_model, toy_episodes, toy_examples, with_reward
 
 from searchgym.policy.trajectory import Trajectory
 from searchgym.train.batch import EmptyBatchError, collate
 from searchgym.train.config import TrainConfig
-from searchgym.train.learner import build_optimizers, lr_multiplier, make_experience, update
+from searchgym.train.learner import make_experience, update
 from searchgym.train.models import build_train_models, response_logprobs
+from searchgym.train.optim import build_optimizers, lr_multiplier
 
 
 @pytest.fixture(scope="module")
 def trajectories() -> list[Trajectory]:
     torch.manual_seed(1)
-    return TargetTokenRollout()(tiny_model(), tiny_tokenizer(), toy_examples(8), step=0)
+    return toy_episodes(tiny_model(), toy_examples(8))
 
 
 def test_padding_changes_no_log_prob(trajectories: list[Trajectory]) -> None:
@@ -34,9 +34,7 @@ def test_padding_changes_no_log_prob(trajectories: list[Trajectory]) -> None:
 
 
 def test_collate_masks_observations_and_missing_rewards(trajectories: list[Trajectory]) -> None:
-    broken = [copy.copy(t) for t in trajectories[:3]]
-    broken[1].reward = None
-    broken[2].reward = math.nan
+    broken = [trajectories[0], with_reward(trajectories[1], None), with_reward(trajectories[2], math.nan)]
     batch = collate(broken, pad_token_id=0, device="cpu")
     assert batch.reward_valid.tolist() == [True, False, False]
     assert batch.loss_mask.tolist()[0] == [1, 1, 0, 0, 1, 1]
@@ -101,9 +99,7 @@ def test_non_finite_loss_skips_the_step_and_keeps_the_weights(trajectories: list
 
 def test_a_batch_without_any_reward_does_not_step(trajectories: list[Trajectory]) -> None:
     config = learner_config("kl.coef=0")
-    missing = [copy.copy(t) for t in trajectories]
-    for trajectory in missing:
-        trajectory.reward = None
+    missing = [with_reward(t, None) for t in trajectories]
     models = build_train_models(tiny_model(), with_reference=False, with_critic=True)
     before = [p.detach().clone() for p in models.policy.parameters()]
     experience = make_experience(models, collate(missing, pad_token_id=0, device="cpu"), config)

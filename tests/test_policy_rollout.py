@@ -75,9 +75,9 @@ def test_policy_ids_are_exactly_the_generated_ids_never_re_tokenized(tiny):
 def test_trajectory_records_turns_reward_and_sampler_logprobs(tiny):
     generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: SEARCH_THEN_ANSWER})
     trajectory = run_episodes(generator, make_env(tiny.tokenizer), [FRANCE])[0]
-    assert trajectory.terminated and not trajectory.truncated
-    assert trajectory.reward == 1.0 and trajectory.info["em"] == 1.0
-    assert trajectory.info["answer"] == "Paris"
+    assert trajectory.outcome.answered
+    assert trajectory.reward == 1.0 and trajectory.outcome.em == 1.0
+    assert trajectory.outcome.answer == "Paris"
     search, answer = trajectory.turns
     assert (search.action_type, search.query, search.retrieved_ids[0]) == (
         "search",
@@ -158,9 +158,9 @@ def test_context_budget_ends_the_episode_as_truncated_when_an_observation_does_n
         max_prompt_tokens=prompt_length, max_context_tokens=prompt_length + search_length + 10
     )
     trajectory = run_episodes(generator, env, [FRANCE], budgets=budgets)[0]
-    assert trajectory.truncated and not trajectory.terminated
-    assert trajectory.info["end_reason"] == "context_budget"
-    assert trajectory.reward == 0.0 and trajectory.info["answer"] is None
+    assert not trajectory.outcome.answered
+    assert trajectory.outcome.end_reason == "context_budget"
+    assert trajectory.reward == 0.0 and trajectory.outcome.answer is None
     assert trajectory.loss_mask == [1] * len(trajectory.response_ids)  # the observation was not appended
     assert len(trajectory.turns) == 1 and trajectory.turns[0].query == "capital of France"
 
@@ -178,7 +178,7 @@ def test_context_budget_ends_the_episode_when_no_room_is_left_for_a_turn(tiny):
     trajectory = run_episodes(generator, env, [FRANCE], budgets=budgets)[0]
     assert generator.calls[1] == [10]
     assert len(trajectory.prompt_ids) + len(trajectory.response_ids) == context + 10
-    assert trajectory.info["end_reason"] == "context_budget" and trajectory.truncated
+    assert trajectory.outcome.end_reason == "context_budget" and not trajectory.outcome.answered
 
 
 def test_observation_budget_ends_the_episode_as_truncated(tiny):
@@ -186,14 +186,14 @@ def test_observation_budget_ends_the_episode_as_truncated(tiny):
     trajectory = run_episodes(
         generator, make_env(tiny.tokenizer), [FRANCE], budgets=TokenBudgets(max_observation_tokens=20)
     )[0]
-    assert trajectory.info["end_reason"] == "observation_budget" and trajectory.truncated
+    assert trajectory.outcome.end_reason == "observation_budget" and not trajectory.outcome.answered
     assert 0 not in trajectory.loss_mask
 
 
 def test_an_episode_without_answer_is_truncated_by_the_env_at_max_turns(tiny):
     generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: ["I do not know.", "Still no idea."]})
     trajectory = run_episodes(generator, make_env(tiny.tokenizer, max_turns=2, max_searches=1), [FRANCE])[0]
-    assert trajectory.truncated and trajectory.info["end_reason"] == "max_turns"
+    assert not trajectory.outcome.answered and trajectory.outcome.end_reason == "max_turns"
     assert [turn.action_type for turn in trajectory.turns] == ["invalid", "invalid"]
     notice = tiny.tokenizer.decode(spans(trajectory, 0)[0])
     assert "Invalid action" in notice
@@ -235,7 +235,7 @@ def test_tiny_model_rollout_keeps_exact_tokens_and_sampler_logprobs_match_the_tr
         assert all(turn.num_policy_tokens > 0 for turn in trajectory.turns)
         policy_text = tiny.tokenizer.decode(masked(trajectory, 1))
         assert policy_text == "".join(turn.text for turn in trajectory.turns)
-        assert trajectory.truncated  # random text never answers
+        assert not trajectory.outcome.answered  # random text never answers
     batch = SequenceBatch.from_ids(
         [t.prompt_ids for t in trajectories],
         [t.response_ids for t in trajectories],
@@ -274,4 +274,4 @@ def test_plain_prompt_style_conditions_on_the_raw_env_prompt(tiny):
     prompt = tiny.tokenizer.decode(trajectory.prompt_ids)
     assert prompt.endswith("\n\nAssistant:") and f"Question: {FRANCE.question}" in prompt
     assert "<|im_start|>" not in prompt
-    assert len(trajectory.response_ids) == 4 and trajectory.truncated
+    assert len(trajectory.response_ids) == 4 and not trajectory.outcome.answered

@@ -13,8 +13,9 @@ from searchgym.policy.models import tiny_random_model
 from searchgym.retriever.base import Passage
 from searchgym.train.config import TrainConfig, load_config
 from searchgym.train.config_io import build
+from searchgym.train.learner import LocalLearner
 from searchgym.train.loop import train
-from searchgym.train.search_rollout import SearchDevEval, SearchRollout
+from searchgym.train.search_rollout import SearchRollout
 from searchgym.train.tracking import read_metrics
 
 TINY = CONFIGS_DIR / "tiny.yaml"
@@ -79,11 +80,11 @@ def test_search_rollout_trains_a_tiny_policy_through_the_env(tmp_path: Path) -> 
 
     result = train(
         config,
-        policy=policy.model,
+        learner=LocalLearner(config, policy),
+        rollout=SearchRollout(policy=policy, make_env=vector_env, budgets=config.token_budgets),
         tokenizer=policy.tokenizer,
-        rollout=SearchRollout(config, vector_env(config.trajectories_per_step)),
         train_examples=examples,
-        dev_eval=SearchDevEval(config, examples[:2], vector_env(2)),
+        dev_examples=examples[:2],
     )
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [row["step"] for row in rows] == [0, 1]

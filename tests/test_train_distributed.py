@@ -9,13 +9,15 @@ from env_fixtures import EXAMPLES, FakeRetriever
 from hypothesis import given
 from hypothesis import strategies as st
 
-from searchgym.env import QAExample, SearchVectorEnv
+from searchgym.env import QAExample
 from searchgym.paths import CONFIGS_DIR, REPO_ROOT
+from searchgym.train.build import load_training_policy, vector_envs
 from searchgym.train.config import TrainConfig, config_help, load_config
 from searchgym.train.config_io import ConfigError
-from searchgym.train.distributed.actors import RolloutWorker, worker_seed
+from searchgym.train.distributed.actors import RolloutWorker, worker_sampling
 from searchgym.train.distributed.placement import episodes_per_worker, plan_placement, split_evenly
-from searchgym.train.search_rollout import SearchRollout, load_training_policy
+from searchgym.train.loop import evaluation_sampling, training_sampling
+from searchgym.train.search_rollout import SearchRollout
 
 TINY = CONFIGS_DIR / "tiny.yaml"
 SEARCH_R1_PPO = CONFIGS_DIR / "search_r1_3b_ppo.yaml"
@@ -132,19 +134,26 @@ def test_each_worker_gets_at_most_its_share_of_a_step() -> None:
 
 
 def test_a_lone_worker_samples_the_single_process_stream_and_several_draw_their_own() -> None:
-    assert (
-        worker_seed(7, 3, index=0, num_workers=1) == 7 * 1_000_003 + 3
-    )  # searchgym.train.search_rollout.SearchRollout
-    seeds = {worker_seed(7, step, index=i, num_workers=4) for step in range(5) for i in range(4)}
+    config = tiny()
+    assert worker_sampling(training_sampling(config, 3), index=0, num_workers=1) == training_sampling(
+        config, 3
+    )
+    seeds = {
+        worker_sampling(training_sampling(config, step), index=i, num_workers=4).seed
+        for step in range(5)
+        for i in range(4)
+    }
     assert len(seeds) == 20
+    greedy = evaluation_sampling(config)
+    assert worker_sampling(greedy, index=1, num_workers=4) == greedy
 
 
 def test_nothing_imports_ray_unless_a_run_asks_for_it() -> None:
     code = (
         "import sys\n"
-        "import searchgym.cli, searchgym.train.search_rollout, searchgym.train.loop\n"
+        "import searchgym.cli, searchgym.train.run, searchgym.train.loop\n"
         "import searchgym.train.learner, searchgym.train.distributed.actors\n"
-        "import searchgym.train.distributed.placement, searchgym.train.distributed.data_parallel\n"
+        "import searchgym.train.distributed.placement, searchgym.train.parallel\n"
         "print('ray' in sys.modules)\n"
     )
     result = subprocess.run(
@@ -165,19 +174,17 @@ def test_a_lone_rollout_worker_samples_the_single_process_episodes(
     sampled_rollout: tuple[TrainConfig, list[QAExample]],
 ) -> None:
     config, examples = sampled_rollout
-    worker = RolloutWorker(
-        config, index=0, num_workers=1, max_episodes=len(examples), retriever=FakeRetriever(), cpus=1
-    )
+    worker = RolloutWorker(config, index=0, num_workers=1, retriever=FakeRetriever(), cpus=1)
     policy = load_training_policy(config)
-    vector_env = SearchVectorEnv(
-        num_envs=len(examples),
-        dataset=None,
-        retriever=FakeRetriever(),
-        config=config.env,
-        tokenizer=policy.tokenizer,
+    rollout = SearchRollout(
+        policy=policy,
+        make_env=vector_envs(config, FakeRetriever(), policy.tokenizer),
+        budgets=config.token_budgets,
     )
-    alone = SearchRollout(config, vector_env)(policy.model, policy.tokenizer, examples, step=3)
-    assert [t.response_ids for t in worker.rollout(examples, step=3)] == [t.response_ids for t in alone]
+    request = {"sampling": training_sampling(config, 3), "step": 3, "batch_size": len(examples)}
+    rollout.submit(examples, **request)
+    alone = rollout.collect()
+    assert [t.response_ids for t in worker.run(examples, **request)] == [t.response_ids for t in alone]
 
 
 def test_two_rollout_workers_sample_distinct_streams(
@@ -185,10 +192,8 @@ def test_two_rollout_workers_sample_distinct_streams(
 ) -> None:
     config, examples = sampled_rollout
     workers = [
-        RolloutWorker(
-            config, index=i, num_workers=2, max_episodes=len(examples), retriever=FakeRetriever(), cpus=1
-        )
-        for i in range(2)
+        RolloutWorker(config, index=i, num_workers=2, retriever=FakeRetriever(), cpus=1) for i in range(2)
     ]
-    first, second = (worker.rollout(examples, step=3) for worker in workers)
+    request = {"sampling": training_sampling(config, 3), "step": 3, "batch_size": len(examples)}
+    first, second = (worker.run(examples, **request) for worker in workers)
     assert [t.response_ids for t in first] != [t.response_ids for t in second]

@@ -18,8 +18,10 @@ from train_fixtures import (
 from transformers import AutoModelForCausalLM
 
 from searchgym.errors import SearchgymError
+from searchgym.policy.models import Policy
 from searchgym.train.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
 from searchgym.train.config import RUN_CONFIG_FILE, load_config
+from searchgym.train.learner import LocalLearner
 from searchgym.train.loop import ExampleSampler, train
 from searchgym.train.tracking import read_metrics
 
@@ -45,12 +47,11 @@ def learn(run_dir: Path, *overrides: str) -> list[float]:
         "logging.samples_every=0",
         *overrides,
     )
-    torch.manual_seed(0)
     result = train(
         config,
-        policy=tiny_model(),
-        tokenizer=tiny_tokenizer(),
+        learner=LocalLearner(config, Policy(tiny_model(), tiny_tokenizer(), name="tiny")),
         rollout=TargetTokenRollout(),
+        tokenizer=tiny_tokenizer(),
         train_examples=toy_examples(16),
     )
     return [row["rollout/reward"] for row in result.history]

@@ -5,12 +5,13 @@ import dataclasses
 
 import pytest
 import torch
-from train_fixtures import TargetTokenRollout, learner_config, tiny_model, tiny_tokenizer, toy_examples
+from train_fixtures import learner_config, tiny_model, toy_episodes, toy_examples, with_reward
 
 from searchgym.policy.logprobs import sequence_logprobs
 from searchgym.train.batch import collate
-from searchgym.train.learner import build_optimizers, make_experience, update
+from searchgym.train.learner import make_experience, update
 from searchgym.train.models import build_train_models
+from searchgym.train.optim import build_optimizers
 
 
 @pytest.mark.parametrize(
@@ -21,7 +22,7 @@ def test_skipping_the_old_log_prob_pass_gives_the_same_update(overrides: list[st
     config = learner_config(*overrides)
     assert config.update_is_on_policy
     torch.manual_seed(1)
-    trajectories = TargetTokenRollout()(tiny_model(), tiny_tokenizer(), toy_examples(8), step=0)
+    trajectories = toy_episodes(tiny_model(), toy_examples(8))
     batch = collate(trajectories, pad_token_id=0, device="cpu")
     models = build_train_models(
         tiny_model(), with_reference=config.uses_reference, with_critic=config.uses_critic
@@ -54,9 +55,7 @@ def test_a_batch_without_signal_leaves_the_weights_alone() -> None:
     """GRPO groups that all scored alike have zero advantages: AdamW must not drift on its momentum."""
     config = learner_config("algorithm.name=grpo", "kl.coef=0", "algorithm.entropy_coef=0")
     torch.manual_seed(1)
-    trajectories = TargetTokenRollout()(tiny_model(), tiny_tokenizer(), toy_examples(8), step=0)
-    for trajectory in trajectories:
-        trajectory.reward = 0.5
+    trajectories = [with_reward(t, 0.5) for t in toy_episodes(tiny_model(), toy_examples(8))]
     models = build_train_models(tiny_model(), with_reference=False, with_critic=False)
     optimizers = build_optimizers(models, config)
     before = [parameter.detach().clone() for parameter in models.policy.parameters()]

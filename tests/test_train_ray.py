@@ -18,33 +18,27 @@ import pytest
 import torch
 from env_fixtures import EXAMPLES
 from ray_fixtures import comparable, questions, ray_test_config, searching_model, tiny_index
+from train_fixtures import with_reward
 
 from searchgym.env import SearchVectorEnv
 from searchgym.policy.generation import TransformersGenerator
 from searchgym.policy.rollout import run_episodes
 from searchgym.policy.trajectory import Trajectory
-from searchgym.train.batch import collate
+from searchgym.train.build import load_training_policy, open_retriever
 from searchgym.train.checkpoint import CheckpointManager, read_trainer_state
 from searchgym.train.config import TrainConfig
 from searchgym.train.distributed.actors import shareable_weights, weight_tensors
-from searchgym.train.learner import build_optimizers, make_experience, update
-from searchgym.train.loop import seed_everything
-from searchgym.train.models import build_train_models
-from searchgym.train.search_rollout import (
-    dev_sampling,
-    load_training_policy,
-    open_retriever,
-    run_search_training,
-    token_budgets,
-)
+from searchgym.train.learner import LocalLearner
+from searchgym.train.loop import evaluation_sampling
+from searchgym.train.run import run_training
 from searchgym.train.tracking import read_metrics
 
 ray = pytest.importorskip("ray")
 
 from searchgym.train.distributed.cluster import reserve  # noqa: E402  (needs ray)
 from searchgym.train.distributed.groups import Roster, WorkerDiedError  # noqa: E402
+from searchgym.train.distributed.launch import Parts, start_parts  # noqa: E402
 from searchgym.train.distributed.placement import plan_placement  # noqa: E402
-from searchgym.train.distributed.trainer import Parts, run_ray_training, start_parts  # noqa: E402
 
 CLUSTER_CPUS = 10  # one-CPU actors: the module's six parts and the killed run's four
 
@@ -105,11 +99,14 @@ def test_two_workers_over_two_replicas_decode_what_one_process_decodes(
         TransformersGenerator(policy),
         vector_env,
         examples,
-        sampling=dev_sampling(config),
-        budgets=token_budgets(config),
+        sampling=evaluation_sampling(config),
+        budgets=config.token_budgets,
     )
     parts.rollout_workers.load_weights(ray.put(shareable_weights(policy.model.state_dict())))
-    spread = parts.rollout_workers.episodes(examples, dev_sampling(config))
+    parts.rollout_workers.submit(
+        examples, sampling=evaluation_sampling(config), step=0, batch_size=len(examples)
+    )
+    spread = parts.rollout_workers.collect()
 
     assert [comparable(t) for t in spread] == [comparable(t) for t in alone]
     for mine, theirs in zip(spread, alone, strict=True):
@@ -122,20 +119,14 @@ def test_two_workers_over_two_replicas_decode_what_one_process_decodes(
 
 def rewarded(trajectories: list[Trajectory]) -> list[Trajectory]:
     """The episodes with rewards 0 and 1 in turn, so that advantages and gradients are not all zero."""
-    return [dataclasses.replace(t, reward=float(i % 2)) for i, t in enumerate(trajectories)]
+    return [with_reward(t, float(i % 2)) for i, t in enumerate(trajectories)]
 
 
 def one_learner_update(config: TrainConfig, trajectories: list[Trajectory]) -> tuple[dict, dict]:
     """The single-process trainer's first update: its policy weights and metrics."""
-    policy = load_training_policy(config)
-    seed_everything(config.system.seed)
-    models = build_train_models(
-        policy.model, with_reference=config.uses_reference, with_critic=config.uses_critic
-    )
-    batch = collate(trajectories, pad_token_id=policy.tokenizer.pad_token_id, device="cpu")
-    experience = make_experience(models, batch, config)
-    stats = update(models, build_optimizers(models, config), experience, config)
-    return models.policy.state_dict(), stats.to_metrics()
+    learner = LocalLearner(config, load_training_policy(config))
+    step = learner.step(trajectories)
+    return learner.policy_state(), step.metrics
 
 
 def test_two_data_parallel_learners_take_the_one_learner_step(parts: Parts, config: TrainConfig) -> None:
@@ -152,8 +143,8 @@ def test_two_data_parallel_learners_take_the_one_learner_step(parts: Parts, conf
         TransformersGenerator(policy),
         vector_env,
         examples,
-        sampling=dev_sampling(config),
-        budgets=token_budgets(config),
+        sampling=evaluation_sampling(config),
+        budgets=config.token_budgets,
     )
     trajectories = rewarded(episodes)
     expected_state, expected_metrics = one_learner_update(config, trajectories)
@@ -211,7 +202,7 @@ def test_a_killed_rollout_worker_stops_the_run_with_its_last_checkpoint_intact(
     killer.start()
     try:
         with pytest.raises(WorkerDiedError) as failure:
-            run_ray_training(config)
+            run_training(config)
     finally:
         run_over.set()
         killer.join()
@@ -231,7 +222,7 @@ def test_a_killed_rollout_worker_stops_the_run_with_its_last_checkpoint_intact(
     assert ray.available_resources().get("CPU", 0) >= CLUSTER_CPUS - 6
     # The checkpoint resumes, here in one process.
     resumed_step = read_trainer_state(latest).step + 1
-    resumed = run_search_training(
+    resumed = run_training(
         dataclasses.replace(
             config, total_steps=resumed_step, ray=dataclasses.replace(config.ray, enabled=False)
         )

@@ -9,16 +9,13 @@ from searchgym.cli import build_parser
 from searchgym.demo import dev_scores_by_stage, eval_command, summary_table
 from searchgym.env import SearchVectorEnv, load_dataset
 from searchgym.eval.cli import config_from_args
+from searchgym.paths import CONFIGS_DIR
+from searchgym.train.build import load_training_policy, open_retriever
 from searchgym.train.config import RetrieverConfig, WarmStartConfig, load_config
-from searchgym.train.search_rollout import (
-    load_training_policy,
-    open_retriever,
-    run_search_training,
-    token_budgets,
-)
+from searchgym.train.run import run_training
 from searchgym.train.warmstart import WARMSTART_DIR, WARMSTART_REPORT, protocol_traces, supervised_warm_start
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = CONFIGS_DIR / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +30,7 @@ def traces_and_policy():
         config=config.env,
         tokenizer=policy.tokenizer,
     )
-    traces = protocol_traces(policy.tokenizer, vector_env, examples, budgets=token_budgets(config))
+    traces = protocol_traces(policy.tokenizer, vector_env, examples, budgets=config.token_budgets)
     return traces, policy, examples
 
 
@@ -42,7 +39,7 @@ def test_traces_search_for_the_question_then_answer_with_the_gold(traces_and_pol
     for trace, example in zip(traces, examples, strict=True):
         assert [turn.action_type for turn in trace.turns] == ["search", "answer"]
         assert trace.turns[0].query == example.question
-        assert trace.info["em"] == 1.0 and trace.terminated
+        assert trace.outcome.em == 1.0 and trace.outcome.answered
         policy_text = policy.tokenizer.decode(
             [token for token, mask in zip(trace.response_ids, trace.loss_mask, strict=True) if mask]
         )
@@ -72,7 +69,7 @@ def test_warm_start_lowers_the_policy_token_loss(traces_and_policy) -> None:
 def test_a_run_records_the_warm_start_reuses_it_and_the_demo_table_shows_three_stages(tmp_path: Path) -> None:
     overrides = [f"logging.run_dir={tmp_path}", "warmstart.examples=4", "warmstart.batch_size=4"]
     overrides += ["logging.plots=false", "logging.tensorboard=false"]
-    run_search_training(load_config(TINY, [*overrides, "total_steps=1"]))
+    run_training(load_config(TINY, [*overrides, "total_steps=1"]))
     report = json.loads((tmp_path / WARMSTART_REPORT).read_text())
     assert report["traces"] == 4 and len(report["losses"]) == 1
     assert set(report["dev_untrained"]) >= {"em", "f1", "answered", "searches"}
@@ -97,5 +94,5 @@ def test_a_run_records_the_warm_start_reuses_it_and_the_demo_table_shows_three_s
 
     # A second run in the same folder resumes: the saved warm-start is loaded, not trained again.
     (tmp_path / WARMSTART_REPORT).write_text(json.dumps(report | {"losses": ["marker"]}))
-    run_search_training(load_config(TINY, [*overrides, "total_steps=2"]))
+    run_training(load_config(TINY, [*overrides, "total_steps=2"]))
     assert json.loads((tmp_path / WARMSTART_REPORT).read_text())["losses"] == ["marker"]

@@ -6,6 +6,7 @@ policy does so about one time in five), else 0. Observation tokens include the t
 the policy anything, since they are not its actions.
 """
 
+import dataclasses
 import os
 import signal
 import sys
@@ -23,9 +24,13 @@ from transformers import (
 )
 
 from searchgym.env.data import QAExample
+from searchgym.env.outcome import EpisodeOutcome
 from searchgym.paths import CONFIGS_DIR
+from searchgym.policy.generation import SamplingParams
+from searchgym.policy.models import Policy
 from searchgym.policy.trajectory import Trajectory, TurnRecord
 from searchgym.train.config import TrainConfig, load_config
+from searchgym.train.learner import LocalLearner
 from searchgym.train.loop import TrainResult, train
 
 WORDS = [f"w{i}" for i in range(21)]
@@ -92,11 +97,11 @@ class SimulatedCrash(RuntimeError):
 
 
 class TargetTokenRollout:
-    """A :class:`searchgym.train.loop.RolloutFunc`: two policy turns around one observation, reward for the
-    target.
+    """A :class:`searchgym.train.loop.Rollout`: two policy turns around an observation, reward for the target.
+
+    It samples with the global torch generator at the request's temperature (0: greedy, for evaluation).
 
     Args:
-        temperature: sampling temperature (0: greedy, for evaluation).
         missing_reward_ids: example ids whose reward is reported as missing (None).
         crash_at_step: raise :class:`SimulatedCrash` when asked for this step's episodes.
         kill_at_step: kill the process with SIGKILL (kill -9) when asked for this step's episodes.
@@ -105,40 +110,44 @@ class TargetTokenRollout:
     def __init__(
         self,
         *,
-        temperature: float = 1.0,
         missing_reward_ids: Sequence[str] = (),
         crash_at_step: int | None = None,
         kill_at_step: int | None = None,
     ) -> None:
-        self.temperature = temperature
         self.missing_reward_ids = set(missing_reward_ids)
         self.crash_at_step = crash_at_step
         self.kill_at_step = kill_at_step
+        self.model: PreTrainedModel | None = None
+        self.tokenizer = tiny_tokenizer()
+        self._pending: tuple[Sequence[QAExample], float] | None = None
 
-    def __call__(
-        self,
-        policy_model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        examples: Sequence[QAExample],
-        step: int,
-    ) -> list[Trajectory]:
-        if step == self.crash_at_step:
+    def sync_weights(self, learner: LocalLearner) -> None:
+        self.model = learner.models.policy
+
+    def submit(
+        self, examples: Sequence[QAExample], *, sampling: SamplingParams, step: int, batch_size: int
+    ) -> None:
+        if step == self.crash_at_step and sampling.temperature > 0:
             raise SimulatedCrash(f"crash at step {step}")
-        if step == self.kill_at_step:
+        if step == self.kill_at_step and sampling.temperature > 0:
             os.kill(os.getpid(), signal.SIGKILL)
-        return [self._episode(policy_model, tokenizer, example) for example in examples]
+        self._pending = (examples, sampling.temperature)
 
-    def _episode(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, example: QAExample
-    ) -> Trajectory:
+    def collect(self) -> list[Trajectory]:
+        assert self._pending is not None and self.model is not None
+        (examples, temperature), self._pending = self._pending, None
+        return [self._episode(self.model, example, temperature) for example in examples]
+
+    def _episode(self, model: PreTrainedModel, example: QAExample, temperature: float) -> Trajectory:
+        tokenizer = self.tokenizer
         prompt = tokenizer(example.question)["input_ids"]
         observation = tokenizer.convert_tokens_to_ids(list(OBSERVATION))
-        first = _sample(model, torch.tensor([prompt]), TURN_TOKENS, self.temperature)[0].tolist()
+        first = _sample(model, torch.tensor([prompt]), TURN_TOKENS, temperature)[0].tolist()
         context = torch.tensor([prompt + first + observation])
-        second = _sample(model, context, TURN_TOKENS, self.temperature)[0].tolist()
+        second = _sample(model, context, TURN_TOKENS, temperature)[0].tolist()
         target = tokenizer.convert_tokens_to_ids(TARGET)
-        hit = target in first + second
-        reward = None if example.id in self.missing_reward_ids else float(hit)
+        hit = float(target in first + second)
+        missing = example.id in self.missing_reward_ids
         return Trajectory(
             example_id=example.id,
             group_id=example.id,
@@ -146,31 +155,40 @@ class TargetTokenRollout:
             response_ids=first + observation + second,
             loss_mask=[1] * TURN_TOKENS + [0] * len(observation) + [1] * TURN_TOKENS,
             turn_index=[0] * (TURN_TOKENS + len(observation)) + [1] * TURN_TOKENS,
-            reward=reward,
-            terminated=True,
+            outcome=EpisodeOutcome(
+                answer=tokenizer.decode(second),
+                end_reason="answered",
+                reward=None if missing else hit,
+                reward_error="left out by the test" if missing else None,
+                em=hit,
+                num_searches=1,
+                num_turns=2,
+                well_formed=True,
+            ),
             turns=[
                 TurnRecord(
                     action_type="search", text=tokenizer.decode(first), query="w7", num_policy_tokens=2
                 ),
                 TurnRecord(action_type="answer", text=tokenizer.decode(second), num_policy_tokens=2),
             ],
-            info={"em": float(hit)},
         )
 
 
-class TargetTokenDevEval:
-    """A :class:`searchgym.train.loop.DevEvalFunc`: greedy episodes on fixed questions, ``em`` = target hit
-    rate."""
+def toy_episodes(
+    model: PreTrainedModel, examples: Sequence[QAExample], temperature: float = 1.0
+) -> list[Trajectory]:
+    """One toy episode per example, sampled from ``model`` (outside any training run)."""
+    rollout = TargetTokenRollout()
+    return [rollout._episode(model, example, temperature) for example in examples]
 
-    def __init__(self, count: int = 4) -> None:
-        self.examples = toy_examples(count)
-        self.rollout = TargetTokenRollout(temperature=0.0)
 
-    def __call__(
-        self, policy_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, step: int
-    ) -> dict[str, float]:
-        episodes = self.rollout(policy_model, tokenizer, self.examples, step)
-        return {"em": sum(e.reward or 0.0 for e in episodes) / len(episodes)}
+def with_reward(trajectory: Trajectory, reward: float | None) -> Trajectory:
+    """A copy of ``trajectory`` whose outcome has another reward."""
+    return dataclasses.replace(trajectory, outcome=dataclasses.replace(trajectory.outcome, reward=reward))
+
+
+DEV_EXAMPLES = 4
+"""Fixed questions of the toy task's dev evaluation (greedy; ``em`` is the target hit rate)."""
 
 
 def learner_config(*overrides: str) -> TrainConfig:
@@ -215,13 +233,16 @@ def run_toy(
     policy: PreTrainedModel | None = None,
 ) -> TrainResult:
     """Train a fresh tiny model on the toy task (resuming from ``run_dir`` when it holds a checkpoint)."""
+    config = toy_config(run_dir, *overrides)
+    model = policy if policy is not None else tiny_model()
+    tokenizer = tiny_tokenizer()
     return train(
-        toy_config(run_dir, *overrides),
-        policy=policy if policy is not None else tiny_model(),
-        tokenizer=tiny_tokenizer(),
+        config,
+        learner=LocalLearner(config, Policy(model, tokenizer, name="tiny")),
         rollout=rollout or TargetTokenRollout(),
+        tokenizer=tokenizer,
         train_examples=toy_examples(6),
-        dev_eval=TargetTokenDevEval(),
+        dev_examples=toy_examples(DEV_EXAMPLES),
     )
 
 

@@ -7,11 +7,13 @@ result here (they are skipped in the GAE recursion and excluded from every mean 
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from searchgym.train.config import KLEstimator, LossAggregation
+KLEstimator = Literal["k1", "k3", "low_var_kl"]
+LossAggregation = Literal["token-mean", "seq-mean"]
 
 # low_var_kl bounds the log-ratio before exponentiating and the estimate after it, so that one token whose
 # probability collapsed under the policy cannot produce an inf that poisons the whole batch.

@@ -19,8 +19,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from searchgym.errors import SearchgymError
-from searchgym.train.learner import Optimizers
 from searchgym.train.models import TrainModels
+from searchgym.train.optim import Optimizers
 
 _PREFIX = "step_"
 _MODELS, _OPTIMIZERS, _TORCH_RNG, _STATE = "models.pt", "optimizers.pt", "torch_rng.pt", "state.json"

@@ -79,14 +79,9 @@ def run_train_command(args: argparse.Namespace) -> int:
         from searchgym.train.distributed.config import require_ray
 
         require_ray()
-        from searchgym.train.distributed.trainer import run_ray_training  # ray loads here only
+    from searchgym.train.run import run_training  # torch, transformers, the retriever (and ray) load here
 
-        result = run_ray_training(config)
-    else:
-        # torch, transformers and the retriever load here
-        from searchgym.train.search_rollout import run_search_training
-
-        result = run_search_training(config)
+    result = run_training(config)
     print(f"trained {result.steps} steps; run folder {result.run_dir}")
     for name in ("dev/em", "dev/f1", "rollout/reward"):
         values = [(int(row["step"]), row[name]) for row in result.history if name in row]

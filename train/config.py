@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from searchgym.env.config import EnvConfig
+from searchgym.policy.budgets import TokenBudgets
 from searchgym.train import config_io
+from searchgym.train.algorithms import KLEstimator, LossAggregation
 from searchgym.train.config_io import ConfigError
 from searchgym.train.distributed.config import RayConfig
-
-KLEstimator = Literal["k1", "k3", "low_var_kl"]
-LossAggregation = Literal["token-mean", "seq-mean"]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -411,7 +410,35 @@ class TrainConfig:
             self.guards.rollback_after == 0 or self.checkpoint.every > 0,
             "guards.rollback_after needs checkpoints to roll back to: set checkpoint.every > 0",
         )
-        self.ray.check_fits(self)
+        self._check_ray()
+
+    def _check_ray(self) -> None:
+        """The settings of other sections that a Ray run depends on."""
+        ray = self.ray
+        if not ray.enabled:
+            return
+        _require(
+            self.mini_batch_trajectories % ray.num_learners == 0,
+            f"a mini-batch holds {self.mini_batch_trajectories} episodes (batch.mini_batch_prompts x "
+            f"rollout.samples_per_prompt), which ray.num_learners={ray.num_learners} learners cannot share "
+            "evenly: make it a multiple of ray.num_learners",
+        )
+        _require(
+            self.retriever.url is None or ray.num_retriever_replicas == 0,
+            f"retriever.url points at a running server, and ray.num_retriever_replicas="
+            f"{ray.num_retriever_replicas} would start retrieval actors beside it: set "
+            "ray.num_retriever_replicas=0 to use the server, or retriever.url=null",
+        )
+        _require(
+            self.rollout.backend != "vllm" or ray.gpus_per_rollout_worker > 0,
+            "rollout.backend=vllm runs an engine on a GPU in each rollout worker: set "
+            "ray.gpus_per_rollout_worker=1 (or rollout.backend=hf)",
+        )
+        _require(
+            self.system.device != "cuda" or ray.gpus_per_learner > 0,
+            "system.device=cuda but the learners get no GPU: set ray.gpus_per_learner=1 "
+            "(or system.device=auto)",
+        )
 
     @property
     def uses_critic(self) -> bool:
@@ -453,6 +480,16 @@ class TrainConfig:
     def accumulation_steps(self) -> int:
         """Micro-batches whose gradients add up to one optimizer step."""
         return self.mini_batch_trajectories // self.batch.micro_batch_size
+
+    @property
+    def token_budgets(self) -> TokenBudgets:
+        """The episodes' token budgets: a turn's tokens from ``rollout``, an observation's from ``env``."""
+        return TokenBudgets(
+            max_prompt_tokens=self.rollout.max_prompt_tokens,
+            max_turn_tokens=self.rollout.max_new_tokens,
+            max_observation_tokens=self.env.max_observation_tokens,
+            max_context_tokens=self.rollout.max_context_tokens,
+        )
 
     @property
     def run_dir(self) -> Path:

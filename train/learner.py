@@ -1,95 +1,39 @@
-"""One learner update on a batch of trajectories: experience (log-probs, values, advantages), then PPO epochs.
+"""The learner: one update on a batch of trajectories (experience, then PPO epochs), and what holds its state.
 
 The update does not know how the trajectories were produced; it needs only their token ids, loss masks,
 rewards and group ids. PPO and GRPO share everything except where the advantages come from and whether a
-critic is fitted.
+critic is fitted. :class:`LocalLearner` holds the models, optimizers and checkpoints of one process and is
+what :func:`searchgym.train.loop.train` drives in a single-process run; each Ray learner actor holds one too.
 """
 
 import contextlib
 import logging
 import math
-import warnings
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from searchgym.policy.logprobs import sequence_logprobs
+from searchgym.policy.models import Policy, pad_token_id
+from searchgym.policy.trajectory import Trajectory
+from searchgym.runtime import resolve_device, seed_everything
 from searchgym.train import algorithms
-from searchgym.train.batch import Batch, Experience
+from searchgym.train.batch import Batch, Experience, collate
+from searchgym.train.checkpoint import CheckpointManager, TrainerState, export_hf_model
 from searchgym.train.config import TrainConfig
-from searchgym.train.distributed.data_parallel import SINGLE_PROCESS, DataParallel
-from searchgym.train.models import TrainModels, response_logprobs, response_values
+from searchgym.train.guards import StepHealth
+from searchgym.train.models import TrainModels, build_train_models, response_logprobs, response_values
+from searchgym.train.optim import Optimizers, build_optimizers
+from searchgym.train.parallel import SINGLE_PROCESS, DataParallel, TorchDataParallel
 
 RecordT = TypeVar("RecordT", Batch, Experience)
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Optimizers:
-    """AdamW and the learning-rate schedule of each trained model (the critic's are None for GRPO)."""
-
-    actor: torch.optim.Optimizer
-    actor_schedule: torch.optim.lr_scheduler.LambdaLR
-    critic: torch.optim.Optimizer | None = None
-    critic_schedule: torch.optim.lr_scheduler.LambdaLR | None = None
-
-    def step_schedules(self) -> None:
-        """Advance the learning-rate schedules by one training step."""
-        with warnings.catch_warnings():
-            # The schedules follow training steps, also those whose optimizer steps were all skipped;
-            # torch's warning about that order is meant for a different mistake.
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-            self.actor_schedule.step()
-            if self.critic_schedule is not None:
-                self.critic_schedule.step()
-
-
-def lr_multiplier(
-    *, total_steps: int, warmup_ratio: float, schedule: str, min_lr_ratio: float
-) -> Callable[[int], float]:
-    """The factor on the peak learning rate at each training step: linear warm-up, then constant or cosine."""
-    warmup_steps = int(warmup_ratio * total_steps)
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
-def build_optimizers(models: TrainModels, config: TrainConfig) -> Optimizers:
-    """AdamW with warm-up schedules for the policy and, with PPO, the critic."""
-    optim = config.optim
-
-    def adamw_with_schedule(model: nn.Module, lr: float, warmup_ratio: float) -> tuple:
-        optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=lr,
-            betas=optim.betas,
-            weight_decay=optim.weight_decay,
-        )
-        multiplier = lr_multiplier(
-            total_steps=config.total_steps,
-            warmup_ratio=warmup_ratio,
-            schedule=optim.schedule,
-            min_lr_ratio=optim.min_lr_ratio,
-        )
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-
-    actor, actor_schedule = adamw_with_schedule(models.policy, optim.actor_lr, optim.actor_warmup_ratio)
-    if models.critic is None:
-        return Optimizers(actor=actor, actor_schedule=actor_schedule)
-    critic, critic_schedule = adamw_with_schedule(models.critic, optim.critic_lr, optim.critic_warmup_ratio)
-    return Optimizers(
-        actor=actor, actor_schedule=actor_schedule, critic=critic, critic_schedule=critic_schedule
-    )
 
 
 def compute_dtype_context(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -454,3 +398,132 @@ def _record_outcome(role: str, outcome: _StepOutcome, means: _WeightedMeans) -> 
     means.add(f"{role}_skipped", float(outcome.non_finite))
     if outcome.non_finite:
         logger.warning("%s: non-finite loss or gradient; optimizer step skipped", role)
+
+
+@dataclass(frozen=True, slots=True)
+class LearnerStep:
+    """What a learner reports after one training step (the same on every data-parallel learner).
+
+    Attributes:
+        metrics: ``experience/``, ``actor/``, ``critic/``, ``optim/`` and ``time/`` metrics of the step.
+        health: the numbers the guards watch.
+    """
+
+    metrics: dict[str, float]
+    health: StepHealth
+
+
+class LocalLearner:
+    """Policy, critic and reference with their optimizers, in this process; saves and loads their checkpoints.
+
+    Seeds the run before it builds the critic's head, so that a run, its resumption and each of its
+    data-parallel learners start from the same weights and random state.
+
+    Args:
+        config: the run's settings.
+        policy: the initial policy (warm-started when configured); its model is trained in place.
+    """
+
+    def __init__(self, config: TrainConfig, policy: Policy) -> None:
+        seed_everything(config.system.seed)
+        self.config = config
+        self.tokenizer = policy.tokenizer
+        self.device = resolve_device(config.system.device)
+        # transformers wraps PreTrainedModel.to in functools.wraps, which mypy reads as an unbound function.
+        policy.model.to(self.device)  # type: ignore[arg-type]
+        self.models = build_train_models(
+            policy.model,
+            with_reference=config.uses_reference,
+            with_critic=config.uses_critic,
+            gradient_checkpointing=config.model.gradient_checkpointing,
+        )
+        self.optimizers = build_optimizers(self.models, config)
+        self.checkpoints = CheckpointManager(
+            config.run_dir / "checkpoints", keep_last=config.checkpoint.keep_last
+        )
+        self.data_parallel: DataParallel = SINGLE_PROCESS
+
+    def join_data_parallel(self) -> None:
+        """Become one of the learners of the initialised process group, starting from rank 0's weights."""
+        self.data_parallel = TorchDataParallel(device=self.device)
+        for model in (self.models.policy, self.models.critic, self.models.reference):
+            if model is not None:
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    dist.broadcast(tensor.data, src=0)
+
+    def step(self, trajectories: Sequence[Trajectory]) -> LearnerStep:
+        """Experience and update on the step's episodes (this learner's share of them, in a group)."""
+        started = time.perf_counter()
+        batch = collate(trajectories, pad_token_id=pad_token_id(self.tokenizer), device=self.device)
+        experience = make_experience(self.models, batch, self.config, data_parallel=self.data_parallel)
+        scored = time.perf_counter()
+        stats = update(
+            self.models, self.optimizers, experience, self.config, data_parallel=self.data_parallel
+        )
+        metrics = experience_metrics(experience, self.config) | stats.to_metrics()
+        metrics |= {
+            "optim/actor_lr": self.optimizers.actor.param_groups[0]["lr"],
+            "time/experience": scored - started,
+            "time/update": time.perf_counter() - scored,
+        }
+        return LearnerStep(metrics=metrics, health=step_health(batch, experience, stats, self.config))
+
+    def policy_state(self) -> dict[str, Tensor]:
+        """The policy's weights (the live tensors: read them, never write them)."""
+        return self.models.policy.state_dict()
+
+    def save(self, state: TrainerState) -> Path:
+        """Write a checkpoint of the models, optimizers and random state beside ``state``."""
+        return self.checkpoints.save(models=self.models, optimizers=self.optimizers, state=state)
+
+    def load(self, path: Path, *, restore_rng: bool) -> TrainerState:
+        """Load a checkpoint's weights and optimizer states (and random generators with ``restore_rng``)."""
+        return self.checkpoints.load(
+            path, models=self.models, optimizers=self.optimizers, restore_rng=restore_rng
+        )
+
+    def export(self, target: Path) -> Path:
+        """Write the policy as a plain Hugging Face model folder."""
+        return export_hf_model(self.models.policy, self.tokenizer, target)
+
+
+def experience_metrics(experience: Experience, config: TrainConfig) -> dict[str, float]:
+    """``experience/...``: KL to the reference, value and return means, sampler log-prob mismatch.
+
+    An on-policy update computes no old log-probs here; its KL is then ``actor/kl_loss``.
+    """
+    mask, old_logprobs = experience.batch.loss_mask, experience.old_logprobs
+    metrics = {"experience/advantage_abs": float(algorithms.masked_mean(experience.advantages.abs(), mask))}
+    if experience.ref_logprobs is not None and old_logprobs is not None:
+        kl = algorithms.kl_estimate(old_logprobs, experience.ref_logprobs, estimator=config.kl.estimator)
+        metrics["experience/kl"] = float(algorithms.masked_mean(kl, mask))
+    if experience.values is not None and experience.returns is not None:
+        metrics["experience/value"] = float(algorithms.masked_mean(experience.values, mask))
+        metrics["experience/return"] = float(algorithms.masked_mean(experience.returns, mask))
+    sampler = experience.batch.sampler_logprobs
+    if sampler is not None and old_logprobs is not None:
+        gap = (old_logprobs - sampler).abs()
+        metrics["experience/sampler_logprob_gap"] = float(
+            algorithms.masked_mean(gap, experience.batch.policy_mask)
+        )
+    return metrics
+
+
+def step_health(batch: Batch, experience: Experience, stats: UpdateStats, config: TrainConfig) -> StepHealth:
+    """The numbers of this step the guards watch."""
+    valid = batch.reward_valid
+    kl = stats.kl_loss  # measured by an on-policy update, which computes no old log-probs beforehand
+    if experience.ref_logprobs is not None and experience.old_logprobs is not None:
+        estimate = algorithms.kl_estimate(
+            experience.old_logprobs, experience.ref_logprobs, estimator=config.kl.estimator
+        )
+        kl = float(algorithms.masked_mean(estimate, batch.loss_mask))
+    return StepHealth(
+        reward=float(batch.scores[valid].mean()) if valid.any() else math.nan,
+        response_length=float(batch.policy_mask.sum(dim=-1).float().mean()),
+        entropy=stats.entropy,
+        kl=kl,
+        clip_fraction=stats.clip_fraction,
+        missing_reward_fraction=float((~valid).float().mean()),
+        skipped_steps=stats.actor_skipped_steps + (stats.critic_skipped_steps or 0),
+    )

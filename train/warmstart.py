@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -25,14 +25,13 @@ from searchgym.env import QAExample, SearchVectorEnv
 from searchgym.errors import SearchgymError
 from searchgym.policy.generation import Generation, SamplingParams
 from searchgym.policy.logprobs import sequence_logprobs
-from searchgym.policy.models import Policy, load_policy
+from searchgym.policy.models import Policy, load_policy, pad_token_id
 from searchgym.policy.rollout import TokenBudgets, run_episodes
 from searchgym.policy.trajectory import Trajectory
 from searchgym.train import algorithms
 from searchgym.train.batch import collate
 from searchgym.train.checkpoint import export_hf_model
 from searchgym.train.config import TrainConfig, WarmStartConfig
-from searchgym.train.loop import DevEvalFunc, pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +162,7 @@ def warm_started_policy(
     make_env: Callable[[int], SearchVectorEnv],
     budgets: TokenBudgets,
     train_examples: Sequence[QAExample],
-    dev_eval: DevEvalFunc | None,
+    dev_eval: Callable[[], Mapping[str, float]] | None,
 ) -> Policy:
     """The policy after the configured warm-start; the one saved in the run folder when there is one.
 
@@ -176,7 +175,7 @@ def warm_started_policy(
         return load_policy(target, device=policy.device, dtype=torch.float32)
     report: dict[str, object] = {}
     if dev_eval is not None and config.dev.before_training:
-        report["dev_untrained"] = dict(dev_eval(policy.model, policy.tokenizer, 0))
+        report["dev_untrained"] = dict(dev_eval())
     started = time.perf_counter()
     examples = list(train_examples[: config.warmstart.examples])
     traces = protocol_traces(

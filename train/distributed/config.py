@@ -2,12 +2,8 @@
 
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from searchgym.train.config_io import ConfigError
-
-if TYPE_CHECKING:
-    from searchgym.train.config import TrainConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,37 +71,6 @@ class RayConfig:
             self.gpus_per_rollout_worker == self.gpus_per_learner <= 1,
             "ray.colocate shares one GPU between a learner and its rollout worker: set "
             "ray.gpus_per_rollout_worker and ray.gpus_per_learner to the same value, at most 1",
-        )
-
-    def check_fits(self, config: "TrainConfig") -> None:
-        """Check the settings of other sections that a Ray run depends on.
-
-        Raises:
-            ConfigError: naming the keys to change.
-        """
-        if not self.enabled:
-            return
-        _check(
-            config.mini_batch_trajectories % self.num_learners == 0,
-            f"a mini-batch holds {config.mini_batch_trajectories} episodes (batch.mini_batch_prompts x "
-            f"rollout.samples_per_prompt), which ray.num_learners={self.num_learners} learners cannot share "
-            "evenly: make it a multiple of ray.num_learners",
-        )
-        _check(
-            config.retriever.url is None or self.num_retriever_replicas == 0,
-            f"retriever.url points at a running server, and ray.num_retriever_replicas="
-            f"{self.num_retriever_replicas} would start retrieval actors beside it: set "
-            "ray.num_retriever_replicas=0 to use the server, or retriever.url=null",
-        )
-        _check(
-            config.rollout.backend != "vllm" or self.gpus_per_rollout_worker > 0,
-            "rollout.backend=vllm runs an engine on a GPU in each rollout worker: set "
-            "ray.gpus_per_rollout_worker=1 (or rollout.backend=hf)",
-        )
-        _check(
-            config.system.device != "cuda" or self.gpus_per_learner > 0,
-            "system.device=cuda but the learners get no GPU: set ray.gpus_per_learner=1 "
-            "(or system.device=auto)",
         )
 
 

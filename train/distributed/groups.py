@@ -9,6 +9,7 @@ import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -24,14 +25,15 @@ from searchgym.retriever.client import RetrieverUnavailableError
 from searchgym.train.checkpoint import TrainerState
 from searchgym.train.config import TrainConfig
 from searchgym.train.distributed.actors import (
-    Learner,
-    LearnerStep,
+    LearnerActor,
     RetrieverReplica,
     RolloutWorker,
     Whereabouts,
 )
 from searchgym.train.distributed.cluster import Placement
-from searchgym.train.distributed.placement import ActorPlace, episodes_per_worker, split_evenly
+from searchgym.train.distributed.placement import ActorPlace, split_evenly
+from searchgym.train.learner import LearnerStep
+from searchgym.train.loop import Learner
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +229,9 @@ class RetrieverReplicas:
 
 
 class RolloutWorkerGroup:
-    """The rollout workers: each generates a contiguous slice of every batch.
+    """The rollout workers, as one :class:`~searchgym.train.loop.Rollout`: each runs a slice of every request.
+
+    A submitted request starts on every worker at once; :meth:`collect` waits for their episodes.
 
     Args:
         roster: the run's actors.
@@ -237,6 +241,7 @@ class RolloutWorkerGroup:
     def __init__(self, roster: Roster, members: Sequence[Member]) -> None:
         self.roster = roster
         self.members = list(members)
+        self._calls: list[tuple[Member, Any]] = []
 
     @classmethod
     def start(
@@ -255,7 +260,6 @@ class RolloutWorkerGroup:
                 "config": config,
                 "index": place.index,
                 "num_workers": len(places),
-                "max_episodes": episodes_per_worker(config),
                 "retriever": replicas.client(place.index) if replicas is not None else None,
                 "cpus": place.cpus,
             }
@@ -266,32 +270,35 @@ class RolloutWorkerGroup:
         rest = roster.start(RolloutWorker, places[1:], placement, arguments)
         return cls(roster, [*first, *rest])
 
+    def sync_weights(self, learner: Learner) -> None:
+        """Every worker loads the learner's weights (the learner group's are an object-store reference)."""
+        self.load_weights(learner.policy_state())
+
     def load_weights(self, state: Any) -> None:
-        """Give every worker the weights ``state`` (an object ref: each worker fetches it from the store)."""
+        """Every worker loads ``state`` (weights as ``shareable_weights`` gives them, or a reference)."""
         self.roster.gather([(member, member.handle.load_weights.remote(state)) for member in self.members])
 
-    def rollout(self, examples: Sequence[QAExample], step: int) -> list[Trajectory]:
-        """The step's episodes, one per example, in the order of ``examples``."""
-        return self._split_and_gather(examples, lambda member, part: member.handle.rollout.remote(part, step))
-
-    def episodes(self, examples: Sequence[QAExample], sampling: SamplingParams) -> list[Trajectory]:
-        """One episode per example with ``sampling``, in the order of ``examples``."""
-        return self._split_and_gather(
-            examples, lambda member, part: member.handle.episodes.remote(part, sampling)
-        )
-
-    def _split_and_gather(
-        self, examples: Sequence[QAExample], call: Callable[[Member, list[QAExample]], Any]
-    ) -> list[Trajectory]:
+    def submit(
+        self, examples: Sequence[QAExample], *, sampling: SamplingParams, step: int, batch_size: int
+    ) -> None:
+        """Split ``examples`` into contiguous slices, one per worker, and start them."""
         parts = split_evenly(list(examples), len(self.members))
-        calls = [
-            (member, call(member, part)) for member, part in zip(self.members, parts, strict=False) if part
+        self._calls = [
+            (member, member.handle.run.remote(part, sampling=sampling, step=step, batch_size=batch_size))
+            for member, part in zip(self.members, parts, strict=False)
+            if part
         ]
+
+    def collect(self) -> list[Trajectory]:
+        """The workers' episodes, in the order of the submitted examples."""
+        calls, self._calls = self._calls, []
         return [trajectory for result in self.roster.gather(calls) for trajectory in result]
 
 
 class LearnerGroup:
-    """The data-parallel learners; learner 0 writes checkpoints, exports and serves the weights.
+    """The data-parallel learners, as one :class:`~searchgym.train.loop.Learner`.
+
+    Learner 0 writes checkpoints, exports and serves the weights.
 
     Args:
         roster: the run's actors.
@@ -309,7 +316,7 @@ class LearnerGroup:
         def arguments(place: ActorPlace) -> Mapping[str, Any]:
             return {"config": config, "rank": place.index, "cpus": place.cpus}
 
-        members = roster.start(Learner, placement.plan.learners, placement, arguments)
+        members = roster.start(LearnerActor, placement.plan.learners, placement, arguments)
         if len(members) > 1:
             lead = members[0]
             address, port = roster.gather([(lead, lead.handle.rendezvous.remote())])[0]
@@ -342,17 +349,17 @@ class LearnerGroup:
         ray.wait([state], fetch_local=False)
         return state
 
-    def save(self, state: TrainerState) -> None:
+    def save(self, state: TrainerState) -> Path:
         """Learner 0 writes a checkpoint."""
-        self.roster.gather([(self.lead, self.lead.handle.save.remote(state))])
+        return self.roster.gather([(self.lead, self.lead.handle.save.remote(state))])[0]
 
-    def load(self, path: Any, *, restore_rng: bool) -> TrainerState:
+    def load(self, path: Path, *, restore_rng: bool) -> TrainerState:
         """Every learner loads the checkpoint at ``path``; returns the trainer's state from it."""
         calls = [
             (member, member.handle.load.remote(path, restore_rng=restore_rng)) for member in self.members
         ]
         return self.roster.gather(calls)[0]
 
-    def export(self, target: Any) -> Any:
+    def export(self, target: Path) -> Path:
         """Learner 0 writes the final policy as a Hugging Face folder."""
         return self.roster.gather([(self.lead, self.lead.handle.export.remote(target))])[0]

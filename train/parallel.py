@@ -1,10 +1,8 @@
 """How data-parallel learners share one update: the protocol the learner follows, and its two implementations.
 
-:func:`searchgym.train.learner.make_experience` and :func:`searchgym.train.learner.update` take a
-:class:`DataParallel`. With
-:data:`SINGLE_PROCESS` they are the one-process update. With :class:`TorchDataParallel`, N learners that
-each hold the whole batch compute contiguous shares of it and together take the step one learner takes on
-the whole batch:
+The learner's ``make_experience`` and ``update`` take a :class:`DataParallel`. With :data:`SINGLE_PROCESS`
+they are the one-process update. With :class:`TorchDataParallel`, N learners that each hold the whole batch
+compute contiguous shares of it and together take the step one learner takes on the whole batch:
 
 - each learner scores its share of the episodes and the shares are gathered, so that advantage whitening
   and GRPO groups see the whole batch;
