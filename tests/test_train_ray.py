@@ -193,6 +193,7 @@ def test_a_killed_rollout_worker_stops_the_run_with_its_last_checkpoint_intact(
         "dev.before_training=false",
         "checkpoint.export_final=false",
         "warmstart.examples=4",  # the driver warm-starts the policy and the actors start from its folder
+        "ray.max_restarts=0",
     )
     killed: list[int] = []
     run_over = threading.Event()
@@ -231,3 +232,56 @@ def test_a_killed_rollout_worker_stops_the_run_with_its_last_checkpoint_intact(
     assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == list(
         range(1, resumed_step + 1)
     )
+
+
+def test_a_run_restarts_its_actors_after_a_death_and_resumes_from_its_last_checkpoint(
+    cluster: None, workdir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    config = ray_test_config(
+        workdir,
+        f"logging.run_dir={run_dir}",
+        "ray.num_learners=1",
+        "ray.num_retriever_replicas=1",
+        "total_steps=3",
+        "checkpoint.every=1",
+        "dev.every=0",
+        "dev.before_training=false",
+        "checkpoint.export_final=false",
+        "ray.max_restarts=1",
+    )
+    killed: list[int] = []
+    run_over = threading.Event()
+    killer = threading.Thread(
+        target=kill_when_checkpointed, args=(run_dir, 1, f"rollout worker 0 @ {run_dir}", killed, run_over)
+    )
+    killer.start()
+    try:
+        with caplog.at_level("WARNING", logger="searchgym.train.distributed.launch"):
+            result = run_training(config)
+    finally:
+        run_over.set()
+        killer.join()
+
+    assert killed and result.steps == 3
+    assert "rollout worker 0 (pid" in caplog.text and "restart 1 of 1" in caplog.text
+    # Every step is in the log exactly once: the steps after the checkpoint were run again, not twice.
+    assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_searches_go_on_when_a_retrieval_replica_dies(parts: Parts) -> None:
+    assert parts.replicas is not None
+    victim = ray.get_actor("retriever replica 0 @ parts")
+    os.kill(ray.get(victim.whereabouts.remote()).pid, signal.SIGKILL)
+    client = parts.replicas.client(0)  # starts at the dead replica
+    (passages,) = client.search([EXAMPLES[0].question], 1)
+    assert len(passages) == 1  # answered by the other replica
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # Ray restarts the dead one, which then serves again
+        try:
+            ray.get(victim.served.remote(), timeout=5)
+            break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.5)
+    (passages,) = parts.replicas.client(0).search([EXAMPLES[0].question], 1)
+    assert ray.get(victim.served.remote())[0] >= 1

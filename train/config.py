@@ -439,6 +439,11 @@ class TrainConfig:
             "system.device=cuda but the learners get no GPU: set ray.gpus_per_learner=1 "
             "(or system.device=auto)",
         )
+        _require(
+            ray.max_restarts == 0 or self.checkpoint.resume,
+            f"ray.max_restarts={ray.max_restarts} resumes from the last checkpoint after an actor dies, "
+            "which checkpoint.resume=false forbids: set checkpoint.resume=true or ray.max_restarts=0",
+        )
 
     @property
     def uses_critic(self) -> bool:

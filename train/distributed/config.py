@@ -38,6 +38,9 @@ class RayConfig:
     colocate: bool = False
     """Put rollout worker i in learner i's placement bundle, sharing its node and GPU: generation and
     training take turns on one device. Needs as many rollout workers as learners and the same GPUs each."""
+    max_restarts: int = 2
+    """When an actor dies (a crashed rollout worker, a lost node), stop every actor, start them again and
+    resume from the last checkpoint, up to this many times in a run; 0 stops the run at the first death."""
     placement_timeout_s: float = 600.0
     """How long to wait for the cluster to have room for every actor before stopping with what is missing."""
 
@@ -58,6 +61,7 @@ class RayConfig:
                 f"ray.gpus_per_{role}={gpus}: Ray shares a GPU only in fractions below 1; use a whole number",
             )
         _check(self.placement_timeout_s > 0, "ray.placement_timeout_s must be > 0")
+        _check(self.max_restarts >= 0, f"ray.max_restarts must be >= 0, got {self.max_restarts}")
         if self.colocate:
             self._check_colocation()
 

@@ -11,8 +11,9 @@ What runs where (one placement group, see :mod:`searchgym.train.distributed.plac
 The learners are the loop's :class:`~searchgym.train.loop.Learner` and the rollout workers its
 :class:`~searchgym.train.loop.Rollout`: a step is the single-process step, with the rollout split over the
 workers and learner 0's new weights sent to them through the object store. Checkpoints are learner 0's,
-in the single-process format, so a run resumes with or without Ray. When an actor dies the run stops,
-every actor is killed, and the error names the actor and the checkpoint to resume from.
+in the single-process format, so a run resumes with or without Ray. When an actor dies, every actor is
+stopped and the run starts them again and resumes from its last checkpoint, up to ``ray.max_restarts``
+times; after that it stops with an error naming the actor and the checkpoint to resume from.
 """
 
 import logging
@@ -30,7 +31,7 @@ from searchgym.train.distributed.groups import (
     Roster,
     WorkerDiedError,
 )
-from searchgym.train.distributed.placement import plan_placement
+from searchgym.train.distributed.placement import PlacementPlan, plan_placement
 from searchgym.train.loop import TrainResult, train
 
 logger = logging.getLogger(__name__)
@@ -41,30 +42,54 @@ def train_on_ray(
 ) -> TrainResult:
     """The whole job on a Ray cluster: reserve the placement, start the parts, train, stop them all.
 
+    When an actor dies, every actor is stopped and started afresh, and the run resumes from its last
+    checkpoint, up to ``ray.max_restarts`` times.
+
     Raises:
         PlacementError: the cluster has no room for the run.
-        WorkerDiedError: an actor died; the message names it and the checkpoint to resume from.
+        WorkerDiedError: an actor died once too often; the message names it and the checkpoint to resume from.
     """
     plan = plan_placement(config)
     logger.info("%s", plan.describe())
     with ray_cluster(config.ray, plan):
-        placement = reserve(plan, timeout_s=config.ray.placement_timeout_s)
-        roster = Roster(str(config.run_dir))
-        try:
-            parts = start_parts(config, placement, roster)
-            return train(
-                config,
-                learner=parts.learners,
-                rollout=parts.rollout_workers,
-                tokenizer=parts.learners.tokenizer(),
-                train_examples=train_examples,
-                dev_examples=dev_examples,
-            )
-        except WorkerDiedError as error:
-            raise WorkerDiedError(f"{error}. {resume_hint(config)}") from error
-        finally:
-            roster.stop()
-            placement.release()
+        restarts = 0
+        while True:
+            try:
+                return _train_once(config, plan, train_examples, dev_examples)
+            except WorkerDiedError as error:
+                if restarts == config.ray.max_restarts:
+                    raise WorkerDiedError(f"{error}. {resume_hint(config)}") from error
+                restarts += 1
+                logger.warning(
+                    "%s. Restarting every actor and resuming from the last checkpoint (restart %d of %d)",
+                    error,
+                    restarts,
+                    config.ray.max_restarts,
+                )
+
+
+def _train_once(
+    config: TrainConfig,
+    plan: PlacementPlan,
+    train_examples: Sequence[QAExample],
+    dev_examples: Sequence[QAExample],
+) -> TrainResult:
+    """Reserve the placement, start every actor, run the loop (resuming when it can), stop them all."""
+    placement = reserve(plan, timeout_s=config.ray.placement_timeout_s)
+    roster = Roster(str(config.run_dir))
+    try:
+        parts = start_parts(config, placement, roster)
+        return train(
+            config,
+            learner=parts.learners,
+            rollout=parts.rollout_workers,
+            tokenizer=parts.learners.tokenizer(),
+            train_examples=train_examples,
+            dev_examples=dev_examples,
+        )
+    finally:
+        roster.stop()
+        placement.release()
 
 
 @dataclass(frozen=True, slots=True)
