@@ -1,10 +1,13 @@
 """The Ray path's plain parts, without a cluster: the ray config section, the placement map, the batch split,
 the workers' seeds, and that nothing imports ray unless a run asks for it."""
 
+import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from env_fixtures import EXAMPLES, FakeRetriever
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,7 +17,7 @@ from searchgym.paths import CONFIGS_DIR, REPO_ROOT
 from searchgym.train.build import load_training_policy, vector_envs
 from searchgym.train.config import TrainConfig, config_help, load_config
 from searchgym.train.config_io import ConfigError
-from searchgym.train.distributed.actors import RolloutWorker, worker_sampling
+from searchgym.train.distributed.actors import LearnerActor, RolloutWorker, worker_sampling
 from searchgym.train.distributed.placement import episodes_per_worker, plan_placement, split_evenly
 from searchgym.train.loop import evaluation_sampling, training_sampling
 from searchgym.train.search_rollout import SearchRollout
@@ -197,3 +200,30 @@ def test_two_rollout_workers_sample_distinct_streams(
     request = {"sampling": training_sampling(config, 3), "step": 3, "batch_size": len(examples)}
     first, second = (worker.run(examples, **request) for worker in workers)
     assert [t.response_ids for t in first] != [t.response_ids for t in second]
+
+
+def test_learner_zero_broadcasts_its_weights_to_the_rollout_workers() -> None:
+    """``ray.weight_sync=broadcast`` without a cluster: the two actors' methods, each in its own thread."""
+    config = tiny()
+    learner = LearnerActor(config, rank=0, cpus=1)
+    worker = RolloutWorker(config, index=0, num_workers=1, retriever=FakeRetriever(), cpus=1)
+    with torch.no_grad():
+        for parameter in learner.learner.models.policy.parameters():
+            parameter.add_(0.01)  # the learner has moved on; the worker still holds the initial weights
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    group = {"address": "127.0.0.1", "port": port, "world_size": 2}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        joined = [
+            pool.submit(learner.join_weight_broadcast, **group),
+            pool.submit(worker.join_weight_broadcast, **group),
+        ]
+        for joining in joined:
+            joining.result(timeout=120)
+        sent, received = pool.submit(learner.broadcast_weights, None), pool.submit(worker.receive_weights)
+        assert sent.result(timeout=120) == received.result(timeout=120) > 0
+    assert worker.rollout.policy is not None
+    mine = worker.rollout.policy.model.state_dict()
+    for name, tensor in learner.learner.policy_state().items():
+        assert torch.equal(mine[name], tensor), name

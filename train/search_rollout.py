@@ -64,13 +64,26 @@ class SearchRollout:
         if self.engine is not None:
             self.engine.load_weights(learner.policy_state())
 
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Copy ``state_dict`` into the engine, or into the policy when this rollout owns a copy of it."""
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], *, partial: bool = False) -> None:
+        """Copy ``state_dict`` into the engine, or into the policy when this rollout owns a copy of it.
+
+        Args:
+            state_dict: weights by Hugging Face name.
+            partial: ``state_dict`` is one bucket of a transfer (the rest comes in other calls).
+
+        Raises:
+            ValueError: a name the policy does not have (or, unless ``partial``, a weight missing).
+        """
         if self.engine is not None:
             self.engine.load_weights(state_dict)
-        else:
-            assert self.policy is not None  # checked in __init__
-            self.policy.model.load_state_dict(state_dict)
+            return
+        assert self.policy is not None  # checked in __init__
+        result = self.policy.model.load_state_dict(state_dict, strict=False)
+        if result.unexpected_keys or (result.missing_keys and not partial):
+            raise ValueError(
+                f"weights that do not fit the policy: unexpected {result.unexpected_keys[:5]}, "
+                f"missing {result.missing_keys[:5]}"
+            )
 
     def submit(
         self, examples: Sequence[QAExample], *, sampling: SamplingParams, step: int, batch_size: int

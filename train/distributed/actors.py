@@ -35,6 +35,7 @@ from searchgym.train.checkpoint import TrainerState
 from searchgym.train.config import RetrieverConfig, TrainConfig
 from searchgym.train.learner import LearnerStep, LocalLearner
 from searchgym.train.search_rollout import SearchRollout
+from searchgym.train.weight_sync import WeightBroadcast
 
 _GROUP_TIMEOUT = timedelta(minutes=30)
 """How long a learner waits in a collective before torch.distributed gives up on the others."""
@@ -144,6 +145,18 @@ class LearnerActor:
         """The policy's tokenizer (the driver renders sample episodes with it)."""
         return self.learner.tokenizer
 
+    def join_weight_broadcast(self, *, address: str, port: int, world_size: int) -> None:
+        """Open the weight-sync group with the rollout workers, as its sender (rank 0, hosting the store)."""
+        self.weights = WeightBroadcast(
+            address=address, port=port, rank=0, world_size=world_size, device=self.learner.device
+        )
+
+    def broadcast_weights(self, dtype: str | None) -> int:
+        """Send the policy's weights to the rollout workers in ``dtype`` ("bfloat16", ...); the bytes sent."""
+        return self.weights.send(
+            self.learner.policy_state(), dtype=None if dtype is None else getattr(torch, dtype)
+        )
+
     def step(self, trajectories: Sequence[Trajectory]) -> LearnerStep:
         """This learner's share of the step (see :meth:`LocalLearner.step`)."""
         return self.learner.step(trajectories)
@@ -208,6 +221,17 @@ class RolloutWorker:
     def load_weights(self, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:
         """Take the learner's updated weights (as :func:`shareable_weights` sends them)."""
         self.rollout.load_weights(weight_tensors(state))
+
+    def join_weight_broadcast(self, *, address: str, port: int, world_size: int) -> None:
+        """Join learner 0's weight-sync group (this worker's rank in it is its index + 1)."""
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.weights = WeightBroadcast(
+            address=address, port=port, rank=self.index + 1, world_size=world_size, device=device
+        )
+
+    def receive_weights(self) -> int:
+        """Load learner 0's weights bucket by bucket as they arrive; the bytes received."""
+        return self.weights.receive(lambda bucket: self.rollout.load_weights(dict(bucket), partial=True))
 
     def run(
         self, examples: Sequence[QAExample], *, sampling: SamplingParams, step: int, batch_size: int

@@ -2,6 +2,7 @@
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Literal
 
 from searchgym.train.config_io import ConfigError
 
@@ -38,6 +39,10 @@ class RayConfig:
     colocate: bool = False
     """Put rollout worker i in learner i's placement bundle, sharing its node and GPU: generation and
     training take turns on one device. Needs as many rollout workers as learners and the same GPUs each."""
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
+    """How learner 0's new weights reach the rollout workers after each step: through Ray's object store
+    (the whole state dict in shared memory), or `broadcast` over a process group of learner 0 and the
+    workers (NCCL between GPUs, gloo on CPU), bucket by bucket, bf16 for vLLM engines."""
     max_restarts: int = 2
     """When an actor dies (a crashed rollout worker, a lost node), stop every actor, start them again and
     resume from the last checkpoint, up to this many times in a run; 0 stops the run at the first death."""

@@ -228,6 +228,19 @@ class RetrieverReplicas:
         return self.roster.gather([(member, member.handle.served.remote()) for member in self.members])
 
 
+@dataclass(frozen=True, slots=True)
+class BroadcastStarted:
+    """Learner 0 has started to broadcast its weights; the rollout workers receive them as they load.
+
+    Attributes:
+        sender: learner 0.
+        sent: the reference to its sending call (it ends when every worker has received).
+    """
+
+    sender: Member
+    sent: Any
+
+
 class RolloutWorkerGroup:
     """The rollout workers, as one :class:`~searchgym.train.loop.Rollout`: each runs a slice of every request.
 
@@ -275,7 +288,11 @@ class RolloutWorkerGroup:
         self.load_weights(learner.policy_state())
 
     def load_weights(self, state: Any) -> None:
-        """Every worker loads ``state`` (weights as ``shareable_weights`` gives them, or a reference)."""
+        """Every worker loads ``state``: weights (``shareable_weights``), a reference, or a broadcast."""
+        if isinstance(state, BroadcastStarted):
+            receiving = [(member, member.handle.receive_weights.remote()) for member in self.members]
+            self.roster.gather([(state.sender, state.sent), *receiving])
+            return
         self.roster.gather([(member, member.handle.load_weights.remote(state)) for member in self.members])
 
     def submit(
@@ -308,6 +325,8 @@ class LearnerGroup:
     def __init__(self, roster: Roster, members: Sequence[Member]) -> None:
         self.roster = roster
         self.members = list(members)
+        self._broadcast_dtype: str | None = None
+        self._broadcasts = False
 
     @classmethod
     def start(cls, config: TrainConfig, placement: Placement, roster: Roster) -> "LearnerGroup":
@@ -343,8 +362,38 @@ class LearnerGroup:
         results = self.roster.gather([(member, member.handle.step.remote(shared)) for member in self.members])
         return results[0]
 
+    def connect(self, workers: "RolloutWorkerGroup", *, dtype: str | None) -> None:
+        """Open a weight-sync group of learner 0 and the rollout workers: weights go by broadcast from now on.
+
+        Args:
+            workers: the rollout workers.
+            dtype: the dtype the weights travel in (the engines'), or None for the learner's own.
+        """
+        address, port = self.roster.gather([(self.lead, self.lead.handle.rendezvous.remote())])[0]
+        size = len(workers.members) + 1
+        calls = [
+            (
+                self.lead,
+                self.lead.handle.join_weight_broadcast.remote(address=address, port=port, world_size=size),
+            )
+        ]
+        calls += [
+            (member, member.handle.join_weight_broadcast.remote(address=address, port=port, world_size=size))
+            for member in workers.members
+        ]
+        self.roster.gather(calls)
+        self._broadcasts, self._broadcast_dtype = True, dtype
+
     def policy_state(self) -> Any:
-        """An object ref to learner 0's policy weights, ready in the object store (not copied here)."""
+        """Learner 0's policy weights for the rollout workers' ``load_weights``.
+
+        Through the object store: a reference to them, ready there (not copied here). By broadcast: the
+        broadcast, started (the workers receive it as they load).
+        """
+        if self._broadcasts:
+            return BroadcastStarted(
+                self.lead, self.lead.handle.broadcast_weights.remote(self._broadcast_dtype)
+            )
         state: Any = self.lead.handle.policy_state.remote()
         ray.wait([state], fetch_local=False)
         return state

@@ -108,6 +108,8 @@ def start_parts(config: TrainConfig, placement: Placement, roster: Roster) -> Pa
     if placement.plan.retriever_replicas:
         replicas = RetrieverReplicas.start(config, placement, roster)
     rollout_workers = RolloutWorkerGroup.start(config, placement, roster, replicas=replicas)
+    if config.ray.weight_sync == "broadcast":
+        learners.connect(rollout_workers, dtype="bfloat16" if config.rollout.backend == "vllm" else None)
     return Parts(learners=learners, replicas=replicas, rollout_workers=rollout_workers)
 
 
