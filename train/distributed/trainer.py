@@ -185,6 +185,7 @@ class RayTrainer:
             tracker.write_samples(
                 step, render_samples(trajectories, self.tokenizer, config.logging.num_samples)
             )
+        tracker.write_episodes(step, trajectories, repeated, self.tokenizer)
         return metrics | timer.metrics() | _worker_seconds(trajectories)
 
     def _send_weights(self) -> None:
