@@ -78,9 +78,11 @@ def write_training_run(folder: Path, tokenizer, *, steps=(1, 2)) -> Path:
 def eval_prediction(dataset: str, example_id: str, *, right: bool) -> Prediction:
     """A searched-then-answered prediction whose trajectory shows two documents of :data:`CORPUS`."""
     shown = [CORPUS[0], CORPUS[1]]
-    block = information_block([(p.contents.split("\n")[0].strip('"'), p.contents.split("\n")[1]) for p in shown])
+    titled = [passage.contents.split("\n", 1) for passage in shown]
+    block = information_block([(title.strip('"'), text) for title, text in titled])
     answer = "Paris" if right else "Lyon"
-    trajectory = f"<think>Look it up.</think> <search> {example_id} capital </search>{block}<answer> {answer} </answer>"
+    search = f"<think>Look it up.</think> <search> {example_id} capital </search>"
+    trajectory = f"{search}{block}<answer> {answer} </answer>"
     return Prediction(
         example_id=example_id,
         dataset=dataset,
