@@ -295,7 +295,8 @@ def test_an_eval_episode_shows_its_turns(client):
 def test_curves_are_inline_svg_of_the_logged_metrics(client):
     text = page_text(client.get("/run/0/curves"))
     assert text.count("<svg") == 6  # reward, EM, entropy, KL, length, searches (no dev EM logged)
-    assert 'data-metric="actor/entropy"' in text and "<title>step 2: 0.5</title>" in text
+    # entropy at step 2: 1 - 0.4 * (1 - exp(-0.2)) = 0.92749
+    assert 'data-metric="actor/entropy"' in text and "<title>step 2: 0.9275</title>" in text
     assert "http" not in text.split("<main>")[1]  # nothing fetched from elsewhere
 
 

@@ -9,6 +9,7 @@ Hamlet right then wrong); the eval runs ``warm`` and ``final`` flip known questi
 """
 
 import json
+import math
 from pathlib import Path
 
 from env_fixtures import CORPUS, FakeRetriever
@@ -42,33 +43,32 @@ EVAL_RIGHT = {"warm": {"n1", "h1", "h2"}, "final": {"n1", "n2", "n3", "h2", "h3"
 EVAL_QUESTIONS = {"nq": ["n1", "n2", "n3", "n4"], "hotpotqa": ["h1", "h2", "h3"]}
 
 
-def write_training_run(folder: Path, tokenizer, *, steps=(1, 2)) -> Path:
-    """A training run folder: metrics.jsonl and samples/episodes.jsonl from scripted rollouts."""
+def write_training_run(folder: Path, tokenizer, *, curve_steps: int = 2) -> Path:
+    """A training run folder: samples/episodes.jsonl from scripted rollouts at steps 1 and 2, and
+    metrics.jsonl rows for steps 1 to ``curve_steps`` (synthetic curves: reward ``0.1 + 0.3 * rise`` with
+    ``rise = 1 - exp(-step / 10)``, entropy ``1 - 0.4 * rise``, KL ``0.002 * step``, ...)."""
     config = load_config(
         None,
-        [
-            f"logging.run_dir={folder}",
-            "logging.tensorboard=false",
-            "logging.progress_bar=false",
-            "total_steps=2",
-        ],
+        [f"logging.run_dir={folder}", "logging.tensorboard=false", "logging.progress_bar=false"],
     )
     tracker = Tracker(config, start_step=0)
-    for step in steps:
+    for step, scripts in STEP_SCRIPTS.items():
         env = SearchVectorEnv(
             num_envs=2, dataset=None, retriever=FakeRetriever(), config=EnvConfig(), tokenizer=tokenizer
         )
-        trajectories = run_episodes(ScriptedGenerator(tokenizer, STEP_SCRIPTS[step]), env, list(EXAMPLES))
+        trajectories = run_episodes(ScriptedGenerator(tokenizer, scripts), env, list(EXAMPLES))
         tracker.write_episodes(step, trajectories, list(EXAMPLES), tokenizer)
+    for step in range(1, curve_steps + 1):
+        rise = 1.0 - math.exp(-step / 10)  # a saturating curve, for pages that look like a run's
         tracker.log(
             step,
             {
-                "rollout/reward": step * 0.25,
-                "rollout/em": 0.5,
-                "actor/entropy": 1.0 / step,
-                "experience/kl": 0.01 * step,
-                "rollout/policy_tokens": 40.0 + step,
-                "rollout/searches": 0.5 * step,
+                "rollout/reward": 0.1 + 0.3 * rise,
+                "rollout/em": 0.1 + 0.25 * rise,
+                "actor/entropy": 1.0 - 0.4 * rise,
+                "experience/kl": 0.002 * step,
+                "rollout/policy_tokens": 60.0 + 40.0 * rise,
+                "rollout/searches": 0.5 + 0.7 * rise,
             },
         )
     tracker.close()
