@@ -24,7 +24,7 @@ from searchgym.train.config import load_config
 from searchgym.train.tracking import Tracker
 from searchgym.viewer.app import create_app
 from searchgym.viewer.compare import compare
-from searchgym.viewer.episodes import EpisodeSummary, prediction_detail, split_trajectory
+from searchgym.viewer.episodes import EpisodeSummary, prediction_detail, split_trajectory, training_summary
 from searchgym.viewer.filters import BadFilter, EpisodeFilter, Page
 from searchgym.viewer.index import JsonlIndex, RecordNotFound
 from searchgym.viewer.runs import NotARun, RunKind, find_runs
@@ -381,3 +381,17 @@ def test_a_page_of_a_large_run_reads_a_bounded_number_of_bytes(tmp_path):
     assert "page 300 of 267" not in listed and "question number 14999?" in shown
     # Listing reads nothing more (summaries are in memory); one episode reads its one line.
     assert viewed.episodes.bytes_read - before <= longest
+
+
+def test_a_training_sample_is_indexed_from_its_head_and_a_broken_tail_is_a_422_page(tmp_path, tokenizer):
+    run = write_training_run(tmp_path / "train", tokenizer)
+    path = run / "samples" / "episodes.jsonl"
+    lines = path.read_text().splitlines()
+    (viewed,) = find_runs([run])
+    whole = [training_summary(json.loads(line), number) for number, line in enumerate(lines, start=1)]
+    assert viewed.summaries() == whole
+    path.write_text("\n".join([lines[0], lines[1][:-40], *lines[2:]]) + "\n")  # line 2 loses its tail
+    (viewed,) = find_runs([run])
+    assert [episode.line for episode in viewed.summaries()] == [1, 2, 3, 4]
+    response = create_app([viewed]).test_client().get("/run/0/episode/2")
+    assert response.status_code == 422 and "line 2, is not an episode record" in page_text(response)

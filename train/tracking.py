@@ -208,7 +208,8 @@ def episode_record(
 
     The passages a turn was shown are kept as the decoded observation tokens that followed it, so the
     viewer shows exactly what the policy read, without the index. ``step`` comes first in the line so
-    that a resume can find where to cut the file without parsing it.
+    that a resume can find where to cut the file without parsing it, and the short fields come before
+    ``prompt`` so that the viewer indexes a line from its head (keep that order when adding fields).
     """
     outcome = episode_outcome(trajectory)
     logprobs = trajectory.sampler_logprobs

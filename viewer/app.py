@@ -8,7 +8,6 @@ never a traceback.
 
 import logging
 from collections.abc import Mapping, Sequence
-from statistics import fmean
 from typing import Any
 from urllib.parse import urlencode
 
@@ -18,7 +17,6 @@ from werkzeug.exceptions import HTTPException
 from searchgym.errors import SearchgymError
 from searchgym.viewer.charts import curves, line_chart, read_metrics
 from searchgym.viewer.compare import compare
-from searchgym.viewer.episodes import EpisodeSummary
 from searchgym.viewer.filters import EpisodeFilter, Page
 from searchgym.viewer.highlight import highlight
 from searchgym.viewer.index import RecordNotFound
@@ -66,10 +64,7 @@ def _episodes(number: int) -> str:
         filter=chosen,
         page=page,
         episodes=matching[page.start : page.stop],
-        steps=run.steps() if run.kind is RunKind.TRAIN else [],
-        datasets=sorted({episode.dataset for episode in summaries}),
-        end_reasons=sorted({episode.end_reason or "" for episode in summaries}),
-        dataset_em=_dataset_em(summaries),
+        overview=run.overview(),
         total=len(summaries),
     )
 
@@ -156,14 +151,6 @@ def _run(number: int) -> Run:
     if not 0 <= number < len(runs):
         raise RecordNotFound(f"no run number {number}: this viewer serves runs 0 to {len(runs) - 1}")
     return runs[number]
-
-
-def _dataset_em(summaries: Sequence[EpisodeSummary]) -> list[tuple[str, int, float]]:
-    """(dataset, episodes, mean EM) per dataset, as ``searchgym eval`` tables it."""
-    by_dataset: dict[str, list[float]] = {}
-    for episode in summaries:
-        by_dataset.setdefault(episode.dataset, []).append(episode.em or 0.0)
-    return [(name, len(values), fmean(values)) for name, values in sorted(by_dataset.items())]
 
 
 def _number(value: float | None, digits: int = 3) -> str:

@@ -8,7 +8,7 @@ memory for every line); one episode's page uses :class:`EpisodeDetail` (built fr
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 INFORMATION = re.compile(r"<information>(.*?)</information>", re.DOTALL)
@@ -49,6 +49,12 @@ class EpisodeSummary:
     f1: float | None
     searches: int
     end_reason: str | None
+    haystack: str = field(default="", repr=False, compare=False)
+    """Question, answer, gold answers and example id in lower case, built once for the text filter."""
+
+    def __post_init__(self) -> None:
+        texts = (self.question, self.answer or "", *self.golden_answers, self.example_id)
+        object.__setattr__(self, "haystack", "\n".join(texts).lower())
 
     @property
     def key(self) -> tuple[str, str]:

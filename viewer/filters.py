@@ -4,7 +4,7 @@ Every filter is optional and they combine with AND. A value that cannot be read 
 :class:`~searchgym.errors.SearchgymError` naming the field (the page answers 400 with that message).
 """
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TypeVar
 
@@ -78,25 +78,35 @@ class EpisodeFilter:
 
     def matches(self, episode: EpisodeSummary) -> bool:
         """Whether ``episode`` passes every filter that is set."""
-        if self.step is not None and episode.step != self.step:
-            return False
-        if self.dataset is not None and episode.dataset != self.dataset:
-            return False
-        if self.end_reason is not None and (episode.end_reason or "") != self.end_reason:
-            return False
-        ranges = (
-            (episode.reward, self.reward_min, self.reward_max),
-            (episode.em, self.em_min, self.em_max),
-            (episode.f1, self.f1_min, self.f1_max),
-            (episode.searches, self.searches_min, self.searches_max),
-        )
-        if not all(_within(value, low, high) for value, low, high in ranges):
-            return False
-        return self.text is None or _contains(episode, self.text.lower())
+        return all(test(episode) for test in self._tests())
 
-    def apply(self, episodes: Iterable[EpisodeSummary]) -> list[EpisodeSummary]:
-        """The episodes that match, in order."""
-        return [episode for episode in episodes if self.matches(episode)]
+    def apply(self, episodes: Sequence[EpisodeSummary]) -> Sequence[EpisodeSummary]:
+        """The episodes that match, in order (``episodes`` itself when no filter is set)."""
+        tests = self._tests()
+        if not tests:
+            return episodes
+        return [episode for episode in episodes if all(test(episode) for test in tests)]
+
+    def _tests(self) -> list[Callable[[EpisodeSummary], bool]]:
+        """One test per filter that is set: a list page runs them over every episode of the run."""
+        tests: list[Callable[[EpisodeSummary], bool]] = []
+        if (step := self.step) is not None:
+            tests.append(lambda episode: episode.step == step)
+        if (dataset := self.dataset) is not None:
+            tests.append(lambda episode: episode.dataset == dataset)
+        if (reason := self.end_reason) is not None:
+            tests.append(lambda episode: (episode.end_reason or "") == reason)
+        ranges: tuple[tuple[str, float | None, float | None], ...] = (
+            ("reward", self.reward_min, self.reward_max),
+            ("em", self.em_min, self.em_max),
+            ("f1", self.f1_min, self.f1_max),
+            ("searches", self.searches_min, self.searches_max),
+        )
+        tests += [_range_test(name, low, high) for name, low, high in ranges if (low, high) != (None, None)]
+        if self.text is not None:
+            needle = self.text.lower()
+            tests.append(lambda episode: needle in episode.haystack)
+        return tests
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,14 +173,13 @@ def _parse(name: str, raw: str, parse: Callable[[str], Parsed]) -> Parsed:
         raise BadFilter(f"{name} must be {kind}, got {raw!r}") from error
 
 
-def _within(value: float | None, low: float | None, high: float | None) -> bool:
-    if low is None and high is None:
-        return True
-    if value is None:
-        return False
-    return (low is None or value >= low) and (high is None or value <= high)
+def _range_test(name: str, low: float | None, high: float | None) -> Callable[[EpisodeSummary], bool]:
+    """Whether the episode's ``name`` lies in [low, high]; an episode without the value never does."""
+    lowest = float("-inf") if low is None else low
+    highest = float("inf") if high is None else high
 
+    def test(episode: EpisodeSummary) -> bool:
+        value = getattr(episode, name)
+        return value is not None and lowest <= value <= highest
 
-def _contains(episode: EpisodeSummary, needle: str) -> bool:
-    texts = (episode.question, episode.answer or "", *episode.golden_answers, episode.example_id)
-    return any(needle in text.lower() for text in texts)
+    return test

@@ -5,8 +5,9 @@ A training run has ``samples/episodes.jsonl`` and ``metrics.jsonl``; an eval run
 
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 
 from searchgym.errors import SearchgymError
 from searchgym.viewer.episodes import (
@@ -39,7 +40,43 @@ class RunKind(enum.StrEnum):
     EVAL = "eval"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class RunOverview:
+    """What the run's list page offers to filter on, and its EM per dataset.
+
+    Attributes:
+        steps: the training steps that have episodes (empty for an eval run).
+        datasets: the datasets of its episodes.
+        end_reasons: the ways its episodes ended (``""`` for an episode that does not say).
+        dataset_em: (dataset, episodes, mean EM) per dataset; an unscored episode counts 0, as in
+            ``searchgym eval``'s table.
+    """
+
+    steps: tuple[int, ...]
+    datasets: tuple[str, ...]
+    end_reasons: tuple[str, ...]
+    dataset_em: tuple[tuple[str, int, float], ...]
+
+    @classmethod
+    def of(cls, episodes: Sequence[EpisodeSummary]) -> "RunOverview":
+        """Computed in one pass over ``episodes``."""
+        steps: set[int] = set()
+        reasons: set[str] = set()
+        scores: dict[str, list[float]] = {}
+        for episode in episodes:
+            if episode.step is not None:
+                steps.add(episode.step)
+            reasons.add(episode.end_reason or "")
+            scores.setdefault(episode.dataset, []).append(episode.em or 0.0)
+        return cls(
+            steps=tuple(sorted(steps)),
+            datasets=tuple(sorted(scores)),
+            end_reasons=tuple(sorted(reasons)),
+            dataset_em=tuple((name, len(ems), fmean(ems)) for name, ems in sorted(scores.items())),
+        )
+
+
+@dataclass
 class Run:
     """One run folder and the index of its episode file.
 
@@ -56,6 +93,7 @@ class Run:
     path: Path
     kind: RunKind
     episodes: JsonlIndex[EpisodeSummary]
+    _overview: tuple[tuple[int, int], RunOverview] | None = field(default=None, init=False, repr=False)
 
     @property
     def metrics_path(self) -> Path:
@@ -72,16 +110,24 @@ class Run:
 
         Raises:
             RecordNotFound: no episode is on that line.
-            ValueError, KeyError, TypeError: the line is not an episode record.
+            ValueError, KeyError, TypeError: the line is not an episode record (or not JSON).
         """
         self.episodes.refresh()
         record = self.episodes.read(line)
         build = training_detail if self.kind is RunKind.TRAIN else prediction_detail
         return build(record, line)
 
+    def overview(self) -> RunOverview:
+        """Steps, datasets, end reasons and EM per dataset, recomputed only when the file has grown."""
+        summaries = self.summaries()
+        version = self.episodes.version
+        if self._overview is None or self._overview[0] != version:
+            self._overview = (version, RunOverview.of(summaries))
+        return self._overview[1]
+
     def steps(self) -> list[int]:
         """The training steps that have episodes, in order."""
-        return sorted({episode.step for episode in self.summaries() if episode.step is not None})
+        return list(self.overview().steps)
 
 
 def run_kind(path: Path) -> RunKind | None:
@@ -129,7 +175,8 @@ def _child_runs(path: Path) -> Iterable[tuple[Path, RunKind]]:
 
 def _index(folder: Path, kind: RunKind) -> JsonlIndex[EpisodeSummary]:
     if kind is RunKind.TRAIN:
-        return JsonlIndex(folder / EPISODES_FILE, training_summary)
+        # searchgym.train.tracking.episode_record writes the summary's fields before the prompt.
+        return JsonlIndex(folder / EPISODES_FILE, training_summary, head_until=b', "prompt": ')
     return JsonlIndex(folder / PREDICTIONS_FILE, prediction_summary)
 
 
