@@ -56,14 +56,14 @@ def _episodes(number: int) -> str:
     run = _run(number)
     summaries = run.summaries()
     chosen = EpisodeFilter.from_query(request.args)
-    matching = chosen.apply(summaries)
+    matching = chosen.select(run.columns())
     page = Page.from_query(request.args, len(matching))
     return render_template(
         "episodes.html",
         run=run,
         filter=chosen,
         page=page,
-        episodes=matching[page.start : page.stop],
+        episodes=[summaries[i] for i in matching[page.start : page.stop]],
         overview=run.overview(),
         total=len(summaries),
     )

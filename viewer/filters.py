@@ -8,7 +8,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TypeVar
 
+import numpy as np
+
 from searchgym.errors import SearchgymError
+from searchgym.viewer.columns import EpisodeColumns
 from searchgym.viewer.episodes import EpisodeSummary
 
 DEFAULT_PAGE_SIZE = 50
@@ -76,37 +79,35 @@ class EpisodeFilter:
             if getattr(self, field.name) is not None
         }
 
-    def matches(self, episode: EpisodeSummary) -> bool:
-        """Whether ``episode`` passes every filter that is set."""
-        return all(test(episode) for test in self._tests())
-
-    def apply(self, episodes: Sequence[EpisodeSummary]) -> Sequence[EpisodeSummary]:
-        """The episodes that match, in order (``episodes`` itself when no filter is set)."""
-        tests = self._tests()
-        if not tests:
-            return episodes
-        return [episode for episode in episodes if all(test(episode) for test in tests)]
-
-    def _tests(self) -> list[Callable[[EpisodeSummary], bool]]:
-        """One test per filter that is set: a list page runs them over every episode of the run."""
-        tests: list[Callable[[EpisodeSummary], bool]] = []
-        if (step := self.step) is not None:
-            tests.append(lambda episode: episode.step == step)
-        if (dataset := self.dataset) is not None:
-            tests.append(lambda episode: episode.dataset == dataset)
-        if (reason := self.end_reason) is not None:
-            tests.append(lambda episode: (episode.end_reason or "") == reason)
-        ranges: tuple[tuple[str, float | None, float | None], ...] = (
-            ("reward", self.reward_min, self.reward_max),
-            ("em", self.em_min, self.em_max),
-            ("f1", self.f1_min, self.f1_max),
-            ("searches", self.searches_min, self.searches_max),
+    def select(self, columns: EpisodeColumns) -> np.ndarray:
+        """Positions of the matching episodes, in order: array tests first, then text on what is left."""
+        keep = np.ones(len(columns), dtype=bool)
+        if self.step is not None:
+            keep &= columns.step == self.step
+        if self.dataset is not None:
+            keep &= columns.dataset == self.dataset
+        if self.end_reason is not None:
+            keep &= columns.end_reason == self.end_reason
+        ranges = (
+            (columns.reward, self.reward_min, self.reward_max),
+            (columns.em, self.em_min, self.em_max),
+            (columns.f1, self.f1_min, self.f1_max),
+            (columns.searches, self.searches_min, self.searches_max),
         )
-        tests += [_range_test(name, low, high) for name, low, high in ranges if (low, high) != (None, None)]
+        for values, low, high in ranges:
+            if low is not None:
+                keep &= values >= low  # NaN (no value) compares False: left out once a bound is set
+            if high is not None:
+                keep &= values <= high
+        positions = np.flatnonzero(keep)
         if self.text is not None:
             needle = self.text.lower()
-            tests.append(lambda episode: needle in episode.haystack)
-        return tests
+            positions = np.array([i for i in positions if needle in columns.haystack[i]], dtype=np.int64)
+        return positions
+
+    def apply(self, episodes: Sequence[EpisodeSummary]) -> list[EpisodeSummary]:
+        """The episodes that match, in order."""
+        return [episodes[i] for i in self.select(EpisodeColumns.of(episodes))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,15 +172,3 @@ def _parse(name: str, raw: str, parse: Callable[[str], Parsed]) -> Parsed:
     except ValueError as error:
         kind = "an integer" if parse is int else "a number"
         raise BadFilter(f"{name} must be {kind}, got {raw!r}") from error
-
-
-def _range_test(name: str, low: float | None, high: float | None) -> Callable[[EpisodeSummary], bool]:
-    """Whether the episode's ``name`` lies in [low, high]; an episode without the value never does."""
-    lowest = float("-inf") if low is None else low
-    highest = float("inf") if high is None else high
-
-    def test(episode: EpisodeSummary) -> bool:
-        value = getattr(episode, name)
-        return value is not None and lowest <= value <= highest
-
-    return test

@@ -10,6 +10,7 @@ from pathlib import Path
 from statistics import fmean
 
 from searchgym.errors import SearchgymError
+from searchgym.viewer.columns import EpisodeColumns
 from searchgym.viewer.episodes import (
     EpisodeDetail,
     EpisodeSummary,
@@ -94,6 +95,7 @@ class Run:
     kind: RunKind
     episodes: JsonlIndex[EpisodeSummary]
     _overview: tuple[tuple[int, int], RunOverview] | None = field(default=None, init=False, repr=False)
+    _columns: tuple[tuple[int, int], EpisodeColumns] | None = field(default=None, init=False, repr=False)
 
     @property
     def metrics_path(self) -> Path:
@@ -124,6 +126,14 @@ class Run:
         if self._overview is None or self._overview[0] != version:
             self._overview = (version, RunOverview.of(summaries))
         return self._overview[1]
+
+    def columns(self) -> EpisodeColumns:
+        """The summaries as columns for the filters, rebuilt only when the file has grown."""
+        summaries = self.summaries()
+        version = self.episodes.version
+        if self._columns is None or self._columns[0] != version:
+            self._columns = (version, EpisodeColumns.of(summaries))
+        return self._columns[1]
 
     def steps(self) -> list[int]:
         """The training steps that have episodes, in order."""
