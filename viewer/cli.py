@@ -1,6 +1,7 @@
 """``searchgym view``: serve the viewer over run folders (Flask loads in the handler, not at --help)."""
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -55,5 +56,6 @@ def run_view_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"searchgym view: http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
-    waitress.serve(create_app(runs), host=args.host, port=args.port, threads=args.threads, _quiet=True)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the viewer is stopped
+        waitress.serve(create_app(runs), host=args.host, port=args.port, threads=args.threads, _quiet=True)
     return 0
