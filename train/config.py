@@ -311,12 +311,19 @@ class LoggingConfig:
     """Write sample episodes as text every this many steps; 0 never."""
     num_samples: int = 2
     """Episodes written each time."""
+    episodes_per_step: int = 16
+    """Episodes of every step saved with their tokens, loss mask and log-probs in samples/episodes.jsonl
+    (what `searchgym view` shows); the first ones of the batch, whole GRPO groups; 0 none."""
     plots: bool = True
     """Draw PNG curves of reward, dev EM, length, searches, entropy and KL at the end."""
 
     def __post_init__(self) -> None:
         _require(self.samples_every >= 0, f"logging.samples_every must be >= 0, got {self.samples_every}")
         _require(self.num_samples >= 0, f"logging.num_samples must be >= 0, got {self.num_samples}")
+        _require(
+            self.episodes_per_step >= 0,
+            f"logging.episodes_per_step must be >= 0, got {self.episodes_per_step}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -266,6 +266,7 @@ def _training_step(run: _Run, step: int, tracker: Tracker) -> dict[str, float]:
         metrics |= {"guards/rolled_back_to": float(_roll_back(run, tracker, step))}
     if config.logging.samples_every and step % config.logging.samples_every == 0:
         tracker.write_samples(step, render_samples(trajectories, run.tokenizer, config.logging.num_samples))
+    tracker.write_episodes(step, trajectories, repeated, run.tokenizer)
     return metrics | timer.metrics() | rollout_timings(trajectories)
 
 

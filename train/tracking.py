@@ -3,24 +3,42 @@
 ``metrics.jsonl`` has one JSON object per step, ``{"step": n, "<group>/<name>": value, ...}``; step 0 holds
 the evaluation of the untrained policy. On resume, rows after the checkpoint's step are dropped (they
 belong to the part of the run that is repeated), and TensorBoard purges them likewise.
+
+``samples/episodes.jsonl`` keeps the first ``logging.episodes_per_step`` episodes of every step, one JSON
+object per line (what ``searchgym view`` reads): ``step``, ``index`` (position in the step's batch),
+``example_id``, ``group_id``, ``dataset``, ``question``, ``golden_answers``, ``gold_doc_ids``, the outcome
+(``answer``, ``em``, ``f1``, ``cover_em``, ``reward``, ``reward_parts`` {``outcome``, ``shaping``,
+``search_cost``}, ``reward_error``, ``searches``, ``end_reason``, ``error``, ``terminated``, ``truncated``),
+``prompt`` (decoded), ``turns`` (per turn: ``action_type``, ``text``, ``query``, ``retrieved_ids`` and
+``observation``, the decoded observation tokens that followed it) and ``tokens`` (per response token:
+``ids``, ``text``, ``mask``, ``logprobs`` or null, ``turn``). Rows after a resumed checkpoint's step are
+dropped, as in ``metrics.jsonl``.
 """
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
+from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from searchgym.env.data import QAExample
 from searchgym.errors import SearchgymError
 from searchgym.policy.render import render_trajectory
 from searchgym.policy.trajectory import Trajectory
 from searchgym.train.config import RUN_CONFIG_FILE, TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+EPISODES_FILE = "episodes.jsonl"
+# Sampler log-probs are stored to this many decimals: enough to read, a third of the bytes of a float.
+_LOGPROB_DECIMALS = 4
+_STEP_PREFIX = re.compile(rb'^\{"step": (-?\d+)')
 # The progress bar's short names for the numbers a user watches.
 _PROGRESS_FIELDS = {
     "rollout/reward": "reward",
@@ -44,6 +62,9 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
         _keep_rows_up_to(self.metrics_path, start_step)
+        self.episodes_path = self.run_dir / SAMPLES_DIR / EPISODES_FILE
+        self._episodes_per_step = config.logging.episodes_per_step
+        _keep_episodes_up_to(self.episodes_path, start_step)
         # Rewritten at every start: a resumed run may have been given new overrides (more steps).
         (self.run_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         self._tensorboard = None
@@ -98,6 +119,32 @@ class Tracker:
         path.write_text(text)
         return path
 
+    def write_episodes(
+        self,
+        step: int,
+        trajectories: Sequence[Trajectory],
+        examples: Sequence[QAExample],
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        """Append the step's first ``logging.episodes_per_step`` episodes to ``samples/episodes.jsonl``.
+
+        Args:
+            step: the training step the episodes were sampled at.
+            trajectories: the step's episodes, in batch order.
+            examples: the example of each trajectory, aligned with ``trajectories``.
+            tokenizer: the policy's tokenizer (decodes prompts, observations and single tokens).
+        """
+        count = min(self._episodes_per_step, len(trajectories))
+        if count == 0:
+            return
+        rows = [
+            episode_record(trajectory, example, tokenizer, step=step, index=index)
+            for index, (trajectory, example) in enumerate(zip(trajectories[:count], examples, strict=False))
+        ]
+        self.episodes_path.parent.mkdir(exist_ok=True)
+        with self.episodes_path.open("a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
     def close(self) -> None:
         """Flush and close every sink."""
         if self._tensorboard is not None:
@@ -118,6 +165,104 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def render_samples(trajectories: Sequence[Trajectory], tokenizer: PreTrainedTokenizerBase, count: int) -> str:
     """The first ``count`` episodes rendered one after the other."""
     return "\n\n".join(render_trajectory(t, tokenizer) for t in trajectories[:count]) + "\n"
+
+
+def episode_record(
+    trajectory: Trajectory, example: QAExample, tokenizer: PreTrainedTokenizerBase, *, step: int, index: int
+) -> dict[str, Any]:
+    """One line of ``samples/episodes.jsonl``: the episode's question, outcome, turns and tokens.
+
+    The passages a turn was shown are kept as the decoded observation tokens that followed it, so the
+    viewer shows exactly what the policy read, without the index. ``step`` comes first in the line so
+    that a resume can find where to cut the file without parsing it, and the short fields come before
+    ``prompt`` so that the viewer indexes a line from its head (keep that order when adding fields).
+    """
+    outcome, parts = trajectory.outcome, trajectory.outcome.reward_parts
+    logprobs = trajectory.sampler_logprobs
+    return {
+        "step": step,
+        "index": index,
+        "example_id": trajectory.example_id,
+        "group_id": trajectory.group_id,
+        "dataset": example.source,
+        "question": example.question,
+        "golden_answers": list(example.golden_answers),
+        "gold_doc_ids": list(example.gold_doc_ids) if example.gold_doc_ids is not None else None,
+        "answer": outcome.answer,
+        "em": outcome.em,
+        "f1": outcome.f1,
+        "cover_em": outcome.cover_em,
+        "reward": _optional_float(trajectory.reward),
+        "reward_parts": {
+            "outcome": None if parts is None else parts.outcome,
+            "shaping": None if parts is None else parts.shaping,
+            "search_cost": None if parts is None else parts.search_cost,
+        },
+        "reward_error": outcome.reward_error,
+        "searches": outcome.num_searches,
+        "end_reason": outcome.end_reason,
+        "error": outcome.error,
+        "terminated": outcome.answered,
+        "truncated": not outcome.answered,
+        "prompt": cast(str, tokenizer.decode(trajectory.prompt_ids)),
+        "turns": _turn_records(trajectory, tokenizer),
+        "tokens": {
+            "ids": trajectory.response_ids,
+            "text": tokenizer.batch_decode([[token_id] for token_id in trajectory.response_ids]),
+            "mask": trajectory.loss_mask,
+            "logprobs": None if logprobs is None else [round(v, _LOGPROB_DECIMALS) for v in logprobs],
+            "turn": trajectory.turn_index,
+        },
+    }
+
+
+def _turn_records(trajectory: Trajectory, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+    """Each turn with the decoded observation tokens (mask 0) that followed it."""
+    observation_ids: dict[int, list[int]] = {}
+    tokens = zip(trajectory.response_ids, trajectory.loss_mask, trajectory.turn_index, strict=True)
+    for (mask, turn), span in groupby(tokens, key=lambda token: (token[1], token[2])):
+        if mask == 0:
+            observation_ids.setdefault(turn, []).extend(token_id for token_id, _, _ in span)
+    observations = {turn: cast(str, tokenizer.decode(ids)) for turn, ids in observation_ids.items()}
+    return [
+        {
+            "action_type": turn.action_type,
+            "text": turn.text,
+            "query": turn.query,
+            "retrieved_ids": list(turn.retrieved_ids),
+            "observation": observations.get(number, ""),
+        }
+        for number, turn in enumerate(trajectory.turns)
+    ]
+
+
+def _optional_float(value: Any) -> float | None:
+    """A finite float, or None for a missing or non-finite value (JSON has no NaN)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _keep_episodes_up_to(path: Path, step: int) -> None:
+    """Cut ``samples/episodes.jsonl`` before its first row after ``step`` (remove it for a fresh run).
+
+    Rows are appended in step order, so the cut is one truncation; each row's step is read from the
+    start of its line, never by parsing the (large) rows.
+    """
+    if not path.is_file():
+        return
+    if step <= 0:
+        path.unlink()
+        return
+    with path.open("r+b") as handle:
+        offset = 0
+        for line in handle:
+            found = _STEP_PREFIX.match(line)
+            if not line.endswith(b"\n") or (found is not None and int(found.group(1)) > step):
+                break
+            offset += len(line)
+        handle.truncate(offset)
 
 
 def _keep_rows_up_to(path: Path, step: int) -> None:
