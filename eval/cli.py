@@ -34,8 +34,9 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
         "--benchmarks",
         default=DEFAULT_BENCHMARKS,
         help=(
-            f"comma-separated dataset names or files (FlashRAG .jsonl / Search-R1 .parquet); 'all' is "
-            f"{','.join(SEARCH_R1_BENCHMARKS)} (default: {DEFAULT_BENCHMARKS})"
+            "comma-separated dataset names, files (FlashRAG .jsonl, Search-R1 .parquet: a merged one gives "
+            "one column per data_source) or folders (FlashRAG's <root>/nq/test.jsonl layout, datasets' "
+            f"save_to_disk); 'all' is {','.join(SEARCH_R1_BENCHMARKS)} (default: {DEFAULT_BENCHMARKS})"
         ),
     )
     what.add_argument(
@@ -118,6 +119,8 @@ def config_from_args(args: argparse.Namespace, mode: str) -> EvalConfig:
 
     Protocol settings come from the flags given, then from ``--train-config``, then from the defaults.
     """
+    from searchgym.env.data import expand_benchmarks
+
     protocol = training_protocol(args.train_config) if args.train_config else {}
     given = {
         name: value
@@ -131,7 +134,7 @@ def config_from_args(args: argparse.Namespace, mode: str) -> EvalConfig:
     if "max_turns" in given:  # the training's search budget may not fit fewer turns
         protocol.pop("max_searches", None)
     return EvalConfig(
-        benchmarks=parse_list(args.benchmarks, everything=SEARCH_R1_BENCHMARKS),
+        benchmarks=expand_benchmarks(parse_list(args.benchmarks, everything=SEARCH_R1_BENCHMARKS)),
         model=args.model,
         mode=mode,
         retriever_url=args.retriever_url,
