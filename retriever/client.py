@@ -28,7 +28,8 @@ class HttpRetriever:
 
     Each ``search`` call sends one POST per ``batch_size`` queries (so the server can batch them), with
     a timeout, and retries on 429, 5xx, timeouts and connection errors with exponential backoff and
-    jitter (honouring ``Retry-After``). Safe to share between threads.
+    jitter (honouring ``Retry-After``). Safe to share between threads; pickles and deep-copies as its
+    settings (a copy opens its own connections).
 
     Args:
         url: the server, as ``http://host:port`` or its full ``.../retrieve`` endpoint.
@@ -75,6 +76,15 @@ class HttpRetriever:
             body = self._post({"queries": chunk, "topk": k, "return_scores": True})
             results.extend(_parse_result(body, expected=len(chunk)))
         return results
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the settings, not the open connections (each thread or process opens its own)."""
+        return {name: value for name, value in self.__dict__.items() if name != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore the settings with no connection open yet."""
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     @property
     def _session(self) -> requests.Session:

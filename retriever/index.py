@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from searchgym.errors import SearchgymError
 from searchgym.retriever.base import Retriever
@@ -29,6 +29,12 @@ from searchgym.retriever.manifest import (
     Manifest,
     Method,
 )
+from searchgym.retriever.reopen import OpenedFrom
+
+if TYPE_CHECKING:
+    from searchgym.retriever.bm25 import Bm25Retriever
+    from searchgym.retriever.dense import DenseRetriever
+    from searchgym.retriever.pyserini_backend import PyseriniRetriever
 
 DOCSTORE_NAME = "documents.arrow"
 _STORE_BATCH = 4096  # documents per Arrow record batch
@@ -203,6 +209,9 @@ def open_index(
         ``searchgym.retriever.dense.open_vector_search``).
         faiss_params: FAISS search parameters such as ``nprobe=32`` (dense).
 
+    The retriever pickles and deep-copies by opening the folder again with the same arguments
+    (:mod:`searchgym.retriever.reopen`).
+
     Raises:
         IndexLoadError: not an index, an incomplete one, or one from a newer searchgym.
         IndexMismatchError: ``corpus`` or ``model`` differ from what the index was built with.
@@ -211,20 +220,32 @@ def open_index(
     manifest = Manifest.load(index_dir)
     if corpus is not None:
         _check_corpus(index_dir, manifest, Path(corpus))
+    retriever = _open_backend(index_dir, manifest, model, device, vector_search, faiss_params)
+    options = {"model": model, "device": device, "vector_search": vector_search, "faiss_params": faiss_params}
+    retriever.opened_from = OpenedFrom(str(index_dir.resolve()), tuple(options.items()))
+    return OpenIndex(manifest, retriever)
+
+
+def _open_backend(
+    index_dir: Path,
+    manifest: Manifest,
+    model: str | None,
+    device: str,
+    vector_search: VectorSearchKind,
+    faiss_params: str,
+) -> "Bm25Retriever | DenseRetriever | PyseriniRetriever":
     if manifest.method == "pyserini":
         from searchgym.retriever.pyserini_backend import PyseriniRetriever
 
         assert manifest.bm25 is not None  # Manifest.__post_init__ checked it
-        return OpenIndex(manifest, PyseriniRetriever(index_dir, manifest.bm25))
+        return PyseriniRetriever(index_dir, manifest.bm25)
     store = _open_store(index_dir, manifest)
     if manifest.method == "bm25":
         from searchgym.retriever.bm25 import Bm25Retriever
 
         assert manifest.bm25 is not None  # Manifest.__post_init__ checked it
-        return OpenIndex(manifest, Bm25Retriever(index_dir, manifest.bm25, store))
-    return OpenIndex(
-        manifest, _open_dense(index_dir, manifest, store, model, device, vector_search, faiss_params)
-    )
+        return Bm25Retriever(index_dir, manifest.bm25, store)
+    return _open_dense(index_dir, manifest, store, model, device, vector_search, faiss_params)
 
 
 def _open_dense(
@@ -235,7 +256,7 @@ def _open_dense(
     device: str,
     vector_search: VectorSearchKind,
     faiss_params: str,
-) -> Retriever:
+) -> "DenseRetriever":
     from searchgym.retriever.dense import DenseRetriever, open_vector_search
     from searchgym.retriever.encoder import Encoder, resolve_device
 
