@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from searchgym.errors import SearchgymError
 from searchgym.retriever.base import Retriever
@@ -34,6 +34,7 @@ from searchgym.retriever.reopen import OpenedFrom
 if TYPE_CHECKING:
     from searchgym.retriever.bm25 import Bm25Retriever
     from searchgym.retriever.dense import DenseRetriever
+    from searchgym.retriever.encoder import Pooling
     from searchgym.retriever.pyserini_backend import PyseriniRetriever
 
 DOCSTORE_NAME = "documents.arrow"
@@ -80,7 +81,7 @@ def build_index(spec: IndexSpec) -> Manifest:
             backend cannot be built (pyserini without Java 21, a bad FAISS type).
     """
     reader = CorpusReader(spec.corpus)
-    _check_out_dir(spec.out, overwrite=spec.overwrite)
+    check_out_dir(spec.out, overwrite=spec.overwrite)
     corpus = CorpusInfo(path=str(spec.corpus), sha256=file_sha256(spec.corpus), size_bytes=reader.size_bytes)
     spec.out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{spec.out.name}.building-", dir=spec.out.parent))
@@ -89,13 +90,14 @@ def build_index(spec: IndexSpec) -> Manifest:
         documents = read_corpus(spec.corpus, progress=spec.progress, desc=f"indexing ({spec.method})")
         manifest = _build_backend(spec, documents, building, corpus)
         manifest.save(building)
-        _move_into_place(building, spec.out)
+        move_into_place(building, spec.out)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return manifest
 
 
-def _move_into_place(building: Path, out: Path) -> None:
+def move_into_place(building: Path, out: Path) -> None:
+    """Rename a finished build folder to ``out``, replacing what was there."""
     if out.exists():
         shutil.rmtree(out)
     try:
@@ -129,7 +131,8 @@ def _built_as(manifest: Manifest, spec: IndexSpec) -> bool:
     )
 
 
-def _check_out_dir(out: Path, *, overwrite: bool) -> None:
+def check_out_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse to build over a folder that is not an index, or over an index without ``overwrite``."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not (out / MANIFEST_NAME).is_file():
@@ -267,6 +270,8 @@ def _open_dense(
         query_prefix=manifest.encoder.query_prefix,
         passage_prefix=manifest.encoder.passage_prefix,
         device=device,
+        pooling=cast("Pooling | None", manifest.encoder.pooling),
+        max_length=manifest.encoder.max_length,
     )
     vectors = open_vector_search(index_dir, device=device, kind=vector_search, faiss_params=faiss_params)
     if vectors.ntotal != manifest.num_documents:
