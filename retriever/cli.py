@@ -165,6 +165,12 @@ def add_serve_command(subparsers: Any) -> None:
     parser.add_argument(
         "--faiss-params", default="", help="dense: e.g. nprobe=32 (IVF) or efSearch=128 (HNSW)"
     )
+    parser.add_argument(
+        "--rerank", metavar="MODEL", help="rerank with this sentence-transformers cross-encoder folder or id"
+    )
+    parser.add_argument(
+        "--rerank-depth", type=int, default=10, help="candidates per query the cross-encoder rescores"
+    )
     _add_config_flags(parser, ServerConfig, skip=("api_key",))
     parser.set_defaults(run=_run_serve)
 
@@ -213,6 +219,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         vector_search=args.vector_search,
         faiss_params=args.faiss_params,
     )
+    retriever = opened.retriever
+    if args.rerank is not None:
+        from searchgym.retriever.rerank import RerankingRetriever
+
+        logging.info("reranking the top %d with %s", args.rerank_depth, args.rerank)
+        retriever = RerankingRetriever(
+            retriever, model=args.rerank, depth=args.rerank_depth, device=args.device
+        )
     # SIGTERM (docker stop, kill) ends the serve loop like Ctrl-C, so the batcher is stopped cleanly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
@@ -223,7 +237,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    with RetrievalService(opened.retriever, config) as service:
+    with RetrievalService(retriever, config) as service:
         serve(
             create_app(service, manifest=opened.manifest),
             host=args.host,

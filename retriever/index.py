@@ -305,17 +305,35 @@ def _check_corpus(index_dir: Path, manifest: Manifest, corpus: Path) -> None:
         )
 
 
-def load_retriever(location: str | Path, **options: Any) -> Retriever:
+def load_retriever(
+    location: str | Path,
+    *,
+    rerank: str | None = None,
+    rerank_depth: int = 10,
+    **options: Any,
+) -> Retriever:
     """Open a retriever from an index folder or a server URL; both answer ``search(queries, k)`` alike.
 
     Args:
         location: an index folder built by ``searchgym index``, or the URL of a ``searchgym serve`` (or any
             Search-R1-compatible) server, e.g. ``http://127.0.0.1:8000/retrieve``.
+        rerank: a sentence-transformers cross-encoder that reorders the top ``rerank_depth`` passages
+            (see :mod:`searchgym.retriever.rerank`); None returns the retriever's own order.
+        rerank_depth: candidates per query the cross-encoder rescores.
         **options: for a folder, :func:`open_index`'s keyword arguments; for a URL,
             :class:`searchgym.retriever.client.HttpRetriever`'s.
     """
+    retriever: Retriever
     if str(location).startswith(("http://", "https://")):
         from searchgym.retriever.client import HttpRetriever
 
-        return HttpRetriever(str(location), **options)
-    return open_index(location, **options).retriever
+        retriever = HttpRetriever(str(location), **options)
+    else:
+        retriever = open_index(location, **options).retriever
+    if rerank is None:
+        return retriever
+    from searchgym.retriever.rerank import RerankingRetriever
+
+    return RerankingRetriever(
+        retriever, model=rerank, depth=rerank_depth, device=options.get("device", "auto")
+    )

@@ -158,3 +158,27 @@ def search_r1_flat_index(model_dir: Path, corpus: list[dict[str, str]], path: Pa
     index.add(vectors)
     faiss.write_index(index, str(path))
     return path
+
+
+def tiny_random_cross_encoder(folder: Path, *, seed: int = 0) -> Path:
+    """A BERT sequence classifier (one relevance logit) with random weights and MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from searchgym.paths import default_encoder_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=1,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
