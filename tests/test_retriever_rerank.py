@@ -51,9 +51,9 @@ def test_one_cross_encoder_call_per_micro_batch(cross_encoder_dir):
     backend = EchoRetriever()  # k passages per query
     reranker = RerankingRetriever(backend, model=str(cross_encoder_dir), depth=4, device="cpu")
     reranker._cross_encoder = counting = CountingCrossEncoder(reranker._cross_encoder)
-    with RetrievalService(reranker, ServerConfig(max_batch=64, max_wait_ms=200.0)) as service:
-        with ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(lambda q: service.retrieve([q], 3), [f"query {i}" for i in range(6)]))
+    config = ServerConfig(max_batch=64, max_wait_ms=200.0)
+    with RetrievalService(reranker, config) as service, ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda q: service.retrieve([q], 3), [f"query {i}" for i in range(6)]))
     assert [len(answer[0]) for answer in answers] == [3] * 6
     assert backend.calls and all(k == 4 for _, k in backend.calls)  # depth candidates, not topk
     assert sum(counting.calls) == 6 * 4 and len(counting.calls) == len(backend.calls) < 6
