@@ -75,6 +75,9 @@ def test_a_retriever_built_by_hand_says_how_to_make_it_picklable(tmp_path_factor
     by_hand = Bm25Retriever(folder, opened.manifest.bm25, opened.retriever._store)
     with pytest.raises(TypeError, match=r"open it with searchgym.retriever.load_retriever\(index_dir\)"):
         pickle.dumps(by_hand)
+    # Gymnasium's checker re-makes the env from its spec, deep-copying the retriever: the reason for all this.
+    with pytest.raises(TypeError, match="cannot be pickled or deep-copied"):
+        check_env(gymnasium.make(env.ENV_ID, dataset=[EXAMPLE], retriever=by_hand).unwrapped)
 
 
 def test_async_vector_envs_in_subprocesses_match_an_env_in_process(bm25):
