@@ -1,9 +1,20 @@
-"""QA datasets: FlashRAG jsonl files, the bundled sets by name, and Search-R1's parquet files."""
+"""QA datasets: FlashRAG files and folders, Search-R1 parquet files, ``datasets`` folders, bundled sets.
+
+What a Search-R1 or FlashRAG user already has on disk loads as it is:
+
+- a FlashRAG file ``<root>/nq/test.jsonl`` (one record ``{"id", "question", "golden_answers", ...}`` a line);
+- a FlashRAG folder ``<root>/`` holding ``nq/``, ``triviaqa/``, ... each with ``train/dev/test.jsonl``;
+- a Search-R1 ``.parquet`` file (``scripts/data_process/*.py``); a merged one (``qa_search_test_merge.py``)
+  holds several ``data_source`` values, each selected as ``test.parquet#nq``;
+- a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``), in either schema.
+
+:func:`expand_benchmarks` turns each of these into one entry per benchmark (a table column of ``eval``).
+"""
 
 import gzip
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +27,12 @@ BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique
 _CORE_KEYS = frozenset({"id", "question", "golden_answers", "source", "gold_doc_ids"})
 # Search-R1's templates end with "Question: {question}\n"; used when a parquet file has no question column.
 _SEARCH_R1_QUESTION_MARK = "Question:"
+SOURCE_SEPARATOR = "#"  # "test.parquet#nq": the rows of a merged Search-R1 file (or folder) from nq
+# The split a folder is evaluated on when several are there: Search-R1's choice (test, else dev, else train).
+SPLIT_PREFERENCE = ("test", "dev", "validation", "val", "train")
+_FLASHRAG_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+_SAVED_DATASET_FILE = "dataset_info.json"  # in every folder `datasets` writes with save_to_disk
+_SAVED_DATASET_DICT_FILE = "dataset_dict.json"
 
 
 class DatasetError(SearchgymError):
@@ -114,17 +131,19 @@ def bundled_dataset_path(name: str) -> Path:
 
 
 def load_dataset(name_or_path: str | os.PathLike[str], *, limit: int | None = None) -> list[QAExample]:
-    """The examples of a bundled dataset (by name) or of a file (by path), in file order.
+    """The examples of a bundled dataset (by name), a file or a ``datasets`` folder (by path), in order.
 
     Args:
-        name_or_path: a name from :func:`dataset_names`, or a FlashRAG ``.jsonl`` / ``.jsonl.gz`` file,
-            or a Search-R1 ``.parquet`` file.
+        name_or_path: a name from :func:`dataset_names`; a FlashRAG ``.jsonl`` / ``.jsonl.gz`` file; a
+            Search-R1 ``.parquet`` file, optionally with ``#source`` to keep one ``data_source``; or a
+            folder written by ``datasets``' ``save_to_disk`` (a ``DatasetDict`` gives its test split, else
+            dev, else train).
         limit: keep only the first ``limit`` examples.
 
     Raises:
         DatasetError: unknown name, missing file, unsupported suffix or a malformed record.
     """
-    path = Path(name_or_path)
+    path, source = _split_source(name_or_path)
     if not path.exists():
         if isinstance(name_or_path, str) and os.sep not in name_or_path and not path.suffix:
             path = bundled_dataset_path(name_or_path)
@@ -132,17 +151,131 @@ def load_dataset(name_or_path: str | os.PathLike[str], *, limit: int | None = No
             raise DatasetError(
                 f"dataset file {path} does not exist; bundled names: {', '.join(dataset_names())}"
             )
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
+    if path.is_dir():
+        path = _one_benchmark(path)
+    if path.is_dir():
+        examples = load_saved_dataset(path, limit=limit, source=source)
+    elif source is not None and path.suffix != ".parquet":
+        raise DatasetError(
+            f"{name_or_path}: '{SOURCE_SEPARATOR}source' selects rows of a .parquet file or a folder"
+        )
+    elif path.name.endswith((".jsonl", ".jsonl.gz")):
         examples = load_flashrag_jsonl(path, limit=limit)
     elif path.suffix == ".parquet":
-        examples = load_search_r1_parquet(path, limit=limit)
+        examples = load_search_r1_parquet(path, limit=limit, source=source)
     else:
         raise DatasetError(
-            f"{path}: unsupported file type; use .jsonl, .jsonl.gz (FlashRAG) or .parquet (Search-R1)"
+            f"{path}: unsupported file type; use .jsonl, .jsonl.gz (FlashRAG), .parquet (Search-R1) or a "
+            "folder written by datasets' save_to_disk"
         )
     if not examples:
-        raise DatasetError(f"{path} holds no examples")
+        raise DatasetError(f"{name_or_path} holds no examples")
     return examples
+
+
+def expand_benchmarks(specs: Sequence[str]) -> tuple[str, ...]:
+    """One entry per benchmark: folders and merged files are opened up, everything else kept as given.
+
+    - a Search-R1 parquet file becomes ``file#source`` per ``data_source``, in order of first appearance
+      (the merged ``test.parquet`` holds nq, triviaqa, ... whose ids repeat across sources);
+    - a FlashRAG folder becomes its datasets' split files (``root/nq/test.jsonl``, ...; test, else dev, else
+      train), and a FlashRAG dataset folder (``root/nq``) its split file;
+    - a ``datasets`` ``DatasetDict`` folder becomes its split folder (test, else dev, else train), and a
+      saved ``Dataset`` with several ``data_source`` values is split like a parquet file.
+
+    Raises:
+        DatasetError: a folder that holds none of these layouts.
+    """
+    expanded: list[str] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            candidates = _folder_benchmarks(path)
+        elif path.suffix == ".parquet" and path.is_file():
+            candidates = [path]
+        else:
+            expanded.append(spec)
+            continue
+        for benchmark in candidates:
+            is_table = benchmark.suffix == ".parquet" or (benchmark / _SAVED_DATASET_FILE).is_file()
+            sources = _data_sources(benchmark) if is_table else []
+            expanded += [f"{benchmark}{SOURCE_SEPARATOR}{source}" for source in sources] or [str(benchmark)]
+    return tuple(expanded)
+
+
+def _split_source(name_or_path: str | os.PathLike[str]) -> tuple[Path, str | None]:
+    """``"test.parquet#nq"`` -> (``test.parquet``, ``"nq"``); a path without a selector has source None."""
+    text = os.fspath(name_or_path)
+    head, separator, source = text.rpartition(SOURCE_SEPARATOR)
+    if separator and source and head and not Path(text).exists():
+        return Path(head), source
+    return Path(text), None
+
+
+def _data_sources(path: Path) -> list[str]:
+    """The ``data_source`` values of a parquet file or a saved ``Dataset`` folder, in order of appearance."""
+    if path.is_dir():
+        return _sources_of(_saved_rows(path))
+    import pyarrow.parquet as pq
+
+    if "data_source" not in pq.read_schema(path).names:
+        return []
+    column = pq.read_table(path, columns=["data_source"]).column("data_source").to_pylist()
+    return [str(source) for source in dict.fromkeys(column) if source is not None]
+
+
+def _one_benchmark(folder: Path) -> Path:
+    found = _folder_benchmarks(folder)
+    if len(found) > 1:
+        names = ", ".join(path.parent.name for path in found)
+        raise DatasetError(f"{folder} holds several datasets ({names}): load one of them, e.g. {found[0]}")
+    return found[0]
+
+
+def _folder_benchmarks(folder: Path) -> list[Path]:
+    if (folder / _SAVED_DATASET_FILE).is_file():
+        return [folder]
+    if (folder / _SAVED_DATASET_DICT_FILE).is_file():
+        return [
+            folder / _preferred_split(folder, [child.name for child in folder.iterdir() if child.is_dir()])
+        ]
+    if _split_files(folder):
+        return [_split_file(folder)]
+    datasets = sorted(child for child in folder.iterdir() if child.is_dir() and _split_files(child))
+    if not datasets:
+        raise DatasetError(
+            f"{folder} holds no QA data: expected FlashRAG's layout (<root>/nq/test.jsonl, ...), a dataset "
+            "folder with train/dev/test.jsonl, or a folder written by datasets' save_to_disk"
+        )
+    return [_split_file(dataset) for dataset in datasets]
+
+
+def _split_files(folder: Path) -> dict[str, Path]:
+    """``{"test": folder/test.jsonl, ...}`` for the split files FlashRAG names by split."""
+    found: dict[str, Path] = {}
+    for child in folder.iterdir():
+        for suffix in _FLASHRAG_SUFFIXES:
+            split = child.name.removesuffix(suffix)
+            if child.is_file() and child.name.endswith(suffix) and split in SPLIT_PREFERENCE:
+                found.setdefault(split, child)
+    return found
+
+
+def _split_file(folder: Path) -> Path:
+    files = _split_files(folder)
+    return files[_preferred_split(folder, list(files))]
+
+
+def _preferred_split(folder: Path, splits: list[str]) -> str:
+    for split in SPLIT_PREFERENCE:
+        if split in splits:
+            return split
+    if len(splits) == 1:
+        return splits[0]
+    raise DatasetError(
+        f"{folder}: which split to use? it has {sorted(splits)}, none of {', '.join(SPLIT_PREFERENCE)}; "
+        "give the split's path instead"
+    )
 
 
 def load_flashrag_jsonl(path: str | os.PathLike[str], *, limit: int | None = None) -> list[QAExample]:
@@ -164,26 +297,92 @@ def load_flashrag_jsonl(path: str | os.PathLike[str], *, limit: int | None = Non
     return examples
 
 
-def load_search_r1_parquet(path: str | os.PathLike[str], *, limit: int | None = None) -> list[QAExample]:
+def load_search_r1_parquet(
+    path: str | os.PathLike[str], *, limit: int | None = None, source: str | None = None
+) -> list[QAExample]:
     """Examples of a parquet file made by Search-R1's data scripts (``scripts/data_process/*.py``).
 
     Gold answers come from ``reward_model.ground_truth.target``, the source from ``data_source``; the
     question from the ``question`` column, or else from the prompt's last ``Question:`` line. The id is
-    the ``id`` column, or ``{data_source}_{split}_{index}`` from ``extra_info``, or the row number.
+    the ``id`` column, or ``{data_source}_{split}_{index}`` from ``extra_info``, or the row number. A parquet
+    file of FlashRAG records (``question``, ``golden_answers``) reads too.
+
+    Args:
+        path: the file.
+        limit: keep only the first ``limit`` examples (after ``source`` selected its rows).
+        source: keep only the rows whose ``data_source`` is this (a merged file holds several).
 
     Raises:
-        DatasetError: the file lacks the columns above.
+        DatasetError: the file lacks the columns above, or no row has ``source``.
     """
     import pyarrow.parquet as pq
 
     path = Path(path)
-    rows = pq.read_table(path).to_pylist()
+    return _examples(pq.read_table(path).to_pylist(), where=str(path), source=source, limit=limit)
+
+
+def load_saved_dataset(
+    path: str | os.PathLike[str], *, limit: int | None = None, source: str | None = None
+) -> list[QAExample]:
+    """Examples of a folder written by ``datasets``' ``save_to_disk``, in FlashRAG's or Search-R1's schema.
+
+    Args:
+        path: the folder (a ``DatasetDict`` gives its test split, else dev, else train).
+        limit: keep only the first ``limit`` examples (after ``source`` selected its rows).
+        source: keep only the rows whose ``data_source`` is this.
+
+    Raises:
+        DatasetError: ``datasets`` is not installed, the folder is not a saved dataset, a record is
+            malformed, or no row has ``source``.
+    """
+    path = Path(path)
+    return _examples(_saved_rows(path), where=str(path), source=source, limit=limit)
+
+
+def _saved_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError as error:
+        raise DatasetError(
+            f"{path} is a folder written by datasets' save_to_disk: `pip install datasets` to read it"
+        ) from error
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except FileNotFoundError as error:
+        raise DatasetError(f"{path} is not a folder written by datasets' save_to_disk ({error})") from error
+    if isinstance(saved, datasets.DatasetDict):
+        saved = saved[_preferred_split(path, list(saved))]
+    return saved.to_list()
+
+
+def _examples(
+    rows: list[dict[str, Any]], *, where: str, source: str | None, limit: int | None
+) -> list[QAExample]:
+    if source is not None:
+        available = _sources_of(rows)
+        rows = [row for row in rows if row.get("data_source") == source]
+        if not rows:
+            raise DatasetError(
+                f"{where} has no rows with data_source {source!r}; it has {available or 'none'}"
+            )
+        where += SOURCE_SEPARATOR + source
     if limit is not None:
         rows = rows[:limit]
+    return [_from_row(row, where=f"{where}:row {index}", row_number=index) for index, row in enumerate(rows)]
+
+
+def _sources_of(rows: list[dict[str, Any]]) -> list[str]:
+    """The distinct ``data_source`` values, in order of first appearance."""
     return [
-        _from_search_r1_row(row, where=f"{path}:row {index}", row_number=index)
-        for index, row in enumerate(rows)
+        str(source) for source in dict.fromkeys(row.get("data_source") for row in rows) if source is not None
     ]
+
+
+def _from_row(row: Mapping[str, Any], *, where: str, row_number: int) -> QAExample:
+    """A Search-R1 row (its answers under ``reward_model``) or a FlashRAG record."""
+    if "reward_model" in row or "golden_answers" not in row:
+        return _from_search_r1_row(row, where=where, row_number=row_number)
+    return QAExample.from_record(row, where=where, default_id=str(row_number))
 
 
 def _from_search_r1_row(row: Mapping[str, Any], *, where: str, row_number: int) -> QAExample:

@@ -42,8 +42,9 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
         "--benchmarks",
         default=DEFAULT_BENCHMARKS,
         help=(
-            f"comma-separated dataset names or files (FlashRAG .jsonl / Search-R1 .parquet); 'all' is "
-            f"{','.join(SEARCH_R1_BENCHMARKS)} (default: {DEFAULT_BENCHMARKS})"
+            "comma-separated dataset names, files (FlashRAG .jsonl, Search-R1 .parquet: a merged one gives "
+            "one column per data_source) or folders (FlashRAG's <root>/nq/test.jsonl layout, datasets' "
+            f"save_to_disk); 'all' is {','.join(SEARCH_R1_BENCHMARKS)} (default: {DEFAULT_BENCHMARKS})"
         ),
     )
     what.add_argument(
@@ -130,6 +131,7 @@ def config_from_args(args: argparse.Namespace, mode: str) -> EvalConfig:
     from dataclasses import replace
 
     from searchgym.env.config import EnvConfig  # gymnasium loads here, not at --help
+    from searchgym.env.data import expand_benchmarks
 
     trained = args.train_config is not None
     env, budgets = training_protocol(args.train_config) if trained else (EnvConfig(), TokenBudgets())
@@ -142,7 +144,7 @@ def config_from_args(args: argparse.Namespace, mode: str) -> EvalConfig:
     if args.max_new_tokens is not None:
         budgets = replace(budgets, max_turn_tokens=args.max_new_tokens)
     return EvalConfig(
-        benchmarks=parse_list(args.benchmarks, everything=SEARCH_R1_BENCHMARKS),
+        benchmarks=expand_benchmarks(parse_list(args.benchmarks, everything=SEARCH_R1_BENCHMARKS)),
         model=args.model,
         mode=mode,
         retriever_url=args.retriever_url,

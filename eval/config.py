@@ -15,18 +15,32 @@ BACKENDS = ("hf", "vllm")
 SEARCH_R1_BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
 """The seven benchmarks of the Search-R1 paper's main table, in its column order (``--benchmarks all``)."""
 DATA_FILE_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
+SPLIT_NAMES = ("test", "dev", "validation", "val", "train")  # as searchgym.env.data.SPLIT_PREFERENCE
 
 
 def dataset_label(benchmark: str) -> str:
-    """The column name of a benchmark: its name, or a data file's name without folder and suffix.
+    """The column name of a benchmark: its name, a data file's name, or its folder's for a split file.
 
-    >>> dataset_label("nq"), dataset_label("data/my_questions.jsonl.gz")
-    ('nq', 'my_questions')
+    A ``#source`` selector (one ``data_source`` of a merged Search-R1 file) names the column; a file or
+    folder named after a split (FlashRAG's ``nq/test.jsonl``, a ``datasets`` split folder) is named after
+    the folder it is in.
+
+    >>> dataset_label("nq"), dataset_label("data/my_questions.jsonl.gz"), dataset_label("x/a.parquet#popqa")
+    ('nq', 'my_questions', 'popqa')
+    >>> dataset_label("flashrag/triviaqa/dev.jsonl"), dataset_label("saved/hotpotqa/test")
+    ('triviaqa', 'hotpotqa')
     """
-    name = PurePath(benchmark).name
+    head, separator, source = benchmark.rpartition("#")
+    if separator and head and source:
+        return source
+    path = PurePath(benchmark)
+    name = path.name
     for suffix in DATA_FILE_SUFFIXES:
         if name.endswith(suffix):
-            return name.removesuffix(suffix)
+            name = name.removesuffix(suffix)
+            break
+    if name in SPLIT_NAMES and path.parent.name:
+        return path.parent.name
     return name
 
 

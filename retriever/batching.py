@@ -2,7 +2,8 @@
 
 One worker thread owns the backend: queries from concurrent requests wait in a bounded queue until the
 worker gathers them (up to ``max_batch``, or for at most ``max_wait_s`` after the oldest arrived) into one
-``search`` call, so the encoder and the index see batches even when every client sends one query.
+``search`` call, so the encoder and the index see batches even when every client sends one query. A
+query alone in the queue is searched at once, with no wait.
 """
 
 import logging
@@ -106,8 +107,10 @@ class MicroBatcher:
                 self._ready.wait()
             if self._closed:
                 return None
+            # A lone query goes at once: holding it back for company would only add latency at low load.
+            # Under load, queries pile up while the previous batch is searched and meet without waiting.
             deadline = self._pending[0].arrived + self._max_wait_s
-            while len(self._pending) < self._max_batch and (remaining := deadline - time.monotonic()) > 0:
+            while 1 < len(self._pending) < self._max_batch and (remaining := deadline - time.monotonic()) > 0:
                 self._ready.wait(remaining)
             return [self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))]
 

@@ -16,6 +16,7 @@ from searchgym.retriever.base import Passage
 from searchgym.retriever.corpus import Document
 from searchgym.retriever.docstore import DocumentStore
 from searchgym.retriever.manifest import Bm25Params
+from searchgym.retriever.reopen import ReopensOnPickle
 
 BM25_SUBDIR = "bm25s"
 
@@ -35,7 +36,7 @@ def build_bm25_index(documents: Iterable[Document], index_dir: Path, params: Bm2
     return len(token_ids)
 
 
-class Bm25Retriever:
+class Bm25Retriever(ReopensOnPickle):
     """Searches a bm25s index; passages come from the index's document store.
 
     A query that shares no term with any document gets no passages (as with Lucene), so a result list can

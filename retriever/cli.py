@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 from typing import Any, get_args
 
+from searchgym.errors import SearchgymError
 from searchgym.paths import WIKI_MINI_CORPUS
 from searchgym.retriever.config import API_KEY_ENV, DEFAULT_ENCODER, ServerConfig, VectorSearchKind
 from searchgym.retriever.manifest import METHODS
+
+POOLINGS = ("mean", "cls")  # as searchgym.retriever.encoder.POOLINGS, without importing torch for --help
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -52,14 +55,36 @@ def add_index_command(subparsers: Any) -> None:
     )
     parser.add_argument("--device", default="auto", help="dense: auto, cpu or cuda (fp16)")
     parser.add_argument("--batch-size", type=int, default=64, help="dense: passages per encoder forward pass")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPU threads for encoding and FAISS (default: all cores, %(default)s here)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    adopt = parser.add_argument_group(
+        "adopting an existing FAISS index (Search-R1's e5_Flat.index, FlashRAG's): no re-encoding"
+    )
+    adopt.add_argument(
+        "--import-faiss",
+        type=Path,
+        metavar="FILE",
+        help="FAISS index built from --corpus with --model; checked, then served as it is",
+    )
+    adopt.add_argument(
+        "--pooling", choices=POOLINGS, help="how it was pooled: mean (e5, contriever) or cls (bge)"
+    )
+    adopt.add_argument("--max-length", type=int, help="tokens per passage it was built with (Search-R1: 180)")
     parser.set_defaults(run=_run_index)
 
 
 def _run_index(args: argparse.Namespace) -> int:
     from searchgym.retriever.index import IndexSpec, build_index
 
+    _use_threads(args.threads)
+    if args.import_faiss is not None:
+        return _run_import(args)
     spec = IndexSpec(
         corpus=args.corpus,
         out=args.out or default_index_dir(args.corpus, args.method),
@@ -78,6 +103,40 @@ def _run_index(args: argparse.Namespace) -> int:
     print(
         f"indexed {manifest.num_documents} documents of {spec.corpus} ({manifest.method}) into {spec.out} "
         f"in {time.perf_counter() - started:.1f} s; serve it with: searchgym serve --index {spec.out}"
+    )
+    return 0
+
+
+def _use_threads(threads: int) -> None:
+    if threads < 1:
+        raise SearchgymError(f"--threads must be at least 1, got {threads}")
+    import faiss
+    import torch
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from searchgym.retriever.faiss_import import FaissImportSpec, import_faiss_index
+
+    spec = FaissImportSpec(
+        faiss_file=args.import_faiss,
+        corpus=args.corpus,
+        out=args.out or default_index_dir(args.corpus, "dense"),
+        model=args.model,
+        pooling=args.pooling,
+        query_prefix=args.query_prefix,
+        passage_prefix=args.passage_prefix,
+        max_length=args.max_length,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    manifest = import_faiss_index(spec)
+    print(
+        f"adopted {spec.faiss_file} ({manifest.num_documents} vectors of {spec.corpus}) as {spec.out}; "
+        f"serve it with: searchgym serve --index {spec.out}"
     )
     return 0
 
@@ -105,6 +164,12 @@ def add_serve_command(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--faiss-params", default="", help="dense: e.g. nprobe=32 (IVF) or efSearch=128 (HNSW)"
+    )
+    parser.add_argument(
+        "--rerank", metavar="MODEL", help="rerank with this sentence-transformers cross-encoder folder or id"
+    )
+    parser.add_argument(
+        "--rerank-depth", type=int, default=10, help="candidates per query the cross-encoder rescores"
     )
     _add_config_flags(parser, ServerConfig, skip=("api_key",))
     parser.set_defaults(run=_run_serve)
@@ -154,6 +219,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         vector_search=args.vector_search,
         faiss_params=args.faiss_params,
     )
+    retriever = opened.retriever
+    if args.rerank is not None:
+        from searchgym.retriever.rerank import RerankingRetriever
+
+        logging.info("reranking the top %d with %s", args.rerank_depth, args.rerank)
+        retriever = RerankingRetriever(
+            retriever, model=args.rerank, depth=args.rerank_depth, device=args.device
+        )
     # SIGTERM (docker stop, kill) ends the serve loop like Ctrl-C, so the batcher is stopped cleanly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
@@ -164,7 +237,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    with RetrievalService(opened.retriever, config) as service:
+    with RetrievalService(retriever, config) as service:
         serve(
             create_app(service, manifest=opened.manifest),
             host=args.host,

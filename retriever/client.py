@@ -28,7 +28,8 @@ class HttpRetriever:
 
     Each ``search`` call sends one POST per ``batch_size`` queries (so the server can batch them), with
     a timeout, and retries on 429, 5xx, timeouts and connection errors with exponential backoff and
-    jitter (honouring ``Retry-After``). Safe to share between threads.
+    jitter (honouring ``Retry-After``). Safe to share between threads; pickles and deep-copies as its
+    settings (a copy opens its own connections).
 
     Args:
         url: the server, as ``http://host:port`` or its full ``.../retrieve`` endpoint.
@@ -75,6 +76,15 @@ class HttpRetriever:
             body = self._post({"queries": chunk, "topk": k, "return_scores": True})
             results.extend(_parse_result(body, expected=len(chunk)))
         return results
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the settings, not the open connections (each thread or process opens its own)."""
+        return {name: value for name, value in self.__dict__.items() if name != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore the settings with no connection open yet."""
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     @property
     def _session(self) -> requests.Session:
@@ -133,23 +143,47 @@ def _retry_after_s(response: requests.Response) -> float:
 
 
 def _parse_result(body: Any, *, expected: int) -> list[list[Passage]]:
-    """Read Search-R1's ``{"result": [[{"document": {...}, "score": s}, ...], ...]}``."""
+    """Read a Search-R1 ``/retrieve`` answer, in any of the shapes Search-R1's own servers send.
+
+    ``{"result": [hits, ...]}`` with one list of hits per query, best first, each hit one of:
+
+    - ``{"document": {"id", "contents"}, "score": s}`` (``return_scores: true``);
+    - ``{"id", "contents"}``, a bare document (``return_scores: false``);
+    - ``{"document": {"contents"}}`` without id or score (Search-R1's Google / SerpAPI servers);
+    - ``{"document": "text", "score": s}`` or a bare ``"text"`` (Search-R1's rerank server).
+
+    A document may also be FlashRAG's ``{"title", "text"}``. A hit without a score gets its reciprocal rank
+    ``1 / rank`` (1.0, 0.5, 0.333...), so the order is kept and scores stay positive; one without an id
+    gets ``""``.
+    """
     try:
         result = body["result"]
         if len(result) != expected:
             raise ValueError(f"{len(result)} result lists for {expected} queries")
-        return [
-            [
-                Passage(
-                    id=str(hit["document"].get("id", "")),
-                    contents=hit["document"]["contents"],
-                    score=float(hit["score"]),
-                )
-                for hit in hits
-            ]
-            for hits in result
-        ]
+        return [[_parse_hit(hit, rank) for rank, hit in enumerate(hits, 1)] for hits in result]
     except (KeyError, TypeError, ValueError) as error:
         raise RetrievalRequestError(
             f"the server's response is not Search-R1's result layout: {error!r}"
         ) from error
+
+
+def _parse_hit(hit: Any, rank: int) -> Passage:
+    document = hit.get("document", hit) if isinstance(hit, dict) else hit
+    score = hit.get("score") if isinstance(hit, dict) else None
+    if isinstance(document, str):
+        doc_id, contents = "", document
+    elif isinstance(document, dict):
+        doc_id = str(document.get("id", ""))
+        contents = _contents(document)
+    else:
+        raise TypeError(f"a hit must be a document object or a string, got {type(document).__name__}")
+    return Passage(id=doc_id, contents=contents, score=1.0 / rank if score is None else float(score))
+
+
+def _contents(document: dict[str, Any]) -> str:
+    if "contents" in document:
+        return str(document["contents"])
+    if "text" in document:  # FlashRAG's corpus layout: DPR's "Title"\ntext
+        title = document.get("title")
+        return f'"{title}"\n{document["text"]}' if title else str(document["text"])
+    raise KeyError(f"a document needs 'contents' (or 'title' and 'text'); it has {sorted(document)}")

@@ -19,7 +19,8 @@ class ServerConfig:
 
     Attributes:
         max_batch: most distinct queries per backend call; 1 turns micro-batching off.
-        max_wait_ms: how long the oldest waiting query may be held back for a fuller batch.
+        max_wait_ms: how long the oldest waiting query may be held back for a fuller batch (never when it
+            is alone in the queue).
         max_queue: most queries waiting for the backend; more get 429 with Retry-After.
         cache_size: results kept in the LRU cache, keyed by (query, topk); 0 turns it off.
         max_topk: largest ``topk`` accepted (400 beyond).

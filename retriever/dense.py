@@ -22,6 +22,7 @@ from searchgym.retriever.corpus import Document, batched
 from searchgym.retriever.docstore import DocumentStore
 from searchgym.retriever.encoder import PROBE_MIN_COSINE, Encoder
 from searchgym.retriever.manifest import IndexLoadError, IndexMismatchError, Manifest
+from searchgym.retriever.reopen import ReopensOnPickle
 
 if TYPE_CHECKING:
     import faiss
@@ -215,7 +216,7 @@ class CpuFaissSearch:
         return self._index.search(x, k)
 
 
-class DenseRetriever:
+class DenseRetriever(ReopensOnPickle):
     """Encodes queries and searches the vector index; passages come from the document store.
 
     Args:

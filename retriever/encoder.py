@@ -6,6 +6,7 @@ were trained with. On CUDA the encoder runs in fp16.
 """
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
@@ -13,11 +14,18 @@ from searchgym.errors import SearchgymError
 from searchgym.paths import default_encoder_path
 from searchgym.retriever.config import DEFAULT_ENCODER
 
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
 _DEFAULT_ENCODER_ALIASES = (DEFAULT_ENCODER, f"sentence-transformers/{DEFAULT_ENCODER}")
 # Encoded at build time and again at load time: the same model gives (nearly) the same vector, another
 # model of the same size does not, whatever its path is called.
 PROBE_TEXT = "searchgym encoder probe: who wrote On the Origin of Species, and when was it published?"
 PROBE_MIN_COSINE = 0.99  # fp16 on GPU vs fp32 on CPU stays far above this; different models fall far below
+
+
+Pooling = Literal["mean", "cls"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 
 
 class EncoderError(SearchgymError):
@@ -48,6 +56,9 @@ class Encoder:
         passage_prefix: put before every passage.
         device: ``auto``, ``cpu`` or ``cuda`` (fp16 on CUDA).
         batch_size: texts per forward pass.
+        pooling: ``mean`` or ``cls`` over the model's last hidden states; None keeps the model's own
+            (a sentence-transformers folder's, or mean for a plain Hugging Face folder).
+        max_length: tokens per text, longer texts truncated; None keeps the model's own limit.
 
     Raises:
         EncoderError: the model cannot be found or loaded.
@@ -61,17 +72,19 @@ class Encoder:
         passage_prefix: str = "",
         device: str = "auto",
         batch_size: int = 64,
+        pooling: Pooling | None = None,
+        max_length: int | None = None,
     ) -> None:
-        from sentence_transformers import SentenceTransformer
-
         self.model = model
         self.query_prefix = query_prefix
         self.passage_prefix = passage_prefix
         self.device = resolve_device(device)
         self.batch_size = batch_size
+        self.pooling = pooling
+        self.max_length = max_length
         location = str(default_encoder_path()) if model in _DEFAULT_ENCODER_ALIASES else model
         try:
-            self._model = SentenceTransformer(location, device=self.device)
+            self._model = _load(location, device=self.device, pooling=pooling, max_length=max_length)
         except (OSError, ValueError) as error:
             raise EncoderError(
                 f"cannot load encoder {model!r} ({error}); pass --model with a local sentence-transformers "
@@ -99,3 +112,26 @@ class Encoder:
             show_progress_bar=False,
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _load(
+    location: str, *, device: str, pooling: Pooling | None, max_length: int | None
+) -> "SentenceTransformer":
+    """The model as sentence-transformers loads it, or as a transformer plus the pooling asked for."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling as PoolingModule
+        from sentence_transformers.sentence_transformer.modules import Transformer
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Pooling as PoolingModule  # type: ignore[import-not-found,no-redef,unused-ignore]
+        from sentence_transformers.models import Transformer  # type: ignore[import-not-found,no-redef,unused-ignore]
+
+    if pooling is None:
+        model = SentenceTransformer(location, device=device)
+        if max_length is not None:
+            model.max_seq_length = max_length
+        return model
+    transformer = Transformer(location, max_seq_length=max_length)
+    pool = PoolingModule(transformer.auto_model.config.hidden_size, pooling_mode=pooling)
+    return SentenceTransformer(modules=[transformer, pool], device=device)

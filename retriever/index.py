@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from searchgym.errors import SearchgymError
 from searchgym.retriever.base import Retriever
@@ -29,6 +29,13 @@ from searchgym.retriever.manifest import (
     Manifest,
     Method,
 )
+from searchgym.retriever.reopen import OpenedFrom
+
+if TYPE_CHECKING:
+    from searchgym.retriever.bm25 import Bm25Retriever
+    from searchgym.retriever.dense import DenseRetriever
+    from searchgym.retriever.encoder import Pooling
+    from searchgym.retriever.pyserini_backend import PyseriniRetriever
 
 DOCSTORE_NAME = "documents.arrow"
 _STORE_BATCH = 4096  # documents per Arrow record batch
@@ -74,7 +81,7 @@ def build_index(spec: IndexSpec) -> Manifest:
             backend cannot be built (pyserini without Java 21, a bad FAISS type).
     """
     reader = CorpusReader(spec.corpus)
-    _check_out_dir(spec.out, overwrite=spec.overwrite)
+    check_out_dir(spec.out, overwrite=spec.overwrite)
     corpus = CorpusInfo(path=str(spec.corpus), sha256=file_sha256(spec.corpus), size_bytes=reader.size_bytes)
     spec.out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{spec.out.name}.building-", dir=spec.out.parent))
@@ -83,13 +90,14 @@ def build_index(spec: IndexSpec) -> Manifest:
         documents = read_corpus(spec.corpus, progress=spec.progress, desc=f"indexing ({spec.method})")
         manifest = _build_backend(spec, documents, building, corpus)
         manifest.save(building)
-        _move_into_place(building, spec.out)
+        move_into_place(building, spec.out)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return manifest
 
 
-def _move_into_place(building: Path, out: Path) -> None:
+def move_into_place(building: Path, out: Path) -> None:
+    """Rename a finished build folder to ``out``, replacing what was there."""
     if out.exists():
         shutil.rmtree(out)
     try:
@@ -123,7 +131,8 @@ def _built_as(manifest: Manifest, spec: IndexSpec) -> bool:
     )
 
 
-def _check_out_dir(out: Path, *, overwrite: bool) -> None:
+def check_out_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse to build over a folder that is not an index, or over an index without ``overwrite``."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not (out / MANIFEST_NAME).is_file():
@@ -203,6 +212,9 @@ def open_index(
         ``searchgym.retriever.dense.open_vector_search``).
         faiss_params: FAISS search parameters such as ``nprobe=32`` (dense).
 
+    The retriever pickles and deep-copies by opening the folder again with the same arguments
+    (:mod:`searchgym.retriever.reopen`).
+
     Raises:
         IndexLoadError: not an index, an incomplete one, or one from a newer searchgym.
         IndexMismatchError: ``corpus`` or ``model`` differ from what the index was built with.
@@ -211,20 +223,32 @@ def open_index(
     manifest = Manifest.load(index_dir)
     if corpus is not None:
         _check_corpus(index_dir, manifest, Path(corpus))
+    retriever = _open_backend(index_dir, manifest, model, device, vector_search, faiss_params)
+    options = {"model": model, "device": device, "vector_search": vector_search, "faiss_params": faiss_params}
+    retriever.opened_from = OpenedFrom(open_index, str(index_dir.resolve()), tuple(options.items()))
+    return OpenIndex(manifest, retriever)
+
+
+def _open_backend(
+    index_dir: Path,
+    manifest: Manifest,
+    model: str | None,
+    device: str,
+    vector_search: VectorSearchKind,
+    faiss_params: str,
+) -> "Bm25Retriever | DenseRetriever | PyseriniRetriever":
     if manifest.method == "pyserini":
         from searchgym.retriever.pyserini_backend import PyseriniRetriever
 
         assert manifest.bm25 is not None  # Manifest.__post_init__ checked it
-        return OpenIndex(manifest, PyseriniRetriever(index_dir, manifest.bm25))
+        return PyseriniRetriever(index_dir, manifest.bm25)
     store = _open_store(index_dir, manifest)
     if manifest.method == "bm25":
         from searchgym.retriever.bm25 import Bm25Retriever
 
         assert manifest.bm25 is not None  # Manifest.__post_init__ checked it
-        return OpenIndex(manifest, Bm25Retriever(index_dir, manifest.bm25, store))
-    return OpenIndex(
-        manifest, _open_dense(index_dir, manifest, store, model, device, vector_search, faiss_params)
-    )
+        return Bm25Retriever(index_dir, manifest.bm25, store)
+    return _open_dense(index_dir, manifest, store, model, device, vector_search, faiss_params)
 
 
 def _open_dense(
@@ -235,7 +259,7 @@ def _open_dense(
     device: str,
     vector_search: VectorSearchKind,
     faiss_params: str,
-) -> Retriever:
+) -> "DenseRetriever":
     from searchgym.retriever.dense import DenseRetriever, open_vector_search
     from searchgym.retriever.encoder import Encoder, resolve_device
 
@@ -246,6 +270,8 @@ def _open_dense(
         query_prefix=manifest.encoder.query_prefix,
         passage_prefix=manifest.encoder.passage_prefix,
         device=device,
+        pooling=cast("Pooling | None", manifest.encoder.pooling),
+        max_length=manifest.encoder.max_length,
     )
     vectors = open_vector_search(index_dir, device=device, kind=vector_search, faiss_params=faiss_params)
     if vectors.ntotal != manifest.num_documents:
@@ -279,17 +305,35 @@ def _check_corpus(index_dir: Path, manifest: Manifest, corpus: Path) -> None:
         )
 
 
-def load_retriever(location: str | Path, **options: Any) -> Retriever:
+def load_retriever(
+    location: str | Path,
+    *,
+    rerank: str | None = None,
+    rerank_depth: int = 10,
+    **options: Any,
+) -> Retriever:
     """Open a retriever from an index folder or a server URL; both answer ``search(queries, k)`` alike.
 
     Args:
         location: an index folder built by ``searchgym index``, or the URL of a ``searchgym serve`` (or any
             Search-R1-compatible) server, e.g. ``http://127.0.0.1:8000/retrieve``.
+        rerank: a sentence-transformers cross-encoder that reorders the top ``rerank_depth`` passages
+            (see :mod:`searchgym.retriever.rerank`); None returns the retriever's own order.
+        rerank_depth: candidates per query the cross-encoder rescores.
         **options: for a folder, :func:`open_index`'s keyword arguments; for a URL,
             :class:`searchgym.retriever.client.HttpRetriever`'s.
     """
+    retriever: Retriever
     if str(location).startswith(("http://", "https://")):
         from searchgym.retriever.client import HttpRetriever
 
-        return HttpRetriever(str(location), **options)
-    return open_index(location, **options).retriever
+        retriever = HttpRetriever(str(location), **options)
+    else:
+        retriever = open_index(location, **options).retriever
+    if rerank is None:
+        return retriever
+    from searchgym.retriever.rerank import RerankingRetriever
+
+    return RerankingRetriever(
+        retriever, model=rerank, depth=rerank_depth, device=options.get("device", "auto")
+    )

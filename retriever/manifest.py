@@ -58,12 +58,16 @@ class EncoderInfo:
         dimension: embedding size.
         query_prefix: text put before each query (``"query: "`` for e5 models).
         passage_prefix: text put before each passage (``"passage: "`` for e5 models).
+        pooling: ``mean`` or ``cls``; None is the model's own (mean for a plain Hugging Face folder).
+        max_length: tokens per text; None is the model's own limit.
     """
 
     model: str
     dimension: int
     query_prefix: str = ""
     passage_prefix: str = ""
+    pooling: str | None = None
+    max_length: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from searchgym.errors import SearchgymError
 from searchgym.retriever.base import Passage
 from searchgym.retriever.corpus import Document, batched
 from searchgym.retriever.manifest import Bm25Params
+from searchgym.retriever.reopen import ReopensOnPickle
 
 LUCENE_SUBDIR = "lucene"
 MIN_JAVA = 21
@@ -131,7 +132,7 @@ def build_pyserini_index(documents: Iterable[Document], index_dir: Path) -> int:
     return count
 
 
-class PyseriniRetriever:
+class PyseriniRetriever(ReopensOnPickle):
     """Searches a Lucene index with BM25 through pyserini.
 
     Args:

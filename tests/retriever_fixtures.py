@@ -5,6 +5,7 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from searchgym.retriever.base import Passage
@@ -102,3 +103,82 @@ class FailingRetriever:
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
         raise RuntimeError("index file vanished")
+
+
+def tiny_random_encoder(folder: Path, *, hidden_size: int = 32, seed: int = 0) -> Path:
+    """A plain Hugging Face BERT folder with random weights and MiniLM's tokenizer (no download)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from searchgym.paths import default_encoder_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=512,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def search_r1_encode(
+    model_dir: Path, texts: list[str], *, prefix: str, max_length: int = 180
+) -> "np.ndarray":
+    """Encode as Search-R1's index_builder.py / retrieval_server.py do for e5: the prefix, truncation to
+    ``max_length`` tokens, mean pooling over the attention mask, L2 normalisation."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    inputs = tokenizer(
+        [prefix + t for t in texts], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    with torch.no_grad():
+        hidden = model(**inputs).last_hidden_state
+    mask = inputs["attention_mask"][..., None].bool()
+    pooled = hidden.masked_fill(~mask, 0.0).sum(dim=1) / mask.sum(dim=1)
+    return torch.nn.functional.normalize(pooled, dim=-1).numpy().astype("float32")
+
+
+def search_r1_flat_index(model_dir: Path, corpus: list[dict[str, str]], path: Path) -> Path:
+    """An ``e5_Flat.index`` as Search-R1 builds it: passages encoded as above, FAISS Flat inner product."""
+    import faiss
+
+    vectors = search_r1_encode(model_dir, [row["contents"] for row in corpus], prefix="passage: ")
+    index = faiss.index_factory(vectors.shape[1], "Flat", faiss.METRIC_INNER_PRODUCT)
+    index.add(vectors)
+    faiss.write_index(index, str(path))
+    return path
+
+
+def tiny_random_cross_encoder(folder: Path, *, seed: int = 0) -> Path:
+    """A BERT sequence classifier (one relevance logit) with random weights and MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from searchgym.paths import default_encoder_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=1,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -116,7 +116,7 @@ def test_malformed_lines_are_reported_with_their_line_number(tmp_path, line, mes
 def test_unsupported_and_missing_files_say_what_is_accepted(tmp_path):
     csv = tmp_path / "qa.csv"
     csv.write_text("id,question\n", encoding="utf-8")
-    with pytest.raises(DatasetError, match=r"use \.jsonl, \.jsonl\.gz \(FlashRAG\) or \.parquet"):
+    with pytest.raises(DatasetError, match=r"\.jsonl\.gz \(FlashRAG\), \.parquet \(Search-R1\) or a folder"):
         load_dataset(csv)
     with pytest.raises(DatasetError, match="does not exist"):
         load_dataset(tmp_path / "missing.jsonl")

@@ -6,6 +6,7 @@ import threading
 import pytest
 import waitress
 from env_fixtures import EXAMPLES, FakeRetriever
+from flask import Flask, jsonify, request
 
 from searchgym.env import EnvConfig, SearchEnv, SearchVectorEnv
 from searchgym.retriever.client import HttpRetriever
@@ -67,3 +68,29 @@ def test_a_server_that_is_gone_ends_the_episode_with_a_clear_error():
     assert (observation, reward, terminated, truncated) == ("", 0.0, False, True)
     assert info["end_reason"] == "retriever_error" and info["error"].startswith("RetrieverUnavailableError")
     assert info["reward"] is None
+
+
+@pytest.fixture
+def web_search_url():
+    """A stand-in for Search-R1's Google / SerpAPI servers: hits with contents only, no id and no score."""
+    app = Flask("search-r1-web-search")
+
+    @app.post("/retrieve")
+    def retrieve():
+        body = request.get_json()
+        ranked = FakeRetriever().search(body["queries"], body.get("topk", 3))
+        return jsonify(result=[[{"document": {"contents": p.contents}} for p in hits] for hits in ranked])
+
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=2)
+    threading.Thread(target=server.run, daemon=True).start()
+    yield f"http://127.0.0.1:{server.effective_port}"
+    server.close()
+
+
+def test_an_episode_against_a_server_that_sends_no_ids_and_no_scores(web_search_url):
+    remote = play(HttpRetriever(web_search_url))
+    local = play(FakeRetriever())
+    assert remote[0][0] == local[0][0]  # the same passages, in the same order, in the observation
+    assert remote[0][0].startswith("\n\n<information>Doc 1(Title: Paris) Paris is the capital")
+    assert list(remote[0][-1]["retrieved_ids"]) == ["", "", ""]
+    assert remote[-1][-1]["em"] == 1.0 and remote[-1][-1]["reward"] == local[-1][-1]["reward"]

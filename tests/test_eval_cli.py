@@ -123,3 +123,15 @@ def test_a_folder_that_holds_no_index_is_refused_before_the_model_loads(tmp_path
     ]
     assert main(argv) == 2
     assert "is not a searchgym index" in capsys.readouterr().err
+
+
+def test_a_merged_search_r1_file_is_one_column_per_data_source(tmp_path, tiny_model_dir, capsys):
+    from data_layout_fixtures import write_search_r1_merged
+
+    merged = write_search_r1_merged(tmp_path / "test.parquet")
+    argv = ["eval", "--model", str(tiny_model_dir), "--benchmarks", str(merged), "--mode", "direct"]
+    argv += ["--max-new-tokens", "2", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| metric | nq | triviaqa | popqa | avg |" in out
+    assert "| questions | 2 | 2 | 1 | 5 |" in out

@@ -119,6 +119,56 @@ def test_a_response_in_another_layout_is_a_clear_error(serve_app):
         HttpRetriever(serve_app(app)).search(["q"], 1)
 
 
+# One query's two hits in each response shape Search-R1's servers send (retrieval_server.py with and without
+# return_scores, google_search_server.py / serp_search_server.py, retrieval_rerank_server.py), and FlashRAG's.
+MARS, VENUS = '"Mars"\nThe red planet.', '"Venus"\nThe hottest planet.'
+SEARCH_R1_SHAPES = {
+    "scores": [
+        {"document": {"id": "7", "contents": MARS}, "score": 2.5},
+        {"document": {"id": "9", "contents": VENUS}, "score": 0.5},
+    ],
+    "bare documents": [{"id": "7", "contents": MARS}, {"id": "9", "contents": VENUS}],
+    "web search": [{"document": {"contents": MARS}}, {"document": {"contents": VENUS}}],
+    "rerank with scores": [{"document": MARS, "score": 3.0}, {"document": VENUS, "score": -1.0}],
+    "rerank bare": [MARS, VENUS],
+    "flashrag title/text": [
+        {"id": "7", "title": "Mars", "text": "The red planet."},
+        {"id": "9", "title": "Venus", "text": "The hottest planet."},
+    ],
+}
+EXPECTED_SHAPES = {  # (ids, scores); a missing score is the reciprocal rank, a missing id ""
+    "scores": (["7", "9"], [2.5, 0.5]),
+    "bare documents": (["7", "9"], [1.0, 0.5]),
+    "web search": (["", ""], [1.0, 0.5]),
+    "rerank with scores": (["", ""], [3.0, -1.0]),
+    "rerank bare": (["", ""], [1.0, 0.5]),
+    "flashrag title/text": (["7", "9"], [1.0, 0.5]),
+}
+
+
+@pytest.mark.parametrize("shape", list(SEARCH_R1_SHAPES))
+def test_every_search_r1_response_shape_is_read(serve_app, shape):
+    app = Flask("search-r1-stand-in")
+    app.post("/retrieve")(
+        lambda: jsonify(result=[SEARCH_R1_SHAPES[shape]] * len(request.get_json()["queries"]))
+    )
+    results = HttpRetriever(serve_app(app)).search(["red planet", "hot planet"], 2)
+    ids, scores = EXPECTED_SHAPES[shape]
+    for passages in results:
+        assert [p.id for p in passages] == ids
+        assert [p.score for p in passages] == scores
+        assert [p.contents for p in passages] == [MARS, VENUS]
+        assert [p.title for p in passages] == ["Mars", "Venus"]
+
+
+@pytest.mark.parametrize("hit", [{"document": {"id": "1"}}, {"document": 3}, 7])
+def test_a_hit_without_text_is_a_clear_error(serve_app, hit):
+    app = Flask("odd-hit")
+    app.post("/retrieve")(lambda: jsonify(result=[[hit]]))
+    with pytest.raises(RetrievalRequestError, match="not Search-R1's result layout"):
+        HttpRetriever(serve_app(app)).search(["q"], 1)
+
+
 def test_the_client_against_the_real_app_with_an_api_key(serve_app, monkeypatch):
     service = RetrievalService(EchoRetriever(), ServerConfig(max_wait_ms=1.0, api_key="k3y"))
     url = serve_app(create_app(service))

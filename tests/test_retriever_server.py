@@ -254,3 +254,13 @@ def test_lru_cache_evicts_the_least_recently_used():
 def test_server_config_rejects_impossible_limits(changes):
     with pytest.raises(SearchgymError):
         ServerConfig(**changes)
+
+
+def test_a_lone_query_is_searched_without_waiting_for_a_batch(echo):
+    # max_wait_s is far longer than the result timeout: a lone query that waited for company would fail.
+    batcher = MicroBatcher(echo, max_batch=64, max_wait_s=120.0, max_queue=10, stats=ServerStats())
+    try:
+        assert batcher.submit(["alone"], 1)[0].result(timeout=10)[0].id == "alone#0"
+    finally:
+        batcher.close()
+    assert echo.calls == [(["alone"], 1)]
