@@ -3,7 +3,7 @@
 # itself, so the policy tests run again with the lowest transformers in the range. pip plans what it would
 # change in .venv to get that release (transformers and the few packages it needs at other versions), those
 # go into a throwaway folder put in front of .venv on PYTHONPATH, and .venv itself is left as it is.
-# Run as `make test-lowest`; about 3 minutes on 2 cores.
+# Run as `make test-lowest`; about 3 minutes on 2 cores. `python -m pytest` imports searchgym from this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -26,5 +26,5 @@ echo "in front of .venv: $(tr '\n' ' ' < "$FOLDER/requirements.txt")"
 "$BIN/pip" install -q --no-deps --target "$FOLDER/site" -r "$FOLDER/requirements.txt"
 export PYTHONPATH=$FOLDER/site
 "$BIN/python" -c "import sys, transformers as t; sys.exit(None if '$LOWEST' == f'transformers=={t.__version__}' else t.__file__)"
-"$BIN/pytest" -p no:cacheprovider tests/test_policy_generation.py tests/test_policy_logprobs.py \
+"$BIN/python" -m pytest -p no:cacheprovider tests/test_policy_generation.py tests/test_policy_logprobs.py \
     tests/test_policy_models.py tests/test_policy_rollout.py
