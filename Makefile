@@ -36,7 +36,7 @@ test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
 
 # The lower end of setup.cfg's transformers range: the policy tests again with transformers 5.17.0 in front of
-# .venv's packages (.venv itself has the newest release in the range). About 3 minutes on 2 cores.
+# .venv's packages (.venv itself has the newest release in the range).
 test-lowest: $(STAMP)
 	BIN=$(BIN) TORCH=$(TORCH) LOWEST=transformers==5.17.0 bash .ci/test_lowest.sh
 

@@ -5,8 +5,8 @@
 # clean virtual environment, then, from a temporary folder that holds the user's own `train.py` and `env/`
 # (names that clashed with searchgym's packages when they were installed at the top level), runs:
 # `searchgym --help`, `searchgym index` on the bundled corpus, `searchgym serve` with one POST /retrieve, and
-# `searchgym eval --mode direct` on the embedded SmolLM2. Run as `make install-check`; about 3 minutes with a
-# warm pip cache on 2 cores. Everything it makes lives in one temporary folder, removed at the end.
+# `searchgym eval --mode direct` on the embedded SmolLM2. Run as `make install-check` (docs/install.md gives
+# its measured time). Everything it makes lives in one temporary folder, removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD

@@ -3,7 +3,7 @@
 # itself, so the policy tests run again with the lowest transformers in the range. pip plans what it would
 # change in .venv to get that release (transformers and the few packages it needs at other versions), those
 # go into a throwaway folder put in front of .venv on PYTHONPATH, and .venv itself is left as it is.
-# Run as `make test-lowest`; about 3 minutes on 2 cores. `python -m pytest` imports searchgym from this checkout.
+# Run as `make test-lowest`. `python -m pytest` imports searchgym from this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
