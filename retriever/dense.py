@@ -4,11 +4,19 @@ Any FAISS ``index_factory`` string works (``Flat``, ``HNSW32``, ``IVF1024,Flat``
 Where the search runs:
 
 - CPU FAISS by default;
-- GPU FAISS when the installed faiss sees GPUs (``pip install searchgym[gpu]``), fp16, sharded over GPUs;
+- GPU FAISS when the installed faiss sees GPUs (``pip install 'searchgym[dense-gpu]'``), fp16, sharded over
+  GPUs (Flat and IVF indexes; GPU FAISS has no HNSW);
 - exact search as a chunked fp16 matmul in torch on CUDA when faiss has no GPU support and the index is
   flat: a wiki-18 e5 flat index (60 GiB in fp32, Search-R1 #54) then needs 30 GiB of GPU memory.
+
+The CPU and GPU builds of faiss are separate distributions that both install the ``faiss`` module; with
+both installed, one silently overwrites the other's files, so searchgym refuses to start
+(:func:`check_faiss_install`).
 """
 
+import importlib.metadata
+import importlib.util
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -27,7 +35,20 @@ from searchgym.retriever.reopen import ReopensOnPickle
 if TYPE_CHECKING:
     import faiss
 
+logger = logging.getLogger(__name__)
+
 FAISS_INDEX_NAME = "index.faiss"
+# The distributions that install the ``faiss`` module (CPU, CUDA 12, CUDA 13 with cuVS, older names).
+FAISS_CPU_DISTRIBUTIONS = ("faiss-cpu",)
+FAISS_GPU_DISTRIBUTIONS = (
+    "faiss-gpu",
+    "faiss-gpu-cuvs",
+    "faiss-gpu-cu11",
+    "faiss-gpu-cu12",
+    "faiss-gpu-cu12-cuvs",
+    "faiss-gpu-cu13-cuvs",
+)
+REINSTALL_HINT = "pip install 'searchgym[dense]' (CPU) or 'searchgym[dense-gpu]' (GPU; see docs/install.md)"
 PROBE_NAME = "encoder_probe.npy"
 TRAIN_SAMPLE = 131_072  # vectors used to train IVF / PQ indexes (FAISS wants >= 39 per IVF list)
 # From this many queries on, CPU FAISS scores with BLAS (one matrix product) rather than its per-query
@@ -38,6 +59,53 @@ BLAS_MIN_QUERIES = 6
 
 class DenseIndexError(SearchgymError):
     """A FAISS index type that cannot be built or searched as asked."""
+
+
+def installed_faiss_builds() -> list[str]:
+    """The installed distributions that provide the ``faiss`` module, CPU build first."""
+    installed = []
+    for name in FAISS_CPU_DISTRIBUTIONS + FAISS_GPU_DISTRIBUTIONS:
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        installed.append(name)
+    return installed
+
+
+def check_faiss_install() -> None:
+    """Refuse to start with no faiss, or with two builds of it that overwrite each other's ``faiss`` module.
+
+    Raises:
+        DenseIndexError: what to uninstall or install.
+    """
+    builds = installed_faiss_builds()
+    if len(builds) > 1:
+        raise DenseIndexError(
+            f"{' and '.join(builds)} are installed together: both provide the faiss module, so one has "
+            f"overwritten the other (GPU FAISS may silently run on the CPU). Remove them all with "
+            f"`pip uninstall -y {' '.join(builds)}`, then {REINSTALL_HINT}"
+        )
+    if importlib.util.find_spec("faiss") is None:
+        raise DenseIndexError(f"dense retrieval needs faiss, which is not installed: {REINSTALL_HINT}")
+
+
+def _no_gpu_faiss(device: str) -> str:
+    """Why FAISS cannot search on ``device`` (a CUDA device), and what to do about it."""
+    builds = installed_faiss_builds()
+    alternatives = "or search a Flat index with --vector-search torch, or search on the CPU with --device cpu"
+    if any(build in FAISS_GPU_DISTRIBUTIONS for build in builds):
+        return (
+            f"{builds[0]} is installed but sees no GPU (faiss.get_num_gpus() is 0) for --device {device}: "
+            f"check that the NVIDIA driver supports the CUDA version that {builds[0]} was built for "
+            f"(docs/install.md), {alternatives}"
+        )
+    if not builds:  # a conda or source build
+        return f"--device {device} asks for GPU FAISS, which the installed faiss lacks: {alternatives}"
+    return (
+        f"--device {device} asks for GPU FAISS but {builds[0]} is installed: `pip uninstall -y "
+        f"{builds[0]}` then pip install 'searchgym[dense-gpu]' (docs/install.md), {alternatives}"
+    )
 
 
 class VectorSearch(Protocol):
@@ -64,8 +132,10 @@ def build_dense_index(
     number of documents indexed.
 
     Raises:
-        DenseIndexError: ``faiss_type`` is not a valid factory string, or the corpus is too small to train it.
+        DenseIndexError: ``faiss_type`` is not a valid factory string, or the corpus is too small to train it;
+            or faiss is missing or installed twice (:func:`check_faiss_install`).
     """
+    check_faiss_install()
     import faiss
 
     try:
@@ -159,18 +229,23 @@ def open_vector_search(
     Args:
         index_dir: the index folder.
         device: ``cpu`` or ``cuda``.
-        kind: ``auto`` picks GPU FAISS, then the torch matmul (flat indexes on CUDA), then CPU FAISS;
-            ``faiss`` and ``torch`` force one.
+        kind: ``auto`` picks GPU FAISS, then the torch matmul (flat indexes on CUDA), then CPU FAISS (with
+            a warning on CUDA); ``faiss`` and ``torch`` force one (``faiss`` on CUDA means GPU FAISS).
         faiss_params: FAISS search parameters, e.g. ``nprobe=32`` (IVF) or ``efSearch=128`` (HNSW).
 
     Raises:
-        DenseIndexError: ``torch`` asked for a non-flat index, or ``faiss_params`` that do not apply.
+        DenseIndexError: faiss is missing or installed twice; ``faiss`` on CUDA without GPU FAISS, or for an
+            index type GPU FAISS cannot search; ``torch`` for a non-flat index; ``faiss_params`` that do not
+            apply.
     """
+    check_faiss_install()
     import faiss
 
     path = str(index_dir / FAISS_INDEX_NAME)
     on_gpu = device.startswith("cuda")
     use_faiss_gpu = on_gpu and faiss.get_num_gpus() > 0
+    if on_gpu and kind == "faiss" and not use_faiss_gpu:
+        raise DenseIndexError(_no_gpu_faiss(device))
     if kind == "torch" or (kind == "auto" and on_gpu and not use_faiss_gpu):
         index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         if isinstance(index, faiss.IndexFlat):
@@ -179,12 +254,10 @@ def open_vector_search(
             raise DenseIndexError(
                 f"torch search needs a Flat index; {index_dir} holds {type(index).__name__}"
             )
+        logger.warning("%s index: searching on the CPU. %s", type(index).__name__, _no_gpu_faiss(device))
     index = faiss.read_index(path)
     if use_faiss_gpu:
-        options = faiss.GpuMultipleClonerOptions()
-        options.useFloat16 = True
-        options.shard = True
-        index = faiss.index_cpu_to_all_gpus(index, co=options)
+        index, use_faiss_gpu = _to_gpus(index, strict=kind == "faiss")
     if faiss_params:
         parameter_space = faiss.GpuParameterSpace() if use_faiss_gpu else faiss.ParameterSpace()
         try:
@@ -194,6 +267,26 @@ def open_vector_search(
                 f"FAISS parameters {faiss_params!r} do not apply to this index: {error}"
             ) from error
     return index if use_faiss_gpu else CpuFaissSearch(index)
+
+
+def _to_gpus(index: "faiss.Index", *, strict: bool) -> tuple["faiss.Index", bool]:
+    """Shard ``index`` over every GPU in fp16; returns the index and whether it is on the GPUs.
+
+    GPU FAISS has no HNSW: such an index stays on the CPU (with a warning), or is an error when ``strict``.
+    """
+    import faiss
+
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16 = True
+    options.shard = True
+    try:
+        return faiss.index_cpu_to_all_gpus(index, co=options), True
+    except RuntimeError as error:
+        message = f"GPU FAISS cannot search a {type(index).__name__} index ({error})"
+        if strict:
+            raise DenseIndexError(f"{message}: use --vector-search auto or --device cpu") from error
+        logger.warning("%s: searching it on the CPU", message)
+        return index, False
 
 
 class CpuFaissSearch:

@@ -6,9 +6,10 @@ it into place at the end, so an interrupted build never leaves a half-written in
 """
 
 import dataclasses
+import inspect
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -315,20 +316,30 @@ def load_retriever(
     """Open a retriever from an index folder or a server URL; both answer ``search(queries, k)`` alike.
 
     Args:
-        location: an index folder built by ``searchgym index``, or the URL of a ``searchgym serve`` (or any
-            Search-R1-compatible) server, e.g. ``http://127.0.0.1:8000/retrieve``.
+        location: an index folder built by ``searchgym index`` (a ``str`` or a ``Path``), or the URL of a
+            ``searchgym serve`` (or any Search-R1-compatible) server, e.g. ``http://127.0.0.1:8000/retrieve``.
         rerank: a sentence-transformers cross-encoder that reorders the top ``rerank_depth`` passages
             (see :mod:`searchgym.retriever.rerank`); None returns the retriever's own order.
         rerank_depth: candidates per query the cross-encoder rescores.
         **options: for a folder, :func:`open_index`'s keyword arguments; for a URL,
             :class:`searchgym.retriever.client.HttpRetriever`'s.
+
+    Raises:
+        SearchgymError: ``location`` is neither, or an option belongs to the other kind of location
+            (``timeout_s`` for a folder, ``device`` for a URL); plus :func:`open_index`'s errors.
     """
+    if not isinstance(location, str | Path):
+        raise SearchgymError(
+            f"load_retriever takes an index folder or a server URL, not {type(location).__name__}"
+        )
     retriever: Retriever
     if str(location).startswith(("http://", "https://")):
         from searchgym.retriever.client import HttpRetriever
 
+        _check_options(options, HttpRetriever.__init__, location=location, kind="a server URL")
         retriever = HttpRetriever(str(location), **options)
     else:
+        _check_options(options, open_index, location=location, kind="an index folder")
         retriever = open_index(location, **options).retriever
     if rerank is None:
         return retriever
@@ -337,3 +348,17 @@ def load_retriever(
     return RerankingRetriever(
         retriever, model=rerank, depth=rerank_depth, device=options.get("device", "auto")
     )
+
+
+def _check_options(
+    options: dict[str, Any], opener: Callable[..., object], *, location: str | Path, kind: str
+) -> None:
+    """Name the options that ``opener`` does not take, rather than let it raise a bare TypeError."""
+    parameters = inspect.signature(opener).parameters
+    accepted = [name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise SearchgymError(
+            f"load_retriever({str(location)!r}): {kind} takes no option {', '.join(unknown)}; "
+            f"its options are {', '.join(accepted)}"
+        )

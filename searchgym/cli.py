@@ -6,6 +6,7 @@ declares arguments; the heavy imports (torch, faiss, vllm, ray) happen inside th
 """
 
 import argparse
+import os
 import sys
 
 from searchgym import __version__
@@ -33,13 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; user errors print one line and exit with 2."""
-    args = build_parser().parse_args(argv)
+    """Parse ``argv`` and run the chosen subcommand; user errors print one line and exit with 2.
+
+    A reader that goes away early (``searchgym train --help | head``) ends the command quietly, as it
+    ends ``cat`` or ``git log``, instead of with a ``BrokenPipeError`` traceback.
+    """
     try:
-        return args.run(args) or 0
-    except SearchgymError as error:
-        print(f"searchgym {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        try:
+            return args.run(args) or 0
+        except SearchgymError as error:
+            print(f"searchgym {args.command}: error: {error}", file=sys.stderr)
+            return 2
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141  # what a shell reports for a command ended by SIGPIPE (128 + 13)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not raise a second BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 import dataclasses
+import importlib.metadata
 import json
+import logging
 
 import faiss
 import numpy as np
@@ -9,9 +11,13 @@ from retriever_fixtures import QUERIES, TINY_CORPUS, tiny_index, write_jsonl
 from searchgym.paths import default_encoder_path
 from searchgym.retriever.dense import (
     BLAS_MIN_QUERIES,
+    FAISS_CPU_DISTRIBUTIONS,
+    FAISS_GPU_DISTRIBUTIONS,
     CpuFaissSearch,
     DenseIndexError,
     TorchFlatSearch,
+    check_faiss_install,
+    installed_faiss_builds,
     open_vector_search,
 )
 from searchgym.retriever.encoder import Encoder, default_prefixes
@@ -95,7 +101,7 @@ def test_the_torch_search_path_serves_a_flat_index(dense_dir, dense):
     ]
 
 
-def test_an_hnsw_index_finds_the_same_passages(tmp_path, dense_dir):
+def test_an_hnsw_index_finds_the_same_passages(tmp_path, dense_dir, caplog):
     corpus = write_jsonl(tmp_path / "tiny.jsonl", TINY_CORPUS)
     out = tmp_path / "hnsw"
     build_index(
@@ -103,6 +109,50 @@ def test_an_hnsw_index_finds_the_same_passages(tmp_path, dense_dir):
     )
     hnsw = open_index(out, device="cpu", faiss_params="efSearch=16").retriever
     assert [hits[0].id for hits in hnsw.search(QUERIES, 3)] == EXPECTED_TOP1
+    # On CUDA without GPU FAISS (as here), an index the torch matmul cannot take is searched on the CPU,
+    # and the log says so and how to get GPU FAISS.
+    with caplog.at_level(logging.WARNING, logger="searchgym.retriever.dense"):
+        assert isinstance(open_vector_search(out, device="cuda"), CpuFaissSearch)
+    assert "IndexHNSWFlat index: searching on the CPU" in caplog.text
+    assert "pip uninstall -y faiss-cpu` then pip install 'searchgym[dense-gpu]'" in caplog.text
+
+
+def pretend_installed(monkeypatch, *distributions):
+    """Make importlib.metadata see exactly ``distributions`` among the faiss builds."""
+    real_version = importlib.metadata.version
+
+    def version(name):
+        if name in FAISS_CPU_DISTRIBUTIONS + FAISS_GPU_DISTRIBUTIONS:
+            if name in distributions:
+                return "1.15.1"
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+
+
+def test_the_test_environment_has_the_cpu_build_only():
+    assert installed_faiss_builds() == ["faiss-cpu"]
+    check_faiss_install()
+
+
+def test_two_faiss_builds_installed_together_refuse_to_start(monkeypatch, dense_dir):
+    pretend_installed(monkeypatch, "faiss-cpu", "faiss-gpu")
+    message = r"faiss-cpu and faiss-gpu are installed together.*`pip uninstall -y faiss-cpu faiss-gpu`"
+    with pytest.raises(DenseIndexError, match=message):
+        open_vector_search(dense_dir, device="cpu")
+
+
+def test_faiss_on_cuda_without_the_gpu_build_is_a_clear_error(dense_dir):
+    message = r"--device cuda asks for GPU FAISS but faiss-cpu is installed: `pip uninstall -y faiss-cpu`"
+    with pytest.raises(DenseIndexError, match=message):
+        open_vector_search(dense_dir, device="cuda", kind="faiss")
+
+
+def test_a_gpu_build_that_sees_no_gpu_is_named(monkeypatch, dense_dir):
+    pretend_installed(monkeypatch, "faiss-gpu")  # the faiss-cpu module stands in: it reports 0 GPUs
+    with pytest.raises(DenseIndexError, match="faiss-gpu is installed but sees no GPU"):
+        open_vector_search(dense_dir, device="cuda", kind="faiss")
 
 
 @pytest.mark.parametrize(

@@ -105,3 +105,16 @@ def test_load_retriever_opens_folders_and_urls(spec):
     client = load_retriever("http://127.0.0.1:9/", max_retries=0)
     assert isinstance(client, HttpRetriever)
     assert (client.url, client.max_retries) == ("http://127.0.0.1:9/retrieve", 0)
+
+
+def test_load_retriever_takes_a_str_folder_and_names_options_of_the_other_kind(spec):
+    build_index(spec)
+    assert isinstance(load_retriever(str(spec.out)), Bm25Retriever)
+    with pytest.raises(
+        SearchgymError, match=r"an index folder takes no option max_retries, timeout_s; .*device"
+    ):
+        load_retriever(str(spec.out), timeout_s=5, max_retries=0)
+    with pytest.raises(SearchgymError, match=r"a server URL takes no option device; .*timeout_s"):
+        load_retriever("http://127.0.0.1:9/retrieve", device="cpu")
+    with pytest.raises(SearchgymError, match="an index folder or a server URL, not NoneType"):
+        load_retriever(None)

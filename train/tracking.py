@@ -18,6 +18,7 @@ dropped, as in ``metrics.jsonl``.
 import json
 import math
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from itertools import groupby
 from pathlib import Path
@@ -39,6 +40,7 @@ EPISODES_FILE = "episodes.jsonl"
 # Sampler log-probs are stored to this many decimals: enough to read, a third of the bytes of a float.
 _LOGPROB_DECIMALS = 4
 _STEP_PREFIX = re.compile(rb'^\{"step": (-?\d+)')
+WANDB_ID_FILE = "wandb_run_id"  # the W&B run this folder logs to, so that a resumed run continues it
 # The progress bar's short names for the numbers a user watches.
 _PROGRESS_FIELDS = {
     "rollout/reward": "reward",
@@ -74,7 +76,7 @@ class Tracker:
             self._tensorboard = SummaryWriter(
                 log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
             )
-        self._wandb = _start_wandb(config) if config.logging.wandb_project else None
+        self._wandb = _start_wandb(config, resuming=start_step > 0) if config.logging.wandb_project else None
         self._progress = None
         if config.logging.progress_bar:
             self._progress = tqdm(total=config.total_steps, initial=start_step, desc="train", unit="step")
@@ -277,7 +279,11 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _start_wandb(config: TrainConfig) -> Any:
+def _start_wandb(config: TrainConfig, *, resuming: bool) -> Any:
+    """Start the W&B run, or continue the one this run folder started (its id is kept in the folder).
+
+    A fresh run (no checkpoint to resume) gets a new W&B run, since its steps start again from 0.
+    """
     try:
         import wandb  # an optional extra
     except ImportError as error:
@@ -285,7 +291,15 @@ def _start_wandb(config: TrainConfig) -> Any:
             "logging.wandb_project is set but wandb is not installed: pip install 'searchgym[wandb]', "
             "or set logging.wandb_project=null"
         ) from error
-    run_name = config.run_dir.name
+    id_file = config.run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resuming and id_file.is_file() else ""
+    if not run_id:
+        run_id = secrets.token_hex(8)  # W&B run ids: letters and digits, unique within the project
+        id_file.write_text(run_id + "\n")
     return wandb.init(
-        project=config.logging.wandb_project, name=run_name, config=config.to_dict(), resume="allow"
+        project=config.logging.wandb_project,
+        name=config.run_dir.name,
+        id=run_id,
+        resume="allow",
+        config=config.to_dict(),
     )
