@@ -2,12 +2,12 @@
 
 ``searchgym serve`` runs in a subprocess on a fixed loopback port (wiki-mini BM25 by default, built on first
 use); ``--clients`` threads each send one new query per POST (a question plus a unique suffix, so the cache
-never answers), back to back, with a light retrying client (429 / 503 / connection errors: wait Retry-After
-or a short backoff, give up after 30 s). Phases:
+never answers), back to back, with a light retrying client (429 / 503: wait Retry-After, at most 0.2 s;
+connection errors: back off from 0.1 s to 2 s; give up on a query after 60 s, as HttpRetriever does). Phases:
 
 1. load: the default admission limit (``--max-inflight`` 256) against ``--clients`` (200) for ``--seconds``;
-2. overload: the server restarted with ``--max-inflight`` ``--overload-inflight`` (50), so most requests are
-   past the limit: how many 429s, and how fast they come back;
+2. overload: the server restarted with ``--max-inflight`` ``--overload-inflight`` (50) under the same
+   clients, past the admission limit: how many 429s, and how fast they come back;
 3. kill: under load, the server is killed with SIGKILL halfway and restarted on the same port;
 4. soak: the default server under load for ``--soak-seconds`` (300), its memory sampled every 10 s.
 
@@ -35,7 +35,9 @@ import numpy as np
 from searchgym.paths import QA_DIR, WIKI_MINI_CORPUS
 from searchgym.retriever.index import IndexSpec, ensure_index
 
-GIVE_UP_S = 30.0  # a query not answered within this (retries included) counts as an error
+GIVE_UP_S = (
+    60.0  # a query not answered within this (retries included) counts as an error, as in HttpRetriever
+)
 
 
 @dataclasses.dataclass
@@ -85,7 +87,7 @@ def run_clients(port: int, queries: list[str], *, clients: int, seconds: float, 
     deadline = time.perf_counter() + seconds
 
     def client(worker: int) -> None:
-        tally, connection, sent_count = tallies[worker], None, 0
+        tally, connection, sent_count, down_s = tallies[worker], None, 0, 0.05
         while time.perf_counter() < deadline:
             query = f"{queries[(worker * 7919 + sent_count) % len(queries)]} {phase}{worker}x{sent_count}"
             sent_count += 1
@@ -102,8 +104,10 @@ def run_clients(port: int, queries: list[str], *, clients: int, seconds: float, 
                 except OSError:  # refused or reset while the server is down; also http.client errors
                     tally.connection_errors += 1
                     connection.close()
-                    connection, wait_s = None, 0.1
+                    down_s = min(2 * down_s, 2.0)  # back off as HttpRetriever does, not to slow a restart
+                    connection, wait_s = None, down_s
                 else:
+                    down_s = 0.05
                     elapsed_ms = (time.perf_counter() - started) * 1000.0
                     if response.status == 200:
                         tally.answered_ms.append(elapsed_ms)
@@ -195,7 +199,9 @@ def kill_phase(index_dir: Path, queries: list[str], args: argparse.Namespace) ->
         time.sleep(args.seconds / 2)
         servers[0].kill()  # SIGKILL: no clean shutdown
         servers[0].wait()
+        killed = time.perf_counter()
         servers.append(start_server(index_dir, port))
+        print(f"  restarted {time.perf_counter() - killed:.1f} s after the kill", flush=True)
 
     killer = threading.Thread(target=kill_and_restart)
     killer.start()
@@ -226,6 +232,9 @@ def parse_args() -> argparse.Namespace:
         "--overload-inflight", type=int, default=50, help="--max-inflight of the overload phase"
     )
     parser.add_argument("--soak-seconds", type=float, default=300.0, help="length of the soak")
+    parser.add_argument(
+        "--phases", default="load,overload,kill,soak", help="comma-separated phases to run, in this order"
+    )
     return parser.parse_args()
 
 
@@ -235,11 +244,16 @@ def main() -> None:
     if args.index is None:
         ensure_index(IndexSpec(corpus=WIKI_MINI_CORPUS, out=index_dir, method="bm25", progress=False))
     queries = questions()
-    phase_with_server(index_dir, queries, args, phase="load", seconds=args.seconds)
-    overload = ("--max-inflight", str(args.overload_inflight))
-    phase_with_server(index_dir, queries, args, phase="overload", seconds=args.seconds, flags=overload)
-    kill_phase(index_dir, queries, args)
-    phase_with_server(index_dir, queries, args, phase="soak", seconds=args.soak_seconds)
+    phases = args.phases.split(",")
+    if "load" in phases:
+        phase_with_server(index_dir, queries, args, phase="load", seconds=args.seconds)
+    if "overload" in phases:
+        overload = ("--max-inflight", str(args.overload_inflight))
+        phase_with_server(index_dir, queries, args, phase="overload", seconds=args.seconds, flags=overload)
+    if "kill" in phases:
+        kill_phase(index_dir, queries, args)
+    if "soak" in phases:
+        phase_with_server(index_dir, queries, args, phase="soak", seconds=args.soak_seconds)
 
 
 if __name__ == "__main__":
