@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,9 @@ def run_clients(port: int, queries: list[str], *, clients: int, seconds: float, 
                         connection = None
                     wait_s = min(float(retry_after), 0.2)  # a load generator: retry sooner than told
                 if time.perf_counter() + wait_s > given_up:
-                    tally.errors.append("given up")
+                    tally.errors.append(
+                        f"given up after {'connection errors' if down_s > 0.05 else 'refusals'}"
+                    )
                     break
                 time.sleep(wait_s)
         if connection is not None:
@@ -158,6 +161,7 @@ def report(phase: str, tally: Tally, seconds: float, memory: tuple[float, float]
         f"errors {len(tally.errors)}, 429s {len(tally.refused_ms)}, 503s {tally.unavailable}, "
         f"connection errors retried {tally.connection_errors}\n"
         f"  answered: {percentiles(tally.answered_ms)}; 429s: {percentiles(tally.refused_ms)}\n"
+        f"  errors by kind: {dict(Counter(tally.errors))}\n"
         f"  server memory: {memory[0]:.0f} MB at start, {memory[1]:.0f} MB at end",
         flush=True,
     )
