@@ -185,9 +185,24 @@ def resume_predictions(run_dir: Path, config: EvalConfig) -> list[Prediction]:
             f"{run_dir} holds a run with other settings ({', '.join(changed)} differ): "
             "resume it with the same settings, or choose another --out"
         )
-    predictions = read_predictions(run_dir / PREDICTIONS_FILE, repair=True)
+    lines = read_predictions(run_dir / PREDICTIONS_FILE, repair=True)
+    predictions = unique_predictions(lines)
+    duplicates = len(lines) - len(predictions)
     if predictions:
+        repeated = f" ({duplicates} repeated lines ignored)" if duplicates else ""
         print(
-            f"searchgym eval: resuming {run_dir}: {len(predictions)} questions already done", file=sys.stderr
+            f"searchgym eval: resuming {run_dir}: {len(predictions)} questions already done{repeated}",
+            file=sys.stderr,
         )
     return predictions
+
+
+def unique_predictions(predictions: list[Prediction]) -> list[Prediction]:
+    """The first prediction of each (dataset, id), in file order: a repeated line is counted once."""
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for prediction in predictions:
+        if prediction.key not in seen:
+            seen.add(prediction.key)
+            unique.append(prediction)
+    return unique

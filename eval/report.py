@@ -211,12 +211,12 @@ def read_predictions(path: Path, *, repair: bool = False) -> list[Prediction]:
         with path.open("r+b") as file:
             file.truncate(complete_end)
     predictions = []
-    for number, line in enumerate(data[:complete_end].decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(data[:complete_end].split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            predictions.append(Prediction.from_dict(json.loads(line)))
-        except (json.JSONDecodeError, TypeError) as error:
+            predictions.append(Prediction.from_dict(json.loads(line.decode("utf-8"))))
+        except (ValueError, TypeError, AttributeError, RecursionError) as error:  # bad UTF-8 is a ValueError
             raise SearchgymError(
                 f"{path}, line {number}, is not a prediction record ({error}); "
                 "fix or delete that line, or start a new run with another --out"

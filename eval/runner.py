@@ -9,6 +9,7 @@ and the vector env
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -42,6 +43,7 @@ from searchgym.eval.report import (
     write_json_atomic,
     write_run_files,
 )
+from searchgym.eval.runlock import RunLock
 from searchgym.policy.generation import DEFAULT_STOP, Generation, Generator, SamplingParams
 from searchgym.policy.models import encode_prompt, is_chat_model
 from searchgym.policy.rollout import TokenBudgets, run_episodes
@@ -359,7 +361,8 @@ def run_evaluations(
 
     Every input of every run is checked before the model loads and the first question runs: the
     benchmarks, the exclusion file, the run directories' earlier settings, the index folder or the
-    server; then the model loads, then the index. A run directory that an interrupted run left is resumed.
+    server; then the model loads, then the index. A run directory that an interrupted run left is resumed;
+    one that another live process writes is refused (see :mod:`searchgym.eval.runlock`).
 
     Args:
         configs: the runs, sharing one model and one retriever (typically one config per mode).
@@ -377,17 +380,20 @@ def run_evaluations(
     retrievers = {(config.index, config.retriever_url) for config in configs if config.uses_retrieval}
     if len(models) > 1 or len(retrievers) > 1:
         raise ValueError("runs evaluated together must share one model and one retriever")
-    runs = [plan_run(config, run_dir) for config, run_dir in zip(configs, run_dirs, strict=True)]
-    searching = next((config for config in configs if config.uses_retrieval), None)
-    if retriever is None and searching is not None:
-        check_retriever(searching)
-    if generator is None and any(run.todo for run in runs):
-        generator = load_generator(configs[0])
-    # An in-process index opens after the model: vLLM's start-up scans every loaded module for kernels and
-    # fails on those of numba (which bm25s loads).
-    if retriever is None and searching is not None:
-        retriever = open_retriever(searching)
-    return [execute_run(run, generator, retriever, show_progress=show_progress) for run in runs]
+    with ExitStack() as locks:  # one writer per run directory, until its files are written
+        for run_dir in run_dirs:
+            locks.enter_context(RunLock(run_dir))
+        runs = [plan_run(config, run_dir) for config, run_dir in zip(configs, run_dirs, strict=True)]
+        searching = next((config for config in configs if config.uses_retrieval), None)
+        if retriever is None and searching is not None:
+            check_retriever(searching)
+        if generator is None and any(run.todo for run in runs):
+            generator = load_generator(configs[0])
+        # An in-process index opens after the model: vLLM's start-up scans every loaded module for kernels
+        # and fails on those of numba (which bm25s loads).
+        if retriever is None and searching is not None:
+            retriever = open_retriever(searching)
+        return [execute_run(run, generator, retriever, show_progress=show_progress) for run in runs]
 
 
 def run_evaluation(

@@ -7,10 +7,11 @@ query alone in the queue is searched at once, with no wait.
 """
 
 import logging
+import sys
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -25,6 +26,7 @@ Key = TypeVar("Key", bound=Hashable)
 Value = TypeVar("Value")
 _LATENCY_WINDOW = 10_000  # most recent requests the latency percentiles cover
 _RATE_WINDOW_S = 10.0  # the queries/s figure covers this many recent seconds
+_PASSAGE_OVERHEAD = sys.getsizeof(Passage("", "", 0.0)) + sys.getsizeof(0.0) + 8  # object, score, list slot
 
 
 class QueueFullError(SearchgymError):
@@ -88,6 +90,12 @@ class MicroBatcher:
             self._ready.notify()
         return [job.future for job in jobs]
 
+    def cancel(self, futures: "list[Future[list[Passage]]]") -> None:
+        """Withdraw the queries of ``futures`` still waiting (those being searched finish unread)."""
+        with self._ready:
+            if any([future.cancel() for future in futures]):  # a list: cancel every one, not the first
+                self._pending = deque(job for job in self._pending if not job.future.cancelled())
+
     def close(self) -> None:
         """Stop the worker after the batch in progress; queries still waiting fail."""
         with self._ready:
@@ -99,7 +107,8 @@ class MicroBatcher:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            self._search(batch)
+            if batch:
+                self._search(batch)
 
     def _next_batch(self) -> list[_Job] | None:
         with self._ready:
@@ -112,7 +121,9 @@ class MicroBatcher:
             deadline = self._pending[0].arrived + self._max_wait_s
             while 1 < len(self._pending) < self._max_batch and (remaining := deadline - time.monotonic()) > 0:
                 self._ready.wait(remaining)
-            return [self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))]
+            taken = [self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))]
+        # Running futures can no longer be cancelled; cancelled ones are skipped.
+        return [job for job in taken if job.future.set_running_or_notify_cancel()]
 
     def _search(self, batch: list[_Job]) -> None:
         """One backend call per distinct k (clients almost always share one), duplicates searched once."""
@@ -135,12 +146,36 @@ class MicroBatcher:
                     job.future.set_result(passages)
 
 
-class LruCache(Generic[Key, Value]):
-    """A thread-safe least-recently-used cache; capacity 0 stores nothing."""
+def passages_nbytes(passages: list[Passage]) -> int:
+    """About how many bytes of memory ``passages`` hold: their strings, objects and the list."""
+    text = sum(sys.getsizeof(p.contents) + sys.getsizeof(p.id) for p in passages)
+    return sys.getsizeof(passages) + text + _PASSAGE_OVERHEAD * len(passages)
 
-    def __init__(self, capacity: int) -> None:
+
+class LruCache(Generic[Key, Value]):
+    """A thread-safe least-recently-used cache bounded in entries and, optionally, in bytes.
+
+    Args:
+        capacity: most entries; 0 stores nothing.
+        max_bytes: most bytes of all values together, as ``size_of`` counts them (None: no byte bound).
+            A value larger than this alone is not stored.
+        size_of: a value's size in bytes; needed with ``max_bytes``.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        max_bytes: int | None = None,
+        size_of: Callable[[Value], int] | None = None,
+    ) -> None:
+        if max_bytes is not None and size_of is None:
+            raise ValueError("a cache bounded in bytes needs size_of")
         self.capacity = capacity
-        self._entries: OrderedDict[Key, Value] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._size_of = size_of
+        self._entries: OrderedDict[Key, tuple[Value, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -152,17 +187,24 @@ class LruCache(Generic[Key, Value]):
             if key not in self._entries:
                 return None
             self._entries.move_to_end(key)
-            return self._entries[key]
+            return self._entries[key][0]
 
     def put(self, key: Key, value: Value) -> None:
-        """Store ``value``, evicting the least recently used entry when full."""
-        if self.capacity == 0:
+        """Store ``value``, evicting the least recently used entries while over a bound."""
+        size = self._size_of(value) if self._size_of is not None else 0
+        if self.capacity == 0 or (self.max_bytes is not None and size > self.max_bytes):
             return
         with self._lock:
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            if len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            previous = self._entries.pop(key, None)
+            if previous is not None:
+                self.nbytes -= previous[1]
+            self._entries[key] = (value, size)
+            self.nbytes += size
+            while len(self._entries) > self.capacity or (
+                self.max_bytes is not None and self.nbytes > self.max_bytes
+            ):
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self.nbytes -= evicted
 
 
 class ServerStats:

@@ -151,11 +151,12 @@ def add_serve_command(subparsers: Any) -> None:
     )
     parser.add_argument("--index", type=Path, required=True, help="index folder built by `searchgym index`")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port from 0 to 65535 (0: any free port)")
     parser.add_argument(
-        "--threads", type=int, default=64, help="HTTP threads; at least the concurrent clients"
+        "--api-key",
+        help=f"require 'Authorization: Bearer KEY'; prefer setting ${API_KEY_ENV}, which, unlike a flag, "
+        "other users cannot read in the process list",
     )
-    parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     parser.add_argument("--corpus", type=Path, help="check that the index was built from this corpus file")
     parser.add_argument("--model", help="dense: encoder to use instead of the manifest's (must encode alike)")
     parser.add_argument("--device", default="auto", help="dense: auto, cpu or cuda")
@@ -172,6 +173,8 @@ def add_serve_command(subparsers: Any) -> None:
         "--rerank-depth", type=int, default=10, help="candidates per query the cross-encoder rescores"
     )
     _add_config_flags(parser, ServerConfig, skip=("api_key",))
+    # The former name of --max-inflight: one HTTP thread serves one admitted request.
+    parser.add_argument("--threads", dest="max_inflight", type=int, help=argparse.SUPPRESS)
     parser.set_defaults(run=_run_serve)
 
 
@@ -202,12 +205,14 @@ def _attribute_docs(config_class: type) -> dict[str, str]:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from searchgym.retriever.admission import check_port
     from searchgym.retriever.index import open_index
     from searchgym.retriever.server import RetrievalService, create_app, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if f.name != "api_key"}
     config = ServerConfig(**fields, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
+    check_port(args.port)  # before the index loads, which can take minutes
     if args.host not in LOOPBACK_HOSTS and config.api_key is None:
         logging.warning("serving on %s without an API key: anyone who can reach it can query it", args.host)
     logging.info("opening %s", args.index)
@@ -240,9 +245,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     with RetrievalService(retriever, config) as service:
         serve(
             create_app(service, manifest=opened.manifest),
+            config=config,
             host=args.host,
             port=args.port,
-            threads=args.threads,
             on_listen=announce,
         )
     return 0

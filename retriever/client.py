@@ -28,13 +28,17 @@ class HttpRetriever:
 
     Each ``search`` call sends one POST per ``batch_size`` queries (so the server can batch them), with
     a timeout, and retries on 429, 5xx, timeouts and connection errors with exponential backoff and
-    jitter (honouring ``Retry-After``). Safe to share between threads; pickles and deep-copies as its
-    settings (a copy opens its own connections).
+    jitter (honouring ``Retry-After``), until ``max_retries`` or ``give_up_after_s`` runs out, whichever
+    comes first. Safe to share between threads; pickles and deep-copies as its settings (a copy opens its
+    own connections).
 
     Args:
         url: the server, as ``http://host:port`` or its full ``.../retrieve`` endpoint.
-        timeout_s: per-attempt timeout.
+        timeout_s: per-attempt wait for the answer once connected.
         max_retries: retries after the first attempt.
+        give_up_after_s: the most time one POST may take, its retries and waits included; a server that
+            accepts connections and never answers costs this long, not ``timeout_s`` per attempt.
+        connect_timeout_s: per-attempt wait for the connection (a dead host fails fast).
         backoff_s: first retry delay; doubles every retry, up to ``max_backoff_s``.
         max_backoff_s: longest delay between attempts.
         api_key: bearer token; defaults to the ``SEARCHGYM_API_KEY`` environment variable.
@@ -51,7 +55,11 @@ class HttpRetriever:
         max_backoff_s: float = 10.0,
         api_key: str | None = None,
         batch_size: int = 512,
+        give_up_after_s: float = 60.0,
+        connect_timeout_s: float = 5.0,
     ) -> None:
+        if min(timeout_s, give_up_after_s, connect_timeout_s) <= 0 or max_retries < 0:
+            raise SearchgymError("HttpRetriever: the timeouts must be positive and max_retries at least 0")
         base = url.rstrip("/")
         self.url = base if base.endswith("/retrieve") else f"{base}/retrieve"
         self.timeout_s = timeout_s
@@ -59,6 +67,8 @@ class HttpRetriever:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.batch_size = batch_size
+        self.give_up_after_s = give_up_after_s
+        self.connect_timeout_s = connect_timeout_s
         api_key = api_key or os.environ.get(API_KEY_ENV)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._local = threading.local()
@@ -94,12 +104,17 @@ class HttpRetriever:
 
     def _post(self, payload: dict[str, Any]) -> Any:
         failure = ""
+        deadline = time.monotonic() + self.give_up_after_s
+        attempts = 0
         for attempt in range(self.max_retries + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            attempts += 1
             retry_after = 0.0
+            timeout = (min(self.connect_timeout_s, remaining), min(self.timeout_s, remaining))
             try:
-                response = self._session.post(
-                    self.url, json=payload, headers=self._headers, timeout=self.timeout_s
-                )
+                response = self._session.post(self.url, json=payload, headers=self._headers, timeout=timeout)
             except (requests.ConnectionError, requests.Timeout) as error:
                 failure = f"{type(error).__name__}: {error}"
             else:
@@ -110,10 +125,12 @@ class HttpRetriever:
                     raise RetrievalRequestError(f"{self.url} refused the request: {failure}")
                 retry_after = _retry_after_s(response)
             if attempt < self.max_retries:
-                time.sleep(max(retry_after, self._backoff(attempt)))
+                time.sleep(
+                    max(0.0, min(max(retry_after, self._backoff(attempt)), deadline - time.monotonic()))
+                )
         raise RetrieverUnavailableError(
-            f"{self.url} gave no answer after {self.max_retries + 1} attempts (last: {failure}); "
-            "is `searchgym serve` running there?"
+            f"{self.url} gave no answer after {attempts} attempts in {self.give_up_after_s:g} s at most "
+            f"(last: {failure}); is `searchgym serve` running there?"
         )
 
     def _backoff(self, attempt: int) -> float:

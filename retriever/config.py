@@ -23,11 +23,17 @@ class ServerConfig:
             is alone in the queue).
         max_queue: most queries waiting for the backend; more get 429 with Retry-After.
         cache_size: results kept in the LRU cache, keyed by (query, topk); 0 turns it off.
+        cache_bytes: most bytes the cached results may hold (their passages' text and objects); the least
+            recently used go first.
         max_topk: largest ``topk`` accepted (400 beyond).
         max_queries_per_request: most queries in one request (413 beyond).
         max_query_chars: longer queries are truncated to this many characters (counted in /stats).
         max_body_bytes: largest request body (413 beyond).
-        request_timeout_s: how long a request waits for its results before a 503.
+        request_timeout_s: how long a request waits for its results before a 503 (its queries are dropped).
+        max_inflight: retrieve requests served at once (the HTTP threads); more get 429 with Retry-After at
+            once.
+        max_connections: open client connections; more are answered 503 with Retry-After and closed.
+        idle_timeout_s: an idle keep-alive connection is closed after this many seconds.
         api_key: when set, every endpoint but /health requires ``Authorization: Bearer <api_key>``.
     """
 
@@ -35,19 +41,28 @@ class ServerConfig:
     max_wait_ms: float = 5.0
     max_queue: int = 4096
     cache_size: int = 10_000
+    cache_bytes: int = 256 * 1024 * 1024
     max_topk: int = 100
     max_queries_per_request: int = 1024
     max_query_chars: int = 2048
     max_body_bytes: int = 16 * 1024 * 1024
     request_timeout_s: float = 60.0
+    max_inflight: int = 256
+    max_connections: int = 1024
+    idle_timeout_s: int = 30
     api_key: str | None = None
 
     def __post_init__(self) -> None:
-        positive = ("max_batch", "max_queue", "max_topk", "max_queries_per_request", "max_query_chars")
+        positive = (
+            *("max_batch", "max_queue", "max_topk", "max_queries_per_request", "max_query_chars"),
+            *("max_body_bytes", "max_inflight", "max_connections", "idle_timeout_s"),
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise SearchgymError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_wait_ms < 0 or self.cache_size < 0 or self.request_timeout_s <= 0:
-            raise SearchgymError("--max-wait-ms and --cache-size must be >= 0, --request-timeout-s > 0")
+        if min(self.max_wait_ms, self.cache_size, self.cache_bytes) < 0 or self.request_timeout_s <= 0:
+            raise SearchgymError(
+                "--max-wait-ms, --cache-size and --cache-bytes must be >= 0, --request-timeout-s > 0"
+            )
         if self.max_queries_per_request > self.max_queue:
             raise SearchgymError("--max-queries-per-request cannot exceed --max-queue")

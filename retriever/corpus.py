@@ -4,18 +4,22 @@ Two row layouts are accepted, both as Search-R1 and FlashRAG users have them:
 ``{"id": "12", "contents": "\"Title\"\ntext"}`` (DPR wiki-18) and
 ``{"id": "12", "title": "Title", "text": "text"}``.
 Rows are read one at a time, so a 21M-line wiki-18 file is never held in memory; a malformed row stops the
-read with its line number instead of a stack trace deep inside an indexer.
+read with its line number instead of a stack trace deep inside an indexer. Ids must be unique (``"1"`` and
+``1`` are the same id): a repeated id would make one id name several passages, so the read fails at its end
+naming both lines (8 bytes a document are kept to find them).
 """
 
 import gzip
 import hashlib
 import json
 import zlib
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from searchgym.errors import SearchgymError
@@ -55,10 +59,19 @@ def parse_row(row: Any) -> Document:
     if isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
         raise ValueError(f"'id' must be a string or an integer, got {doc_id!r}")
     if isinstance(row.get("contents"), str):
-        return Document(str(doc_id), row["contents"])
-    if isinstance(row.get("title"), str) and isinstance(row.get("text"), str):
-        return Document(str(doc_id), f'"{row["title"]}"\n{row["text"]}')
-    raise ValueError(f"expected a string 'contents', or string 'title' and 'text' (keys: {sorted(row)})")
+        document = Document(str(doc_id), row["contents"])
+    elif isinstance(row.get("title"), str) and isinstance(row.get("text"), str):
+        document = Document(str(doc_id), f'"{row["title"]}"\n{row["text"]}')
+    else:
+        raise ValueError(f"expected a string 'contents', or string 'title' and 'text' (keys: {sorted(row)})")
+    for name, text in (("id", document.id), ("text", document.contents)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # JSON allows "\ud800"; UTF-8, and every index, does not
+            raise ValueError(
+                f"its {name} holds an unpaired surrogate ({text[error.start]!r} at character {error.start})"
+            ) from None
+    return document
 
 
 class CorpusReader:
@@ -88,6 +101,7 @@ class CorpusReader:
                 the line. Also raised for a file without any document.
         """
         line_number = documents = 0
+        id_hashes = array("q")  # hash(id) of every document, in order
         with self.path.open("rb") as raw:
             compressed = self.path.name.endswith(".gz")
             stream: Iterable[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
@@ -96,7 +110,9 @@ class CorpusReader:
                     self.bytes_read = raw.tell()
                     if line.strip():
                         documents += 1
-                        yield self._parse_line(line, line_number)
+                        document = self._parse_line(line, line_number)
+                        id_hashes.append(hash(document.id))
+                        yield document
             except (OSError, EOFError, zlib.error) as error:
                 raise CorpusError(
                     f"{self.path}, line {line_number + 1}: cannot be read ({error}); the file must be "
@@ -104,6 +120,35 @@ class CorpusReader:
                 ) from error
         if documents == 0:
             raise CorpusError(f"corpus file {self.path} has no documents")
+        self._check_unique_ids(id_hashes)
+
+    def _check_unique_ids(self, id_hashes: "array[int]") -> None:
+        """Raise on the first repeated id; equal hashes are confirmed by reading their ids again."""
+        hashes = np.frombuffer(id_hashes, dtype=np.int64)
+        order = np.argsort(hashes, kind="stable")
+        same = hashes[order[1:]] == hashes[order[:-1]]
+        if not same.any():
+            return
+        suspects = set(order[1:][same].tolist()) | set(order[:-1][same].tolist())
+        first_line: dict[str, int] = {}
+        for position, (line_number, doc_id) in enumerate(self._ids_with_lines()):
+            if position not in suspects:
+                continue
+            if doc_id in first_line:
+                raise CorpusError(
+                    f"{self.path}, line {line_number}: id {doc_id!r} was already used on line "
+                    f'{first_line[doc_id]}; ids must be unique ("1" and 1 are the same id), or searches '
+                    "return different passages under one id"
+                )
+            first_line[doc_id] = line_number
+
+    def _ids_with_lines(self) -> Iterator[tuple[int, str]]:
+        with self.path.open("rb") as raw:
+            compressed = self.path.name.endswith(".gz")
+            stream: Iterable[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+            for line_number, line in enumerate(stream, start=1):
+                if line.strip():
+                    yield line_number, self._parse_line(line, line_number).id
 
     def _parse_line(self, line: bytes, line_number: int) -> Document:
         try:
@@ -112,6 +157,8 @@ class CorpusReader:
             reason = f"not UTF-8 ({error.reason} at byte {error.start})"
         except json.JSONDecodeError as error:
             reason = f"not valid JSON ({error.msg} at column {error.colno})"
+        except RecursionError:
+            reason = "nested too deeply to be a corpus row"
         except ValueError as error:
             reason = str(error)
         raise CorpusError(

@@ -7,10 +7,12 @@ Request and response are exactly Search-R1's, so its clients (and veRL's and Sky
 
 Without ``return_scores`` each hit is the bare document ``{"id", "contents"}``. Every bad request gets a
 JSON ``{"error": message}`` with a 4xx code; a backend failure gets a 500 and the server keeps serving.
+Overload is refused at the door (see :mod:`searchgym.retriever.admission`): 429 and 503 carry Retry-After.
 """
 
 import hmac
 import logging
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import wait
@@ -22,13 +24,15 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from searchgym.errors import SearchgymError
+from searchgym.retriever.admission import ARRIVAL_KEY, AdmissionGate, DoorLimits, serve_with_limits
 from searchgym.retriever.base import Passage, Retriever
-from searchgym.retriever.batching import LruCache, MicroBatcher, QueueFullError, ServerStats
+from searchgym.retriever.batching import LruCache, MicroBatcher, QueueFullError, ServerStats, passages_nbytes
 from searchgym.retriever.config import ServerConfig
 from searchgym.retriever.manifest import Manifest
 
 logger = logging.getLogger(__name__)
-RETRY_AFTER_S = 1  # what a 429 tells clients to wait
+RETRY_AFTER_S = 1  # what a 429 or 503 tells clients to wait
+_BEARER = re.compile(r"bearer +(?P<token>\S.*)", re.IGNORECASE)  # RFC 6750: the scheme is case-insensitive
 
 
 class RequestError(SearchgymError):
@@ -102,7 +106,9 @@ class RetrievalService:
     def __init__(self, retriever: Retriever, config: ServerConfig) -> None:
         self.config = config
         self.stats = ServerStats()
-        self._cache: LruCache[tuple[str, int], list[Passage]] = LruCache(config.cache_size)
+        self._cache: LruCache[tuple[str, int], list[Passage]] = LruCache(
+            config.cache_size, max_bytes=config.cache_bytes, size_of=passages_nbytes
+        )
         self._batcher = MicroBatcher(
             retriever,
             max_batch=config.max_batch,
@@ -127,6 +133,7 @@ class RetrievalService:
                 raise RequestError(429, str(error)) from error
             _, not_done = wait(futures, timeout=self.config.request_timeout_s)
             if not_done:
+                self._batcher.cancel(futures)  # nobody waits for them any more: the backend skips them
                 raise RequestError(503, f"no result within {self.config.request_timeout_s} s; retry later")
             for position, future in zip(misses, futures, strict=True):
                 results[position] = passages = future.result()
@@ -137,7 +144,12 @@ class RetrievalService:
         """``GET /stats``: the statistics plus the queue and cache state."""
         stats = self.stats.snapshot()
         stats["queue"] = {"pending": self._batcher.pending, "capacity": self.config.max_queue}
-        stats["cache"].update(entries=len(self._cache), capacity=self._cache.capacity)
+        stats["cache"].update(
+            entries=len(self._cache),
+            capacity=self._cache.capacity,
+            bytes=self._cache.nbytes,
+            max_bytes=self._cache.max_bytes,
+        )
         return stats
 
     def close(self) -> None:
@@ -154,8 +166,17 @@ class RetrievalService:
 
 
 def create_app(service: RetrievalService, *, manifest: Manifest | None = None) -> Flask:
-    """The Flask app over ``service``; ``manifest`` (when given) is reported by ``GET /health``."""
+    """The Flask app over ``service``; ``manifest`` (when given) is reported by ``GET /health``.
+
+    The app sits behind an :class:`AdmissionGate` admitting ``config.max_inflight`` retrievals at a time.
+    """
     app = Flask("searchgym.retriever")
+    app.wsgi_app = AdmissionGate(  # type: ignore[method-assign]
+        app.wsgi_app,
+        max_inflight=service.config.max_inflight,
+        retry_after_s=RETRY_AFTER_S,
+        on_refused=service.stats.record_error,
+    )
     app.config["MAX_CONTENT_LENGTH"] = service.config.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]  # UTF-8 text, as Search-R1's server sends
@@ -166,14 +187,18 @@ def create_app(service: RetrievalService, *, manifest: Manifest | None = None) -
         expected = service.config.api_key
         if expected is None or request.path == "/health":
             return
-        header = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(header.encode(), f"Bearer {expected}".encode()):
+        bearer = _BEARER.fullmatch(request.headers.get("Authorization", "").strip())
+        token = bearer.group("token") if bearer else ""
+        if not hmac.compare_digest(token.encode(), expected.encode()):
             raise RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     @app.post("/retrieve")
     def retrieve() -> Response:
-        started = time.perf_counter()
-        body = request.get_json(force=True, silent=True)  # Content-Type is not required, as with Search-R1
+        started = request.environ.get(ARRIVAL_KEY, time.perf_counter())
+        try:
+            body = request.get_json(force=True, silent=True)  # Content-Type is not required, as Search-R1
+        except RecursionError:  # e.g. 10,000 nested brackets: malformed input, not a server failure
+            raise RequestError(400, "the body is nested too deeply to be a /retrieve request") from None
         if body is None:
             raise RequestError(400, 'the body must be JSON, such as {"queries": ["..."], "topk": 3}')
         parsed = parse_retrieve_request(body, service.config)
@@ -204,7 +229,7 @@ def _register_error_handlers(app: Flask, stats: ServerStats) -> None:
     @app.errorhandler(RequestError)
     def request_error(error: RequestError) -> tuple[Response, int]:
         response, status = reply(error.status, str(error))
-        if status == 429:
+        if status in (429, 503):
             response.headers["Retry-After"] = str(RETRY_AFTER_S)
         if status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
@@ -221,22 +246,35 @@ def _register_error_handlers(app: Flask, stats: ServerStats) -> None:
 
 
 def serve(
-    app: Flask, *, host: str, port: int, threads: int, on_listen: Callable[[str], None] | None = None
+    app: Flask,
+    *,
+    config: ServerConfig,
+    host: str,
+    port: int,
+    on_listen: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve ``app`` with waitress until interrupted.
+    """Serve ``app`` with waitress, behind the door limits of ``config``, until interrupted.
 
     Args:
         app: from :func:`create_app`.
+        config: the service's config (admission, connection, idle and body limits).
         host: interface to bind (``127.0.0.1`` keeps it local; ``0.0.0.0`` exposes it: set an API key).
         port: TCP port; 0 picks a free one.
-        threads: request-handling threads; at least the number of concurrent clients, so that their
-            queries can meet in one batch.
         on_listen: called with the base URL once the socket is bound (before serving).
-    """
-    from waitress.server import create_server
 
-    server = create_server(app, host=host, port=port, threads=threads, connection_limit=1000)
-    if on_listen is not None:
-        # One host and port give a BaseWSGIServer; types-waitress omits its effective_port (set in __init__).
-        on_listen(f"http://{host}:{server.effective_port}")  # type: ignore[union-attr]
-    server.run()
+    Raises:
+        SearchgymError: the port is out of range or in use.
+    """
+    limits = DoorLimits(
+        max_inflight=config.max_inflight,
+        max_connections=config.max_connections,
+        idle_timeout_s=config.idle_timeout_s,
+        max_body_bytes=config.max_body_bytes,
+        retry_after_s=RETRY_AFTER_S,
+    )
+
+    def announce(bound_port: int) -> None:
+        if on_listen is not None:
+            on_listen(f"http://{host}:{bound_port}")
+
+    serve_with_limits(app, host=host, port=port, limits=limits, on_listen=announce)

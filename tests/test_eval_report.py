@@ -63,6 +63,13 @@ def test_a_corrupt_complete_line_names_its_number(tmp_path):
         read_predictions(path)
 
 
+def test_bytes_that_are_not_utf8_name_their_line(tmp_path):
+    path = tmp_path / PREDICTIONS_FILE
+    path.write_bytes(json.dumps(prediction("a").to_dict()).encode() + b'\n{"example_id": "caf\xe9"}\n')
+    with pytest.raises(SearchgymError, match=r"line 2, is not a prediction record \('utf-8' codec"):
+        read_predictions(path)
+
+
 def test_missing_predictions_file_reads_as_empty(tmp_path):
     assert read_predictions(tmp_path / PREDICTIONS_FILE) == []
 

@@ -1,4 +1,6 @@
 import json
+import socket
+import subprocess
 
 import pytest
 from eval_fixtures import GEO, PEOPLE, Interrupted, KeywordRetriever, ScriptedGenerator, write_jsonl
@@ -7,6 +9,7 @@ from searchgym.env.config import EnvConfig
 from searchgym.errors import SearchgymError
 from searchgym.eval.config import EvalConfig
 from searchgym.eval.report import PREDICTIONS_FILE, RESULTS_FILE, RUN_FILE, read_predictions
+from searchgym.eval.runlock import LOCK_FILE, RunLockedError
 from searchgym.eval.runner import run_evaluation
 from searchgym.policy.models import default_policy_path, load_tokenizer
 
@@ -202,3 +205,56 @@ def test_limit_and_seed_pick_the_same_questions_every_time(tmp_path, benchmarks,
         picked.append([p.example_id for p in read_predictions(tmp_path / run / PREDICTIONS_FILE)])
     assert picked[0] == picked[1]
     assert len(picked[0]) == 2  # one per dataset
+
+
+def test_repeated_prediction_lines_are_counted_once(tmp_path, benchmarks, tokenizer, capsys):
+    straight, _ = evaluate(tmp_path, benchmarks, tokenizer, "direct", ONE_TURN_SCRIPTS)
+    predictions = tmp_path / "direct" / PREDICTIONS_FILE
+    lines = predictions.read_text(encoding="utf-8").splitlines(keepends=True)
+    predictions.write_text("".join(lines + lines[:3]), encoding="utf-8")  # two writers, or a copy-paste
+    config = EvalConfig(benchmarks=benchmarks, mode="direct", batch_size=4)
+    again = run_evaluation(config, tmp_path / "direct", show_progress=False, generator=None)
+    assert [m.num_examples for m in again.per_dataset] == [2, 2]  # not 2 + 3 repeats
+    assert again.per_dataset == straight.per_dataset
+    assert "4 questions already done (3 repeated lines ignored)" in capsys.readouterr().err
+
+
+def test_a_run_directory_written_by_a_live_process_is_refused(tmp_path, benchmarks, tokenizer):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with subprocess.Popen(["sleep", "60"]) as other:
+        try:
+            (run_dir / LOCK_FILE).write_text(f"{socket.gethostname()} {other.pid}\n")
+            config = EvalConfig(benchmarks=benchmarks, mode="direct")
+            with pytest.raises(RunLockedError, match=f"being written by process {other.pid}"):
+                run_evaluation(
+                    config,
+                    run_dir,
+                    show_progress=False,
+                    generator=ScriptedGenerator(tokenizer, ONE_TURN_SCRIPTS),
+                )
+            assert not (run_dir / PREDICTIONS_FILE).exists()
+        finally:
+            other.kill()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released(tmp_path, benchmarks, tokenizer):
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # reaped: its pid no longer runs
+    dead_pid = finished.pid
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LOCK_FILE).write_text(f"{socket.gethostname()} {dead_pid}\n")
+    config = EvalConfig(benchmarks=benchmarks, mode="direct")
+    generator = ScriptedGenerator(tokenizer, ONE_TURN_SCRIPTS)
+    results = run_evaluation(config, run_dir, show_progress=False, generator=generator)
+    assert [m.num_examples for m in results.per_dataset] == [2, 2]
+    assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_clear_error(tmp_path, benchmarks, tokenizer):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config = EvalConfig(benchmarks=benchmarks, mode="direct")
+    with pytest.raises(SearchgymError, match=r"cannot write to .*a-file/run .*choose another --out"):
+        run_evaluation(config, blocker / "run", show_progress=False, generator=None)

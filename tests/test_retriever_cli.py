@@ -106,3 +106,24 @@ def test_every_server_limit_is_a_documented_flag():
         assert flags[name].help and not flags[name].help.startswith(" (default")
     args = build_parser().parse_args(["serve", "--index", "x", "--max-batch", "1", "--max-wait-ms", "0.5"])
     assert (args.max_batch, args.max_wait_ms, args.cache_size) == (1, 0.5, 10_000)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--threads", "0"), "--max-inflight must be at least 1"),
+        (("--max-inflight", "0"), "--max-inflight must be at least 1"),
+        (("--port", "70000"), "--port must be from 0 to 65535"),
+    ],
+)
+def test_serve_refuses_settings_that_could_never_answer_in_one_line(indexed, flags, message):
+    root, _, _ = indexed
+    done = searchgym("serve", "--index", root / "indexes" / "tiny-bm25", *flags)
+    assert done.returncode == 2 and message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_door_limits_are_flags_and_threads_is_their_former_name():
+    args = build_parser().parse_args(["serve", "--index", "x", "--threads", "8", "--max-connections", "50"])
+    assert (args.max_inflight, args.max_connections, args.idle_timeout_s) == (8, 50, 30)
+    assert build_parser().parse_args(["serve", "--index", "x"]).max_inflight == 256

@@ -7,6 +7,7 @@ from flask import Flask, jsonify, request
 from retriever_fixtures import EchoRetriever
 from werkzeug.serving import make_server
 
+from searchgym.errors import SearchgymError
 from searchgym.retriever.base import Passage
 from searchgym.retriever.client import HttpRetriever, RetrievalRequestError, RetrieverUnavailableError
 from searchgym.retriever.config import ServerConfig
@@ -177,3 +178,27 @@ def test_the_client_against_the_real_app_with_an_api_key(serve_app, monkeypatch)
     monkeypatch.setenv("SEARCHGYM_API_KEY", "k3y")
     assert [p.id for p in HttpRetriever(url + "/retrieve").search(["q"], 2)[0]] == ["q#0", "q#1"]
     service.close()
+
+
+def test_a_server_that_accepts_and_never_answers_is_given_up_on_within_the_budget():
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # the kernel completes the connections; nothing ever reads or answers
+    port = silent.getsockname()[1]
+    try:
+        client = HttpRetriever(
+            f"http://127.0.0.1:{port}", timeout_s=0.5, give_up_after_s=1.5, max_retries=100, **FAST_RETRIES
+        )
+        started = time.monotonic()
+        with pytest.raises(RetrieverUnavailableError, match=r"in 1.5 s at most .*(Timeout|timed out)"):
+            client.search(["q"], 1)
+        # 100 retries of 0.5 s would take 50 s; the budget ends it after 1.5 s (the bound allows a slow box).
+        assert time.monotonic() - started < 10
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("changes", [{"timeout_s": 0}, {"give_up_after_s": -1}, {"max_retries": -1}])
+def test_impossible_client_settings_are_refused(changes):
+    with pytest.raises(SearchgymError, match="timeouts must be positive"):
+        HttpRetriever("http://127.0.0.1:1", **changes)

@@ -36,6 +36,9 @@ def test_title_text_rows_integer_ids_and_blank_lines(tmp_path):
         ('{"id": true, "contents": "x"}', "'id' must be a string or an integer"),
         ('{"id": "2", "text": "no title"}', "expected a string 'contents'"),
         ('{"id": "2", "contents": 5}', "expected a string 'contents'"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"id": "2", "contents": "\\ud800 alone"}', r"its text holds an unpaired surrogate \('\\ud800' at"),
+        ('{"id": "\\udfff", "contents": "x"}', "its id holds an unpaired surrogate"),
     ],
 )
 def test_a_malformed_line_is_reported_with_its_number(tmp_path, bad_line, reason):
@@ -88,3 +91,17 @@ def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path):
 def test_batched_keeps_order_and_the_short_tail():
     documents = [Document(str(i), "x") for i in range(5)]
     assert [[d.id for d in batch] for batch in batched(documents, 2)] == [["0", "1"], ["2", "3"], ["4"]]
+
+
+@pytest.mark.parametrize("name", ["c.jsonl", "c.jsonl.gz"])
+def test_a_repeated_id_is_refused_with_both_lines(tmp_path, name):
+    rows = [json.dumps(TINY_CORPUS[0]), "", json.dumps({"id": "1", "contents": "a"})]
+    rows += [json.dumps({"id": "x", "contents": "b"}), json.dumps({"id": 1, "contents": "c"})]
+    path = write_jsonl(tmp_path / name, rows)
+    with pytest.raises(CorpusError, match=r"line 5: id '1' was already used on line 3; ids must be unique"):
+        list(read_corpus(path))
+
+
+def test_many_distinct_ids_pass_the_uniqueness_check(tmp_path):
+    rows = [json.dumps({"id": i, "contents": f"doc {i}"}) for i in range(5000)]
+    assert len(list(read_corpus(write_jsonl(tmp_path / "c.jsonl", rows)))) == 5000

@@ -13,7 +13,14 @@ from retriever_fixtures import (
 )
 
 from searchgym.errors import SearchgymError
-from searchgym.retriever.batching import LruCache, MicroBatcher, QueueFullError, ServerStats
+from searchgym.retriever.base import Passage
+from searchgym.retriever.batching import (
+    LruCache,
+    MicroBatcher,
+    QueueFullError,
+    ServerStats,
+    passages_nbytes,
+)
 from searchgym.retriever.config import ServerConfig
 from searchgym.retriever.index import load_retriever, open_index
 from searchgym.retriever.server import RetrievalService, create_app
@@ -177,7 +184,9 @@ def test_stats_count_requests_batches_cache_and_errors(client_for, echo):
     client.post("/retrieve", data=b"{", content_type="application/json")
     stats = client.get("/stats").get_json()
     assert (stats["requests"], stats["queries"]) == (4, 6)
-    assert stats["cache"] == {"hits": 4, "misses": 2, "entries": 2, "capacity": 10_000}
+    cache = stats["cache"]
+    assert (cache["hits"], cache["misses"], cache["entries"], cache["capacity"]) == (4, 2, 2, 10_000)
+    assert 0 < cache["bytes"] <= cache["max_bytes"] == 256 * 1024 * 1024
     assert stats["batches"]["count"] == 1 and stats["batches"]["size_histogram"] == {"2-3": 1}
     assert stats["errors"] == {"400": 1}
     assert stats["latency_ms"]["p50"] > 0 and stats["latency_ms"]["p99"] >= stats["latency_ms"]["p50"]
@@ -249,7 +258,15 @@ def test_lru_cache_evicts_the_least_recently_used():
 
 
 @pytest.mark.parametrize(
-    "changes", [{"max_batch": 0}, {"max_wait_ms": -1}, {"max_queue": 10, "max_queries_per_request": 20}]
+    "changes",
+    [
+        {"max_batch": 0},
+        {"max_wait_ms": -1},
+        {"max_queue": 10, "max_queries_per_request": 20},
+        {"max_inflight": 0},
+        {"max_connections": 0},
+        {"cache_bytes": -1},
+    ],
 )
 def test_server_config_rejects_impossible_limits(changes):
     with pytest.raises(SearchgymError):
@@ -264,3 +281,86 @@ def test_a_lone_query_is_searched_without_waiting_for_a_batch(echo):
     finally:
         batcher.close()
     assert echo.calls == [(["alone"], 1)]
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(client_for, echo):
+    client = client_for(echo)
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"queries": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"):
+        response = client.post("/retrieve", data=body, content_type="application/json")
+        assert response.status_code == 400
+        assert "RecursionError" not in response.get_json()["error"]
+    assert client.get("/stats").get_json()["errors"] == {"400": 2}
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_bearer_scheme_is_case_insensitive(client_for, echo, scheme):
+    client = client_for(echo, api_key="s3cret")
+    headers = {"Authorization": f"{scheme} s3cret"}
+    assert client.post("/retrieve", json={"queries": ["q"]}, headers=headers).status_code == 200
+    wrong = {"Authorization": f"{scheme} s3cre"}
+    assert client.post("/retrieve", json={"queries": ["q"]}, headers=wrong).status_code == 401
+
+
+def test_the_cache_is_bounded_in_bytes():
+    # Sizes are the string lengths: "aaaa" 4 + "bb" 2 = 6 fits in 7; "ccc" (3) evicts "aaaa" then.
+    cache = LruCache(100, max_bytes=7, size_of=len)
+    cache.put("a", "aaaa")
+    cache.put("b", "bb")
+    assert (cache.nbytes, len(cache)) == (6, 2)
+    cache.put("c", "ccc")
+    assert (cache.get("a"), cache.get("b"), cache.get("c"), cache.nbytes) == (None, "bb", "ccc", 5)
+    cache.put("b", "b")  # replacing an entry counts only its new size
+    assert cache.nbytes == 4
+    cache.put("huge", "x" * 8)  # larger than the whole budget: not stored, nothing evicted
+    assert (cache.get("huge"), len(cache), cache.nbytes) == (None, 2, 4)
+
+
+def test_big_results_stay_within_the_cache_byte_budget(client_for, echo):
+    # Each request caches 20 queries x 100 passages; the budget holds far fewer than 10 requests' worth.
+    budget = 2 * 1024 * 1024
+    client = client_for(echo, cache_bytes=budget)
+    for request_number in range(10):
+        queries = [f"query {request_number}-{i} " + "x" * 200 for i in range(20)]
+        assert client.post("/retrieve", json={"queries": queries, "topk": 100}).status_code == 200
+    cache = client.get("/stats").get_json()["cache"]
+    assert cache["bytes"] <= budget
+    assert 0 < cache["entries"] < 200
+
+
+def test_passage_bytes_grow_with_their_text():
+    short = [Passage("1", "x", 1.0)]
+    assert passages_nbytes([Passage("1", "x" * 1001, 1.0)]) - passages_nbytes(short) == 1000
+    assert passages_nbytes(short * 3) > 3 * len("x")
+
+
+def test_a_timed_out_request_gets_503_with_retry_after_and_its_queries_leave_the_queue(client_for):
+    blocking = BlockingRetriever()
+    client = client_for(blocking, max_batch=1, request_timeout_s=0.2)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/retrieve", json={"queries": ["busy"]})
+        assert blocking.entered.wait(10)  # the worker is stuck on "busy"
+        timed_out = client.post("/retrieve", json={"queries": ["late-1", "late-2"]})
+        assert timed_out.status_code == 503 and timed_out.headers["Retry-After"] == "1"
+        assert client.get("/stats").get_json()["queue"]["pending"] == 0  # withdrawn, not left queued
+        blocking.release.set()
+        assert first.result().status_code == 503  # it waited 0.2 s too
+    # The withdrawn queries never reach the backend.
+    assert client.post("/retrieve", json={"queries": ["after"]}).status_code == 200
+    assert [queries for queries, _ in blocking.calls] == [["busy"], ["after"]]
+
+
+def test_the_batcher_skips_cancelled_queries(echo):
+    blocking = BlockingRetriever()
+    batcher = MicroBatcher(blocking, max_batch=1, max_wait_s=0.0, max_queue=10, stats=ServerStats())
+    first = batcher.submit(["busy"], 1)
+    assert blocking.entered.wait(10)
+    withdrawn = batcher.submit(["gone"], 1)
+    kept = batcher.submit(["kept"], 1)
+    batcher.cancel(withdrawn)
+    assert batcher.pending == 1 and withdrawn[0].cancelled()
+    batcher.cancel(first)  # already being searched: cannot be withdrawn, finishes normally
+    blocking.release.set()
+    assert first[0].result(timeout=10)[0].id == "busy#0"
+    assert kept[0].result(timeout=10)[0].id == "kept#0"
+    batcher.close()
+    assert [queries for queries, _ in blocking.calls] == [["busy"], ["kept"]]

@@ -4,10 +4,18 @@ A checkpoint is a folder ``step_00000012/`` holding the trained weights (policy,
 and schedule states, the random-number generators (python, numpy, torch, CUDA) and the trainer's own
 state (step, data position, guard statistics). It is written under a temporary name and renamed into
 place, so a crash mid-write never leaves a half checkpoint that a resume would trust.
+
+Each checkpoint also holds ``manifest.json``: the size and SHA-256 of every other file, written last. A
+checkpoint is verified against it before it is used (:func:`verify_checkpoint`), so one damaged after it
+was written (a truncated copy, a full disk, a bad sector) is skipped with a warning naming it and why,
+and the run resumes from the newest intact one instead.
 """
 
+import hashlib
 import json
+import logging
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -22,8 +30,10 @@ from searchgym.errors import SearchgymError
 from searchgym.train.models import TrainModels
 from searchgym.train.optim import Optimizers
 
+logger = logging.getLogger(__name__)
 _PREFIX = "step_"
 _MODELS, _OPTIMIZERS, _TORCH_RNG, _STATE = "models.pt", "optimizers.pt", "torch_rng.pt", "state.json"
+MANIFEST = "manifest.json"  # {"files": {name: {"bytes": n, "sha256": hex}}}, written last
 
 
 class CheckpointError(SearchgymError):
@@ -63,6 +73,8 @@ class CheckpointManager:
     def __init__(self, directory: Path, *, keep_last: int) -> None:
         self.directory = directory
         self.keep_last = keep_last
+        self.skipped: dict[Path, str] = {}  # damaged checkpoints met by latest(), and why
+        self._verified: set[Path] = set()  # checked (or written) by this manager since its last change
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (temporary folders of interrupted saves are ignored)."""
@@ -72,11 +84,41 @@ class CheckpointManager:
         return sorted(p for p in found if (p / _STATE).is_file())
 
     def latest(self, *, healthy_only: bool = False) -> Path | None:
-        """The newest checkpoint (the newest healthy one with ``healthy_only``), or None."""
-        for path in reversed(self.checkpoints()):
+        """The newest intact checkpoint (the newest intact healthy one with ``healthy_only``), or None.
+
+        Damaged checkpoints are skipped with a warning that names each and says why (see ``skipped``).
+
+        Raises:
+            CheckpointError: there are checkpoints but none is intact (a fresh start would silently
+                throw the run away).
+        """
+        existing = self.checkpoints()
+        for path in reversed(existing):
+            if not self.is_intact(path):
+                continue
             if not healthy_only or read_trainer_state(path).healthy:
                 return path
+        if existing and not healthy_only and all(path in self.skipped for path in existing):
+            reasons = "; ".join(f"{path.name}: {self.skipped[path]}" for path in existing)
+            raise CheckpointError(
+                f"every checkpoint in {self.directory} is damaged ({reasons}); move them away to start "
+                "afresh, or set checkpoint.resume=false with another logging.run_dir"
+            )
         return None
+
+    def is_intact(self, path: Path) -> bool:
+        """Whether ``path`` matches its manifest (checked once per manager; a failure is warned about)."""
+        if path in self._verified:
+            return True
+        problem = verify_checkpoint(path)
+        if problem is None:
+            self._verified.add(path)
+            self.skipped.pop(path, None)
+            return True
+        if path not in self.skipped:
+            logger.warning("skipping checkpoint %s: %s", path, problem)
+        self.skipped[path] = problem
+        return False
 
     def save(self, *, models: TrainModels, optimizers: Optimizers, state: TrainerState) -> Path:
         """Write a checkpoint of the current run atomically, then prune old ones."""
@@ -93,11 +135,14 @@ class CheckpointManager:
             "numpy_rng": _numpy_rng_state(),
         }
         (staging / _STATE).write_text(json.dumps(state_record))
+        _write_manifest(staging)
         _fsync_tree(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
         _fsync_dir(self.directory)
+        self._verified.add(target)  # its checksums were just taken from the files on disk
+        self.skipped.pop(target, None)
         self._prune()
         return target
 
@@ -107,10 +152,12 @@ class CheckpointManager:
         """Load the weights and optimizer states of ``path`` into the run; optionally its RNG states too.
 
         Raises:
-            CheckpointError: the checkpoint holds other models than this run (PPO vs GRPO).
+            CheckpointError: the checkpoint is damaged, or holds other models than this run (PPO vs GRPO).
         """
+        if not self.is_intact(path):
+            raise CheckpointError(f"checkpoint {path} is damaged: {self.skipped[path]}")
         device = next(models.policy.parameters()).device
-        model_states = torch.load(path / _MODELS, map_location=device, weights_only=True)
+        model_states = _load_tensors(path / _MODELS, device)
         if ("critic" in model_states) != (models.critic is not None):
             raise CheckpointError(
                 f"{path} was written by a run {'with' if 'critic' in model_states else 'without'} a critic; "
@@ -120,14 +167,12 @@ class CheckpointManager:
         models.policy.load_state_dict(model_states["policy"])
         if models.critic is not None:
             models.critic.load_state_dict(model_states["critic"])
-        _load_optimizer_states(
-            optimizers, torch.load(path / _OPTIMIZERS, map_location=device, weights_only=True)
-        )
+        _load_optimizer_states(optimizers, _load_tensors(path / _OPTIMIZERS, device))
         record = json.loads((path / _STATE).read_text())
         if restore_rng:
             random.setstate(_as_tuple(record["python_rng"]))
             np.random.set_state(_as_numpy_state(record["numpy_rng"]))
-            _set_torch_rng_state(torch.load(path / _TORCH_RNG, weights_only=True))
+            _set_torch_rng_state(_load_tensors(path / _TORCH_RNG, torch.device("cpu")))
         return _state_from_json(record["trainer"])
 
     def _prune(self) -> None:
@@ -139,6 +184,62 @@ class CheckpointManager:
         for path in existing:
             if path not in keep:
                 shutil.rmtree(path)
+                self._verified.discard(path)
+                self.skipped.pop(path, None)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with the checkpoint at ``path``, or None when every file matches its manifest.
+
+    A checkpoint written before manifests existed passes when its ``state.json`` parses (its tensors are
+    then checked only by loading them).
+    """
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        try:
+            json.loads((path / _STATE).read_text())
+        except (OSError, ValueError) as error:
+            return f"no {MANIFEST} and an unreadable {_STATE} ({error})"
+        return None
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+        expected = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its {MANIFEST} is unreadable ({error!r})"
+    for name, (size, digest) in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        actual_size = file.stat().st_size
+        if actual_size != size:
+            return f"{name} has {actual_size} bytes, {size} were written"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _load_tensors(file: Path, device: torch.device) -> Any:
+    """``torch.load`` of one checkpoint file; a damaged one raises CheckpointError."""
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise CheckpointError(
+            f"{file} cannot be loaded ({error}); move its folder away to resume from an earlier checkpoint"
+        ) from error
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {
+        file.name: {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        for file in sorted(folder.iterdir())
+        if file.is_file() and file.name != MANIFEST
+    }
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _sha256(file: Path) -> str:
+    with file.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_trainer_state(path: Path) -> TrainerState:

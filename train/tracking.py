@@ -2,7 +2,8 @@
 
 ``metrics.jsonl`` has one JSON object per step, ``{"step": n, "<group>/<name>": value, ...}``; step 0 holds
 the evaluation of the untrained policy. On resume, rows after the checkpoint's step are dropped (they
-belong to the part of the run that is repeated), and TensorBoard purges them likewise.
+belong to the part of the run that is repeated), and TensorBoard purges them likewise; so is a last line
+cut off by a kill mid-write.
 
 ``samples/episodes.jsonl`` keeps the first ``logging.episodes_per_step`` episodes of every step, one JSON
 object per line (what ``searchgym view`` reads): ``step``, ``index`` (position in the step's batch),
@@ -158,10 +159,30 @@ class Tracker:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` file, in order."""
+    """The rows of a ``metrics.jsonl`` file, in order; a last line cut off mid-write is left out.
+
+    Raises:
+        SearchgymError: a complete line (one followed by another) is not a JSON row.
+    """
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_bytes().split(b"\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError too
+            if number == len(lines):  # no newline after it: the write was cut off; the row is lost
+                break
+            raise SearchgymError(
+                f"{path}, line {number}, is not a metrics row ({error}); delete that line to resume"
+            ) from error
+        if not isinstance(row, dict) or "step" not in row:
+            raise SearchgymError(f"{path}, line {number}, has no 'step'; delete that line to resume")
+        rows.append(row)
+    return rows
 
 
 def render_samples(trajectories: Sequence[Trajectory], tokenizer: PreTrainedTokenizerBase, count: int) -> str:

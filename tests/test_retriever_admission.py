@@ -1,0 +1,129 @@
+"""Load shedding at the door, over real sockets: admitted requests, connections, body size, ports."""
+
+import http.client
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from retriever_fixtures import BlockingRetriever, EchoRetriever
+
+from searchgym.errors import SearchgymError
+from searchgym.retriever.admission import ARRIVAL_KEY, DoorLimits, check_port, open_door_server
+from searchgym.retriever.config import ServerConfig
+from searchgym.retriever.server import RetrievalService, create_app
+
+
+@pytest.fixture
+def start_server():
+    """Serve a retriever behind the door on a loopback port; yields (retriever, **config) -> base URL."""
+    running = []
+
+    def start(retriever, **config):
+        service = RetrievalService(retriever, ServerConfig(**{"max_wait_ms": 1.0, **config}))
+        limits = DoorLimits(
+            max_inflight=service.config.max_inflight,
+            max_connections=service.config.max_connections,
+            idle_timeout_s=service.config.idle_timeout_s,
+            max_body_bytes=service.config.max_body_bytes,
+        )
+        server = open_door_server(create_app(service), host="127.0.0.1", port=0, limits=limits)
+        threading.Thread(target=server.run, daemon=True).start()
+        running.append((server, service))
+        return f"http://127.0.0.1:{server.effective_port}"
+
+    yield start
+    for server, service in running:
+        server.close()
+        service.close()
+
+
+def test_past_max_inflight_a_request_gets_429_at_once_and_health_still_answers(start_server):
+    blocking = BlockingRetriever()
+    url = start_server(blocking, max_inflight=2, max_batch=1)
+    with ThreadPoolExecutor(2) as pool:
+        admitted = [pool.submit(requests.post, f"{url}/retrieve", json={"queries": [q]}) for q in "ab"]
+        assert blocking.entered.wait(10)
+        # Both admitted requests are inside (one in the backend, one queued); wait until the gate counts both.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            refused = requests.post(f"{url}/retrieve", json={"queries": ["c"]}, timeout=10)
+            if refused.status_code == 429:
+                break
+            time.sleep(0.01)
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+        assert "2 requests are being served" in refused.json()["error"]
+        assert requests.get(f"{url}/health", timeout=10).status_code == 200
+        blocking.release.set()
+        assert [future.result().status_code for future in admitted] == [200, 200]
+    stats = requests.get(f"{url}/stats", timeout=10).json()
+    assert stats["errors"]["429"] >= 1 and stats["requests"] >= 2
+
+
+def test_past_max_connections_a_new_connection_gets_503_and_is_closed(start_server):
+    url = start_server(EchoRetriever(), max_connections=2)
+    port = int(url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    time.sleep(0.2)  # let the server accept both
+    extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reply = extra.recv(4096).decode()
+    extra.close()
+    assert reply.startswith("HTTP/1.1 503") and "Retry-After: 1" in reply and "Connection: close" in reply
+    for connection in idle:
+        connection.close()
+    time.sleep(0.2)
+    assert requests.post(f"{url}/retrieve", json={"queries": ["q"]}, timeout=10).status_code == 200
+
+
+def test_an_oversized_body_is_refused_from_its_header_before_it_is_sent(start_server):
+    url = start_server(EchoRetriever(), max_body_bytes=1000)
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+    connection.putrequest("POST", "/retrieve")
+    connection.putheader("Content-Length", str(1024**3))  # announces 1 GiB and sends none of it
+    connection.putheader("Content-Type", "application/json")
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413
+    connection.close()
+    # A body of exactly the limit is served: {"queries": [""]} is 17 characters.
+    exactly = json.dumps({"queries": ["q" * (1000 - 17)]})
+    assert len(exactly) == 1000
+    assert requests.post(f"{url}/retrieve", data=exactly, timeout=10).status_code == 200
+
+
+def test_a_port_in_use_is_one_clear_error(start_server):
+    url = start_server(EchoRetriever())
+    port = int(url.rsplit(":", 1)[1])
+    with pytest.raises(SearchgymError, match=f"port {port} on 127.0.0.1 is in use"):
+        open_door_server(create_app_for_echo(), host="127.0.0.1", port=port, limits=DoorLimits())
+
+
+def create_app_for_echo():
+    return create_app(RetrievalService(EchoRetriever(), ServerConfig()))
+
+
+@pytest.mark.parametrize("port", [-1, 65536, 70000])
+def test_ports_outside_the_tcp_range_are_refused(port):
+    with pytest.raises(SearchgymError, match="--port must be from 0 to 65535"):
+        check_port(port)
+
+
+@pytest.mark.parametrize("changes", [{"max_inflight": 0}, {"max_connections": 0}, {"idle_timeout_s": 0}])
+def test_door_limits_refuse_impossible_values(changes):
+    with pytest.raises(SearchgymError):
+        DoorLimits(**changes)
+
+
+def test_stats_latency_counts_from_arrival_not_from_the_handler():
+    service = RetrievalService(EchoRetriever(), ServerConfig(max_wait_ms=1.0))
+    try:
+        client = create_app(service).test_client()
+        # A request that a thread took 2 s ago (e.g. it waited in a queue before the handler ran).
+        arrived = time.perf_counter() - 2.0
+        client.post("/retrieve", json={"queries": ["q"]}, environ_base={ARRIVAL_KEY: arrived})
+        assert client.get("/stats").get_json()["latency_ms"]["p50"] >= 2000
+    finally:
+        service.close()
