@@ -116,7 +116,9 @@ def sequence_logprobs(
         ]
         logprob_chunks.append(torch.cat([logprobs for logprobs, _ in scores], dim=1) * mask)
         if with_entropy:
-            entropy_chunks.append(torch.cat([entropy for _, entropy in scores], dim=1) * mask)
+            entropy_chunks.append(
+                torch.cat([entropy for _, entropy in scores if entropy is not None], 1) * mask
+            )
     return TokenLogprobs(
         logprobs=torch.cat(logprob_chunks),
         entropy=torch.cat(entropy_chunks) if with_entropy else None,
@@ -152,8 +154,7 @@ def _score_chunk(
     """Log-probs and entropies ``(b, c)`` of one chunk; recomputed in the backward pass when grads flow."""
     if torch.is_grad_enabled() and hidden.requires_grad:
         # Saves only the chunk's hidden states; its logits are rebuilt in the backward pass.
-        scored = checkpoint(_chunk_scores, head, hidden, targets, scale, with_entropy, use_reentrant=False)
-        return scored  # type: ignore[no-any-return]
+        return checkpoint(_chunk_scores, head, hidden, targets, scale, with_entropy, use_reentrant=False)
     return _chunk_scores(head, hidden, targets, scale, with_entropy)
 
 

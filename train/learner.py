@@ -22,6 +22,7 @@ from searchgym.train.batch import Batch, Experience
 from searchgym.train.config import TrainConfig
 from searchgym.train.distributed.data_parallel import SINGLE_PROCESS, DataParallel
 from searchgym.train.models import TrainModels, response_logprobs, response_values
+from searchgym.train.sharding import is_sharded
 
 RecordT = TypeVar("RecordT", Batch, Experience)
 logger = logging.getLogger(__name__)
@@ -420,12 +421,16 @@ def _accumulate_and_step(
         return _StepOutcome(loss=math.nan, grad_norm=math.nan, stepped=False, non_finite=False)
     device = mini_batch.batch.loss_mask.device
     total_loss, finite = 0.0, True
+    # A sharded model's forward and backward passes are collectives: every learner runs all of its own,
+    # even after a non-finite loss (the step is then skipped by all, as without sharding).
+    sharded = is_sharded(model)
     for micro in _micro_batches(data_parallel.shard(mini_batch), config.batch.micro_batch_size):
         with compute_dtype_context(config, device):
             loss = micro_batch_loss(micro)
         if not torch.isfinite(loss):
             finite = False
-            break
+            if not sharded:
+                break
         loss.backward()
         total_loss += float(loss.detach())
     total_loss, finite = data_parallel.reduce_gradients(model, loss=total_loss, finite=finite)
