@@ -140,3 +140,17 @@ def test_blocks_are_the_decoder_layers_of_policy_and_critic() -> None:
     assert models.critic is not None and len(transformer_blocks(models.critic)) == 2
     with pytest.raises(ShardingError, match=r"learner\.strategy=replicate"):
         transformer_blocks(torch.nn.Linear(2, 2))
+
+
+def test_the_learner_section_defaults_to_auto_and_checks_offload() -> None:
+    from searchgym.paths import CONFIGS_DIR
+    from searchgym.train.config import load_config
+    from searchgym.train.config_io import ConfigError
+
+    config = load_config(CONFIGS_DIR / "tiny.yaml")
+    assert (config.learner.strategy, config.learner.offload) == ("auto", False)
+    assert load_config(
+        CONFIGS_DIR / "tiny.yaml", ["learner.strategy=shard", "learner.offload=true"]
+    ).learner.offload
+    with pytest.raises(ConfigError, match=r"set learner\.strategy=shard"):
+        load_config(CONFIGS_DIR / "tiny.yaml", ["learner.strategy=replicate", "learner.offload=true"])
