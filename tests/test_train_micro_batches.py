@@ -97,7 +97,7 @@ def test_trimmed_micro_batches_give_the_whole_batch_loss_and_gradient() -> None:
         loss = loss_of(micro)
         loss.backward()
         total += float(loss.detach())
-    assert total == pytest.approx(float(expected), rel=1e-6)
+    assert total == pytest.approx(float(expected.detach()), rel=1e-6)
     for grad, expected_grad in zip((p.grad for p in model.parameters()), expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
 

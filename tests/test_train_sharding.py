@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 from train_fixtures import TargetTokenRollout, learner_config, tiny_model, tiny_tokenizer, toy_examples
 
 from searchgym.policy.trajectory import Trajectory
@@ -19,9 +20,11 @@ from searchgym.train.sharding import (
     ShardingOptions,
     full_state_dict,
     learner_mesh,
+    load_sharded,
     local_bytes,
     optimizer_state_tensors,
     resolve_strategy,
+    save_sharded,
     shard_models,
     transformer_blocks,
 )
@@ -35,7 +38,9 @@ def trajectories() -> list[Trajectory]:
     return TargetTokenRollout()(tiny_model(), tiny_tokenizer(), toy_examples(8), step=0)
 
 
-def one_update(trajectories: list[Trajectory], *, sharding: ShardingOptions | None) -> dict:
+def one_update(
+    trajectories: list[Trajectory], *, sharding: ShardingOptions | None, checkpoint: Path | None = None
+) -> dict:
     """Build the tiny PPO models, optionally shard them, run one learner update; what it left behind."""
     config = learner_config("optim.weight_decay=0.1")
     torch.manual_seed(0)
@@ -51,11 +56,16 @@ def one_update(trajectories: list[Trajectory], *, sharding: ShardingOptions | No
     )
     stats = update(models, optimizers, experience, config, **parallel)
     assert models.critic is not None and optimizers.critic is not None
+    if checkpoint is not None:
+        save_sharded(
+            checkpoint, models=models, optimizers={"policy": optimizers.actor, "critic": optimizers.critic}
+        )
     return {
         "policy": full_state_dict(models.policy),
         "critic": full_state_dict(models.critic),
         "metrics": stats.to_metrics(),
         "advantages": experience.advantages,
+        "moments": [full_tensor(state["exp_avg"]) for state in optimizers.actor.state.values()],
         "parameter_bytes": local_bytes([*models.policy.parameters(), *models.critic.parameters()]),
         "optimizer_bytes": local_bytes(
             optimizer_state_tensors(optimizers.actor) + optimizer_state_tensors(optimizers.critic)
@@ -67,10 +77,34 @@ def sharded_worker(rank: int, port: int, trajectories: list[Trajectory], offload
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     try:
-        result = one_update(trajectories, sharding=ShardingOptions(offload=offload))
+        checkpoint = Path(out) / "step_00000001"
+        result = one_update(trajectories, sharding=ShardingOptions(offload=offload), checkpoint=checkpoint)
+        result["resumed"] = resumed_state(checkpoint, offload=offload)
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def resumed_state(checkpoint: Path, *, offload: bool) -> dict:
+    """Fresh sharded models and optimizers with the checkpoint loaded: their full weights and Adam moments."""
+    config = learner_config("optim.weight_decay=0.1")
+    models = build_train_models(tiny_model(seed=5), with_reference=True, with_critic=True)
+    shard_models(models, learner_mesh(torch.device("cpu")), options=ShardingOptions(offload=offload))
+    optimizers = build_optimizers(models, config)
+    assert models.critic is not None and optimizers.critic is not None
+    load_sharded(
+        checkpoint, models=models, optimizers={"policy": optimizers.actor, "critic": optimizers.critic}
+    )
+    moments = [state["exp_avg"].full_tensor() for state in optimizers.actor.state.values()]
+    return {
+        "policy": full_state_dict(models.policy),
+        "critic": full_state_dict(models.critic),
+        "moments": moments,
+    }
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def free_port() -> int:
@@ -112,6 +146,14 @@ def test_two_sharded_learners_take_the_single_process_step_with_half_the_bytes_e
 ) -> None:
     ranks = spawn_sharded_update(trajectories, offload=False, out=tmp_path)
     assert_same_update(ranks, single_process)
+    for result in ranks:
+        # A sharded checkpoint restores the exact weights (and Adam moments, non-zero after one step).
+        for model in ("policy", "critic"):
+            for name, value in result[model].items():
+                assert torch.equal(result["resumed"][model][name], value), name
+        assert len(result["resumed"]["moments"]) == len(result["moments"]) > 0
+        for resumed, saved in zip(result["resumed"]["moments"], result["moments"], strict=True):
+            assert torch.equal(resumed, saved)
     for kind in ("parameter_bytes", "optimizer_bytes"):
         whole = single_process[kind]
         shares = [result[kind] for result in ranks]

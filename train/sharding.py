@@ -25,6 +25,7 @@ denominators make the gradient of the whole mini-batch.
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -185,3 +186,65 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
         name: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
         for name, value in state.items()
     }
+
+
+SHARDED_STATE_DIR = "sharded"
+"""The ``torch.distributed.checkpoint`` folder inside a checkpoint written by sharded learners."""
+
+
+def save_sharded(
+    checkpoint: Path, *, models: TrainModels, optimizers: Mapping[str, torch.optim.Optimizer]
+) -> Path:
+    """Every rank writes its shards of the trained models and their optimizer states (a collective).
+
+    Args:
+        checkpoint: the checkpoint folder (``step_N``); the state goes to its ``sharded/`` folder.
+        models: the sharded models; the frozen reference is not saved (it is the initial policy).
+        optimizers: each trained model's optimizer, keyed by the model's role (``policy``, ``critic``).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    trained = _trained_models(models)
+    state = {
+        "models": {role: get_model_state_dict(model) for role, model in trained.items()},
+        "optimizers": {
+            role: get_optimizer_state_dict(trained[role], optimizer) for role, optimizer in optimizers.items()
+        },
+    }
+    target = checkpoint / SHARDED_STATE_DIR
+    dcp.save(state, checkpoint_id=target)
+    return target
+
+
+def load_sharded(
+    checkpoint: Path, *, models: TrainModels, optimizers: Mapping[str, torch.optim.Optimizer]
+) -> None:
+    """Load what :func:`save_sharded` wrote into sharded models and optimizers (any number of ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    trained = _trained_models(models)
+    state: dict[str, dict[str, Any]] = {
+        "models": {role: get_model_state_dict(model) for role, model in trained.items()},
+        "optimizers": {
+            role: get_optimizer_state_dict(trained[role], optimizer) for role, optimizer in optimizers.items()
+        },
+    }
+    dcp.load(state, checkpoint_id=checkpoint / SHARDED_STATE_DIR)
+    for role, model in trained.items():
+        set_model_state_dict(model, state["models"][role])
+    for role, optimizer in optimizers.items():
+        set_optimizer_state_dict(trained[role], optimizer, state["optimizers"][role])
+
+
+def _trained_models(models: TrainModels) -> dict[str, nn.Module]:
+    trained: dict[str, nn.Module] = {"policy": models.policy}
+    if models.critic is not None:
+        trained["critic"] = models.critic
+    return trained
