@@ -58,6 +58,8 @@ def assert_exports_the_trained_weights(out: Path) -> None:
         assert torch.equal(value, expected[name]), name
 
 
+# Each loads the SmolLM2 tokenizer and a model twice: about 30 s on the shared 2-core box.
+@pytest.mark.slow
 def test_a_mid_run_checkpoint_exports_and_evaluates(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     start_run(run_dir)
@@ -72,6 +74,7 @@ def test_a_mid_run_checkpoint_exports_and_evaluates(tmp_path: Path) -> None:
     assert results["datasets"]["wiki-mini-dev"]["num_examples"] == 2
 
 
+@pytest.mark.slow
 def test_a_sharded_checkpoint_and_a_run_folder_export(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     start_run(run_dir)
