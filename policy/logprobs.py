@@ -135,17 +135,25 @@ def _response_hidden_states(model: PreTrainedModel, batch: SequenceBatch, rows: 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     response_width = batch.response_mask.shape[1]
     # The whole model runs (not its body alone) so that a sharded model's root gathers its parameters as
-    # for any forward pass; one logit position is the least ``logits_to_keep`` allows.
-    output = model(
-        input_ids=batch.input_ids[rows],
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        output_hidden_states=True,
-        logits_to_keep=1,
+    # for any forward pass, with one logit position, the least ``logits_to_keep`` allows. The body's last
+    # hidden state is taken by a hook: ``output_hidden_states`` would also keep every layer's (b, T, H)
+    # output alive, memory that a no-grad pass would otherwise free layer by layer.
+    captured: list[torch.Tensor] = []
+    hook = model.get_decoder().register_forward_hook(
+        lambda module, inputs, output: captured.append(output.last_hidden_state)
     )
+    try:
+        model(
+            input_ids=batch.input_ids[rows],
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+    finally:
+        hook.remove()
     # Position t predicts token t + 1: keep the R positions from P - 1 to P + R - 2.
-    return output.hidden_states[-1][:, -response_width - 1 : -1]
+    return captured[-1][:, -response_width - 1 : -1]
 
 
 def _score_chunk(
