@@ -112,7 +112,7 @@ def build_models(config: Qwen2Config, *, algorithm: str, strategy: str, device: 
     """Policy, reference and (PPO) critic on ``device``, sharded as ``strategy`` says, with AdamW."""
     with torch.device(device):
         policy = Qwen2ForCausalLM(config).float()
-    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint_activations(policy)
     with torch.device(device):
         reference = Qwen2ForCausalLM(config).float().eval().requires_grad_(False)
     critic = ValueModel.from_causal_lm(policy) if algorithm == "ppo" else None
@@ -135,6 +135,15 @@ def build_models(config: Qwen2Config, *, algorithm: str, strategy: str, device: 
         actor_optimizer=adamw(policy),
         critic_optimizer=adamw(critic) if critic is not None else None,
     )
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing, under the name this transformers version uses."""
+    settings = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
 
 
 def random_batch(shape: Shape, vocab_size: int, device: torch.device) -> SequenceBatch:
@@ -279,7 +288,7 @@ def measure_logprobs_memory(
     """Peak GiB of the policy's forward + backward on one micro-batch: chunked log-probs vs full logits."""
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint_activations(model)
     batch = next(micro_batches(random_batch(shape, config.vocab_size, device), shape.micro))
     peaks = []
     for chunked in (True, False):
