@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 
@@ -68,6 +70,10 @@ class TokenLogprobs:
     entropy: torch.Tensor | None
 
 
+DEFAULT_CHUNK_TOKENS = 1024
+"""Response positions scored per chunk: the largest fp32 logits block is (rows, 1024, vocabulary)."""
+
+
 def sequence_logprobs(
     model: PreTrainedModel,
     batch: SequenceBatch,
@@ -75,8 +81,15 @@ def sequence_logprobs(
     temperature: float = 1.0,
     micro_batch_size: int = 8,
     with_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> TokenLogprobs:
     """Log-probs (and optionally entropies) of the response tokens, micro-batched, with gradients.
+
+    The model returns hidden states only; the LM head, the float32 log-softmax, the gather and the entropy
+    run on ``chunk_tokens`` response positions at a time, and with gradients each chunk is recomputed in
+    the backward pass. So no ``(B, R, V)`` logits tensor ever exists, in the forward or the backward: the
+    peak is one ``(micro_batch_size, chunk_tokens, V)`` float32 block (151,936 x 4 bytes a position for
+    Qwen2.5, 0.6 MB: 4 x 4,096 positions would be 10 GB at once).
 
     Args:
         model: the causal LM being trained (its mode and grad context are the caller's).
@@ -85,40 +98,85 @@ def sequence_logprobs(
             treated as 1: greedy sampling scores the raw distribution).
         micro_batch_size: rows per forward pass (memory bound).
         with_entropy: also return the entropy at each response position.
+        chunk_tokens: response positions per LM-head chunk (memory bound; the result does not depend on it).
     """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     scale = temperature if temperature > 0 else 1.0
+    head = model.get_output_embeddings()
     logprob_chunks, entropy_chunks = [], []
     for start in range(0, batch.input_ids.shape[0], micro_batch_size):
         rows = slice(start, start + micro_batch_size)
-        logits = _response_logits(model, batch, rows) / scale
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        hidden = _response_hidden_states(model, batch, rows)
         targets = batch.input_ids[rows, batch.prompt_width :]
         mask = batch.response_mask[rows]
-        token_logprobs = log_probs.gather(-1, targets[..., None]).squeeze(-1)
-        logprob_chunks.append(token_logprobs * mask)
+        scores = [
+            _score_chunk(head, hidden[:, cols], targets[:, cols], scale, with_entropy)
+            for cols in _chunks(hidden.shape[1], chunk_tokens)
+        ]
+        logprob_chunks.append(torch.cat([logprobs for logprobs, _ in scores], dim=1) * mask)
         if with_entropy:
-            entropy = -(log_probs.exp() * log_probs).sum(-1)
-            entropy_chunks.append(entropy * mask)
+            entropy_chunks.append(
+                torch.cat([entropy for _, entropy in scores if entropy is not None], 1) * mask
+            )
     return TokenLogprobs(
         logprobs=torch.cat(logprob_chunks),
         entropy=torch.cat(entropy_chunks) if with_entropy else None,
     )
 
 
-def _response_logits(model: PreTrainedModel, batch: SequenceBatch, rows: slice) -> torch.Tensor:
-    """(b, R, V) logits that predict each response token (the positions one to its left)."""
+def _chunks(length: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def _response_hidden_states(model: PreTrainedModel, batch: SequenceBatch, rows: slice) -> torch.Tensor:
+    """(b, R, H) final hidden states (after the last norm) at the positions that predict response tokens."""
     attention_mask = batch.attention_mask[rows]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     response_width = batch.response_mask.shape[1]
-    # Position t predicts token t + 1: keep the R positions from P - 1 to P + R - 2.
-    output = model(
-        input_ids=batch.input_ids[rows],
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        logits_to_keep=response_width + 1,
+    # The whole model runs (not its body alone) so that a sharded model's root gathers its parameters as
+    # for any forward pass, with one logit position, the least ``logits_to_keep`` allows. The body's last
+    # hidden state is taken by a hook: ``output_hidden_states`` would also keep every layer's (b, T, H)
+    # output alive, memory that a no-grad pass would otherwise free layer by layer.
+    captured: list[torch.Tensor] = []
+    hook = model.get_decoder().register_forward_hook(
+        lambda module, inputs, output: captured.append(output.last_hidden_state)
     )
-    return output.logits[:, :-1, :]
+    try:
+        model(
+            input_ids=batch.input_ids[rows],
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+    finally:
+        hook.remove()
+    # Position t predicts token t + 1: keep the R positions from P - 1 to P + R - 2.
+    return captured[-1][:, -response_width - 1 : -1]
+
+
+def _score_chunk(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs and entropies ``(b, c)`` of one chunk; recomputed in the backward pass when grads flow."""
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        # Saves only the chunk's hidden states; its logits are rebuilt in the backward pass.
+        return checkpoint(_chunk_scores, head, hidden, targets, scale, with_entropy, use_reentrant=False)
+    return _chunk_scores(head, hidden, targets, scale, with_entropy)
+
+
+def _chunk_scores(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # The head's matmul runs in the compute dtype (bf16 under autocast or bf16 parameters: accumulated in
+    # fp32 by the hardware); the softmax over the vocabulary, where bf16 would lose the small
+    # probabilities, runs in fp32.
+    logits = head(hidden).float() / scale
+    log_probs = torch.log_softmax(logits, dim=-1)
+    token_logprobs = log_probs.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    return token_logprobs, entropy
 
 
 @dataclass(frozen=True, slots=True)

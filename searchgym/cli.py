@@ -13,7 +13,7 @@ from searchgym import __version__
 from searchgym.errors import SearchgymError
 from searchgym.eval.cli import add_eval_command
 from searchgym.retriever.cli import add_index_command, add_serve_command
-from searchgym.train.cli import add_train_command
+from searchgym.train.cli import add_export_command, add_train_command
 from searchgym.viewer.cli import add_view_command
 
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(subparsers)
     add_eval_command(subparsers)
     add_train_command(subparsers)
+    add_export_command(subparsers)
     add_view_command(subparsers)
     return parser
 

@@ -114,3 +114,16 @@ def test_help_documents_every_leaf_key() -> None:
         for part in filter(None, section.split(".")):
             owner = typing.get_type_hints(owner)[part]
         assert field_docs(owner).get(name), f"{key} has no documentation"
+
+
+def test_scale_presets_shard_the_learners() -> None:
+    ppo = load_config(CONFIGS_DIR / "search_r1_3b_ppo.yaml")
+    assert (ppo.learner.strategy, ppo.ray.enabled, ppo.ray.num_learners, ppo.ray.gpus_per_learner) == (
+        "shard",
+        True,
+        4,
+        1,
+    )
+    one_gpu = load_config(CONFIGS_DIR / "search_r1_3b_grpo_1gpu.yaml")
+    assert (one_gpu.learner.strategy, one_gpu.learner.offload, one_gpu.ray.enabled) == ("shard", True, False)
+    assert one_gpu.model.path == "Qwen/Qwen2.5-3B" and one_gpu.algorithm.name == "grpo"

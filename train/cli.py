@@ -91,3 +91,30 @@ def run_train_command(args: argparse.Namespace) -> int:
     if result.final_model is not None:
         print(f"  final model: {result.final_model}")
     return 0
+
+
+def add_export_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``searchgym export``."""
+    parser = subparsers.add_parser(
+        "export",
+        help="write a Hugging Face model folder from a training checkpoint",
+        description=(
+            "Write the policy of a checkpoint (RUN_DIR/checkpoints/step_N, or a run folder: its newest) as a "
+            "Hugging Face model folder that `searchgym eval --model`, from_pretrained and vLLM load. Both "
+            "single-process and sharded checkpoints export."
+        ),
+    )
+    parser.add_argument("checkpoint", help="a run folder or one of its checkpoints/step_N folders")
+    parser.add_argument("--out", required=True, help="the model folder to write (replaced if it exists)")
+    parser.set_defaults(run=run_export_command)
+
+
+def run_export_command(args: argparse.Namespace) -> int:
+    """Export, then print where the model went."""
+    from pathlib import Path
+
+    from searchgym.train.export import export_checkpoint  # torch and transformers load here
+
+    target = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    print(f"exported {args.checkpoint} to {target}")
+    return 0

@@ -59,6 +59,26 @@ class SystemConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LearnerConfig:
+    """How the learners hold the trained models (see `docs/scaling.md` for which to pick)."""
+
+    strategy: Literal["auto", "replicate", "shard"] = "auto"
+    """`replicate`: every learner holds whole fp32 models and optimizer states, gradients all-reduced;
+    `shard`: FSDP2 splits parameters, gradients and optimizer states over the learners (bf16 compute with
+    fp32 gradient reduction when system.dtype=bfloat16); `auto`: shard on CUDA, replicate on CPU."""
+    offload: bool = False
+    """With `shard`: keep parameter shards, gradients and optimizer states in CPU memory between uses (the
+    optimizer steps on the CPU); what lets 3B GRPO train on one 80 GB GPU."""
+
+    def __post_init__(self) -> None:
+        _require(
+            not self.offload or self.strategy != "replicate",
+            "learner.offload moves FSDP shards to the CPU: set learner.strategy=shard (or auto on a GPU), "
+            "or learner.offload=false",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """The questions to train and evaluate on (FlashRAG jsonl: id, question, golden_answers)."""
 
@@ -364,6 +384,8 @@ class TrainConfig:
     """The policy and critic models."""
     system: SystemConfig = field(default_factory=SystemConfig)
     """Device, dtype, seed."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """Replicated or sharded (FSDP2) learners, CPU offload."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and dev questions."""
     env: EnvConfig = field(default_factory=EnvConfig)

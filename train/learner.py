@@ -31,6 +31,7 @@ from searchgym.train.guards import StepHealth
 from searchgym.train.models import TrainModels, build_train_models, response_logprobs, response_values
 from searchgym.train.optim import Optimizers, build_optimizers
 from searchgym.train.parallel import SINGLE_PROCESS, DataParallel, TorchDataParallel
+from searchgym.train.sharding import is_sharded
 
 RecordT = TypeVar("RecordT", Batch, Experience)
 logger = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ def update(
     normaliser, so the step does not depend on the micro-batch size. A step whose loss or gradient is not
     finite is skipped (and counted); so is a step without any rewarded policy token. The learning-rate
     schedules advance once at the end. Data-parallel learners each compute their share of every
-    mini-batch and take the same step (see :mod:`searchgym.train.distributed.data_parallel`).
+    mini-batch and take the same step (see :mod:`searchgym.train.parallel`).
     """
     means = _WeightedMeans()
     models.policy.train()
@@ -364,12 +365,16 @@ def _accumulate_and_step(
         return _StepOutcome(loss=math.nan, grad_norm=math.nan, stepped=False, non_finite=False)
     device = mini_batch.batch.loss_mask.device
     total_loss, finite = 0.0, True
+    # A sharded model's forward and backward passes are collectives: every learner runs all of its own,
+    # even after a non-finite loss (the step is then skipped by all, as without sharding).
+    sharded = is_sharded(model)
     for micro in _micro_batches(data_parallel.shard(mini_batch), config.batch.micro_batch_size):
         with compute_dtype_context(config, device):
             loss = micro_batch_loss(micro)
         if not torch.isfinite(loss):
             finite = False
-            break
+            if not sharded:
+                break
         loss.backward()
         total_loss += float(loss.detach())
     total_loss, finite = data_parallel.reduce_gradients(model, loss=total_loss, finite=finite)

@@ -8,6 +8,7 @@ response: position ``t`` holds what the model says about response token ``t`` gi
 import copy
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -40,11 +41,15 @@ class ValueModel(nn.Module):
         return cls(body, model.config.hidden_size).to(model.device)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        """(B, T) the value of each position's state."""
+        """(B, T) the value of each position's state, in float32."""
         hidden = self.body(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        # The loss reads the values in float32: the head runs outside autocast on float32 operands (a bf16
+        # value would round a return of 0.75 to within 0.004, the size of a late-training advantage).
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            values = nn.functional.linear(hidden.float(), self.value_head.weight.float())
+        return values.squeeze(-1)
 
 
 @dataclass(slots=True)
