@@ -8,6 +8,7 @@ response: position ``t`` holds what the model says about response token ``t`` gi
 import copy
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -44,7 +45,10 @@ class ValueModel(nn.Module):
         hidden = self.body(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        # Autocast would run the head in bf16 whatever its input: values and their regression targets need
+        # float32 (a bf16 value near 1 is off by up to 0.004, as large as the signal of a small reward).
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)
 
 
 @dataclass(slots=True)
