@@ -74,17 +74,22 @@ def toy_examples(count: int) -> list[QAExample]:
 
 
 @torch.no_grad()
-def _sample(model: PreTrainedModel, context: torch.Tensor, count: int, temperature: float) -> torch.Tensor:
-    """(B, count) tokens sampled after ``context`` (B, L) (all rows the same length), or greedy at 0."""
-    tokens = context
+def _sample(
+    model: PreTrainedModel, context: torch.Tensor, count: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, count) tokens sampled after ``context`` (B, L) (all rows the same length), or greedy at 0, and
+    (B, count) their log-probs under the distribution they were drawn from (the raw one when greedy)."""
+    tokens, logprobs = context, []
     for _ in range(count):
         logits = model(input_ids=tokens, use_cache=False).logits[:, -1].float()
+        log_probs = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
         if temperature == 0:
             step = logits.argmax(dim=-1, keepdim=True)
         else:
-            step = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
+            step = torch.multinomial(log_probs.exp(), 1)
+        logprobs.append(log_probs.gather(-1, step))
         tokens = torch.cat([tokens, step], dim=-1)
-    return tokens[:, context.shape[1] :]
+    return tokens[:, context.shape[1] :], torch.cat(logprobs, dim=-1)
 
 
 class SimulatedCrash(RuntimeError):
@@ -96,7 +101,9 @@ class TargetTokenRollout:
     target.
 
     Args:
-        temperature: sampling temperature (0: greedy, for evaluation).
+        temperature: sampling temperature (0: greedy, for evaluation). One other than the trainer's
+            ``rollout.temperature`` makes a sampler that deliberately differs from the trainer; the
+            recorded sampler log-probs are those of the distribution the tokens were drawn from.
         missing_reward_ids: example ids whose reward is reported as missing (None).
         crash_at_step: raise :class:`SimulatedCrash` when asked for this step's episodes.
         kill_at_step: kill the process with SIGKILL (kill -9) when asked for this step's episodes.
@@ -133,9 +140,11 @@ class TargetTokenRollout:
     ) -> Trajectory:
         prompt = tokenizer(example.question)["input_ids"]
         observation = tokenizer.convert_tokens_to_ids(list(OBSERVATION))
-        first = _sample(model, torch.tensor([prompt]), TURN_TOKENS, self.temperature)[0].tolist()
+        first_ids, first_logprobs = _sample(model, torch.tensor([prompt]), TURN_TOKENS, self.temperature)
+        first = first_ids[0].tolist()
         context = torch.tensor([prompt + first + observation])
-        second = _sample(model, context, TURN_TOKENS, self.temperature)[0].tolist()
+        second_ids, second_logprobs = _sample(model, context, TURN_TOKENS, self.temperature)
+        second = second_ids[0].tolist()
         target = tokenizer.convert_tokens_to_ids(TARGET)
         hit = target in first + second
         reward = None if example.id in self.missing_reward_ids else float(hit)
@@ -147,6 +156,11 @@ class TargetTokenRollout:
             loss_mask=[1] * TURN_TOKENS + [0] * len(observation) + [1] * TURN_TOKENS,
             turn_index=[0] * (TURN_TOKENS + len(observation)) + [1] * TURN_TOKENS,
             reward=reward,
+            sampler_logprobs=[
+                *first_logprobs[0].tolist(),
+                *[0.0] * len(observation),
+                *second_logprobs[0].tolist(),
+            ],
             terminated=True,
             turns=[
                 TurnRecord(

@@ -26,6 +26,7 @@ from searchgym.train import algorithms
 from searchgym.train.batch import Batch, Experience, collate
 from searchgym.train.checkpoint import CheckpointManager, TrainerState, export_hf_model
 from searchgym.train.config import TrainConfig
+from searchgym.train.dynamic_sampling import fill_with_informative_groups
 from searchgym.train.guards import Guards, StepHealth
 from searchgym.train.learner import Optimizers, UpdateStats, build_optimizers, make_experience, update
 from searchgym.train.models import TrainModels, build_train_models
@@ -207,16 +208,30 @@ def train(
 def _training_step(run: _Run, rollout: RolloutFunc, step: int, tracker: Tracker) -> dict[str, float]:
     """One step: rollout, experience, update, guard checks (and a roll-back when they call for it)."""
     config, models, timer = run.config, run.models, PhaseTimer()
-    with timer.phase("rollout"):
+
+    def draw() -> list[Trajectory]:
         examples = run.sampler.take(config.batch.prompts_per_step)
         repeated = [example for example in examples for _ in range(config.rollout.samples_per_prompt)]
-        trajectories = rollout(models.policy, run.tokenizer, repeated, step)
+        return rollout(models.policy, run.tokenizer, repeated, step)
+
+    sampling_metrics: dict[str, float] = {}
+    with timer.phase("rollout"):
+        if config.algorithm.dynamic_sampling:
+            sample = fill_with_informative_groups(
+                draw,
+                target_groups=config.batch.prompts_per_step,
+                max_draws=config.algorithm.dynamic_sampling_max_draws,
+            )
+            trajectories, drawn, sampling_metrics = sample.trajectories, sample.drawn, sample.metrics()
+        else:
+            trajectories = drawn = draw()
     with timer.phase("experience"):
         batch = collate(trajectories, pad_token_id=pad_token_id(run.tokenizer), device=run.device)
         experience = make_experience(models, batch, config)
     with timer.phase("update"):
         stats = update(models, run.optimizers, experience, config)
-    metrics = rollout_metrics(trajectories) | experience_metrics(experience, config) | stats.to_metrics()
+    metrics = rollout_metrics(drawn) | sampling_metrics | experience_metrics(experience, config)
+    metrics |= stats.to_metrics()
     metrics |= {"optim/actor_lr": run.optimizers.actor.param_groups[0]["lr"]}
     report = run.guards.check(step_health(batch, experience, stats, config))
     for warning in report.warnings:
