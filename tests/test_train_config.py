@@ -100,6 +100,10 @@ def test_derived_sizes() -> None:
         (["algorithm.dual_clip=1.0"], "algorithm.dual_clip must be > 1"),
         (["algorithm.truncated_is_cap=0.5"], "truncated_is_cap must be >= 1"),
         (["algorithm.dynamic_sampling=true"], "rollout.samples_per_prompt >= 2"),
+        (
+            ["algorithm.dynamic_sampling=true", "rollout.samples_per_prompt=2", "ray.enabled=true"],
+            "not wired into the Ray trainer",
+        ),
         (["algorithm.overlong_buffer_tokens=2000"], "below the policy-token limit"),
     ],
 )

@@ -496,6 +496,11 @@ class TrainConfig:
             "rollout.samples_per_prompt >= 2",
         )
         _require(
+            not (self.algorithm.dynamic_sampling and self.ray.enabled),
+            "algorithm.dynamic_sampling is not wired into the Ray trainer yet: set ray.enabled=false or "
+            "algorithm.dynamic_sampling=false",
+        )
+        _require(
             self.algorithm.overlong_buffer_tokens < self.policy_token_limit,
             f"algorithm.overlong_buffer_tokens ({self.algorithm.overlong_buffer_tokens}) must be below the "
             f"policy-token limit env.max_turns x rollout.max_new_tokens ({self.policy_token_limit})",
