@@ -32,8 +32,10 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
+# The slow tests, then the mutation check of the RL core (plants bugs in a copy; fails on a survivor).
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow
+	$(BIN)/python benchmarks/rl_mutations.py
 
 # The lower end of setup.cfg's transformers range: the policy tests again with transformers 5.17.0 in front of
 # .venv's packages (.venv itself has the newest release in the range).

@@ -114,6 +114,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             f"batch.mini_batch_prompts={args.episodes // group}",
             f"batch.micro_batch_size={args.micro_batch}",
             f"kl.placement={'loss' if group > 1 else 'reward'}",
+            f"kl.estimator={'low_var_kl' if group > 1 else 'k1'}",  # k1 as a loss has no gradient
             f"kl.coef={args.kl_coef}",
             f"system.dtype={args.dtype}",
         ],

@@ -9,14 +9,21 @@ from searchgym.train.algorithms import (
     aggregate_loss,
     clipped_policy_loss,
     clipped_value_loss,
+    discounted_returns,
     gae_advantages,
     grpo_advantages,
+    informative_groups,
     kl_estimate,
     last_policy_token_index,
     masked_mean,
     masked_var,
     masked_whiten,
+    overlong_penalty,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    sampler_gap,
     token_level_rewards,
+    truncated_importance_weights,
 )
 
 # One trajectory: two policy tokens, two observation tokens, one policy token.
@@ -171,3 +178,156 @@ def test_observation_tokens_change_neither_advantages_nor_policy_loss() -> None:
     for expected, actual in zip(reference, changed, strict=True):
         torch.testing.assert_close(actual, expected)
     assert reference[2].abs() > 0  # the comparison is not between two zeros
+
+
+# A ragged batch: episodes of 4, 6 and 0 policy tokens, right-padded to 6 columns.
+RAGGED = torch.tensor([[1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, 0]])
+
+
+def test_token_level_rewards_find_each_rows_own_last_policy_token() -> None:
+    rewards = token_level_rewards(torch.tensor([1.0, 2.0, 3.0]), RAGGED)
+    # Row 0 ends at column 3 (not 5, the last padded column); row 2 has no policy token: no reward at all.
+    close(rewards, [[0, 0, 0, 1.0, 0, 0], [0, 0, 0, 0, 0, 2.0], [0, 0, 0, 0, 0, 0]])
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_samples() -> None:
+    scores = torch.tensor([1.0, 0.0, 2.0, 5.0, 1.0, 3.0])
+    groups = ["a", "a", "a", "b", "c", "c"]
+    # a: 1 - (0+2)/2 = 0; 0 - (1+2)/2 = -1.5; 2 - (1+0)/2 = 1.5. b alone: 0. c: 1 - 3 = -2; 3 - 1 = 2.
+    close(rloo_advantages(scores, groups), [0.0, -1.5, 1.5, 0.0, -2.0, 2.0])
+    # A missing reward is nobody's baseline: a becomes (1, 0): 1 - 0 = 1, 0 - 1 = -1.
+    valid = torch.tensor([True, True, False, True, True, True])
+    close(rloo_advantages(scores, groups, valid=valid), [1.0, -1.0, 0.0, 0.0, -2.0, 2.0])
+
+
+def test_discounted_returns_jump_over_observation_tokens() -> None:
+    rewards = torch.tensor([[0.1, 0.2, 9.0, 9.0, 1.0]])
+    # t=4: 1; t=1: 0.2 + 0.5*1 = 0.7 (the observations neither pay nor discount); t=0: 0.1 + 0.5*0.7 = 0.45
+    close(discounted_returns(rewards, MASK, gamma=0.5), [[0.45, 0.7, 0.0, 0.0, 1.0]])
+
+
+def test_reinforce_pp_normalises_returns_over_the_whole_batch() -> None:
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    rewards = token_level_rewards(torch.tensor([1.0, 0.0, 7.0]), mask)  # row 2: a missing reward
+    # Returns 1, 1, 1 and 0, 0 over five tokens: mean 0.6, unbiased variance (3*0.16 + 2*0.36)/4 = 0.3.
+    std = math.sqrt(0.3)
+    expected = [[0.4 / std] * 3, [-0.6 / std, -0.6 / std, 0.0], [0.0, 0.0, 0.0]]
+    close(reinforce_pp_advantages(rewards, mask, gamma=1.0), expected)
+
+
+def test_reinforce_pp_puts_the_kl_penalty_on_each_token() -> None:
+    mask = torch.tensor([[1, 1], [1, 1]])
+    kl = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    rewards = token_level_rewards(torch.tensor([0.0, 0.0]), mask, kl_penalty=kl, kl_coef=0.5)
+    # Returns: row 0 -0.5, 0; row 1 0, 0. Mean -0.125, unbiased variance (0.375^2 + 3*0.125^2)/3 = 1/16.
+    close(reinforce_pp_advantages(rewards, mask, gamma=1.0), [[-1.5, 0.5], [0.5, 0.5]])
+
+
+def test_dr_grpo_aggregation_divides_by_a_constant() -> None:
+    losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 6.0, 0.0], [7.0, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]])
+    # Sums 6, 4, 11 over three sequences with tokens (the empty row does not count), budget 4.
+    close(aggregate_loss(losses, mask, mode="seq-mean-token-sum-norm", token_budget=4), 21 / (3 * 4))
+    split = sum(
+        aggregate_loss(
+            losses[rows], mask[rows], mode="seq-mean-token-sum-norm", denominator=3, token_budget=4
+        )
+        for rows in (slice(0, 1), slice(1, 4))
+    )
+    close(split, 21 / 12)
+    with pytest.raises(ValueError, match="token_budget"):
+        aggregate_loss(losses, mask, mode="seq-mean-token-sum-norm")
+
+
+def test_denominators_count_neither_padding_nor_empty_rows() -> None:
+    losses = torch.tensor([[2.0, 4.0, 8.0], [6.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    close(aggregate_loss(losses, mask, mode="token-mean"), (2 + 4 + 6) / 3)
+    close(aggregate_loss(losses, mask, mode="seq-mean"), (3 + 6) / 2)
+
+
+def test_clip_higher_widens_the_range_above_one_only() -> None:
+    logprobs = torch.log(torch.tensor([[1.25, 0.75]]))
+    case = {
+        "old_logprobs": torch.zeros(1, 2),
+        "advantages": torch.tensor([[1.0, -1.0]]),
+        "mask": torch.ones(1, 2),
+    }
+    symmetric = clipped_policy_loss(logprobs, **case, clip_eps=0.2)
+    # 1.25 is clipped to 1.2 (A=1: max(-1.25, -1.2) = -1.2); 0.75 to 0.8 (A=-1: max(0.75, 0.8) = 0.8).
+    close(symmetric.loss, (-1.2 + 0.8) / 2)
+    decoupled = clipped_policy_loss(logprobs, **case, clip_eps=0.2, clip_eps_high=0.28)
+    # 1.25 < 1.28 now stays; the low side is unchanged.
+    close(decoupled.loss, (-1.25 + 0.8) / 2)
+    close(decoupled.clip_fraction, 0.5)
+
+
+def test_dual_clip_bounds_the_loss_of_negative_advantages() -> None:
+    logprobs = torch.log(torch.tensor([[5.0, 5.0, 0.5]]))
+    case = {
+        "old_logprobs": torch.zeros(1, 3),
+        "advantages": torch.tensor([[-1.0, 1.0, -2.0]]),
+        "mask": torch.ones(1, 3),
+    }
+    plain = clipped_policy_loss(logprobs, **case, clip_eps=0.2)
+    # A=-1, r=5: max(5, 1.2) = 5; A=1, r=5: max(-5, -1.2) = -1.2; A=-2, r=0.5: max(1, 1.6) = 1.6.
+    close(plain.loss, (5.0 - 1.2 + 1.6) / 3)
+    dual = clipped_policy_loss(logprobs, **case, clip_eps=0.2, dual_clip=3.0)
+    # Only the first token exceeds -c A = 3; positive advantages are never dual-clipped.
+    close(dual.loss, (3.0 - 1.2 + 1.6) / 3)
+    close(dual.clip_fraction, 1.0)
+
+
+def test_an_exploded_ratio_gives_a_finite_loss_and_gradient() -> None:
+    logprobs = torch.tensor([[100.0, -100.0]], requires_grad=True)
+    loss = clipped_policy_loss(
+        logprobs, torch.zeros(1, 2), torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), clip_eps=0.2
+    )
+    # The log-ratio is clamped to +-20: the first token's loss is e^20, not inf.
+    close(loss.loss, (math.exp(20.0) - 0.8) / 2)
+    loss.loss.backward()
+    assert logprobs.grad is not None and torch.isfinite(logprobs.grad).all()
+
+
+def test_truncated_importance_weights() -> None:
+    old = torch.log(torch.tensor([[0.3, 0.1, 0.5, 0.9]]))
+    sampler = torch.log(torch.tensor([[0.1, 0.2, 0.5, 0.01]]))
+    mask = torch.tensor([[1, 1, 1, 0]])
+    # trainer / sampler: 3 -> capped at 2; 0.5; 1; masked -> 1.
+    weights = truncated_importance_weights(old, sampler, mask, cap=2.0)
+    close(weights, [[2.0, 0.5, 1.0, 1.0]])
+    loss = clipped_policy_loss(
+        old, old, torch.tensor([[1.0, 1.0, 1.0, 1.0]]), mask, clip_eps=0.2, token_weights=weights
+    )
+    close(loss.loss, -(2.0 + 0.5 + 1.0) / 3)
+
+
+def test_sampler_gap() -> None:
+    trainer = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -4.0, 0.0]])
+    sampler = torch.tensor([[-1.1, -2.0, -9.0], [-0.2, -4.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    gap = sampler_gap(trainer, sampler, mask)
+    # Differences (trainer - sampler) on the mask: 0.1, 0, -0.3.
+    close(gap.mean_abs_diff, 0.4 / 3)
+    close(gap.max_abs_diff, 0.3)
+    k3 = [math.exp(d) - d - 1.0 for d in (0.1, 0.0, -0.3)]  # r = trainer / sampler
+    close(gap.kl, sum(k3) / 3)
+    assert int(gap.tokens) == 3
+
+
+def test_overlong_penalty() -> None:
+    lengths = torch.tensor([0, 12, 13, 14, 16, 30])
+    # Limit 16, buffer 4: free up to 12, then -1/4 per token, -1 at and beyond the limit (times the factor).
+    close(overlong_penalty(lengths, max_tokens=16, buffer_tokens=4), [0, 0, -0.25, -0.5, -1.0, -1.0])
+    close(overlong_penalty(lengths, max_tokens=16, buffer_tokens=4, factor=0.5)[2], -0.125)
+    with pytest.raises(ValueError, match="buffer_tokens"):
+        overlong_penalty(lengths, max_tokens=4, buffer_tokens=5)
+
+
+def test_informative_groups_drop_groups_of_equal_rewards() -> None:
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 5.0, 1.0, 0.0])
+    groups = ["a", "a", "b", "b", "c", "c", "d", "e", "e"]
+    valid = torch.tensor([True, True, True, True, True, True, True, True, False])
+    # a: equal; b: differ; c: equal; d: alone; e: one valid reward (the other is missing).
+    keep = informative_groups(scores, groups, valid=valid)
+    assert keep.tolist() == [False, False, True, True, False, False, False, False, False]

@@ -7,12 +7,24 @@ import pytest
 import torch
 from train_fixtures import learner_config, tiny_model, toy_episodes, toy_examples, with_reward
 
+from searchgym.errors import SearchgymError
 from searchgym.policy.trajectory import Trajectory
-from searchgym.train.batch import EmptyBatchError, collate
+from searchgym.train.algorithms import kl_estimate
+from searchgym.train.batch import Batch, EmptyBatchError, Experience, collate
 from searchgym.train.config import TrainConfig
-from searchgym.train.learner import make_experience, update
-from searchgym.train.models import build_train_models, response_logprobs
+from searchgym.train.learner import compute_advantages, make_experience, shaped_scores, update
+from searchgym.train.models import (
+    TrainModels,
+    ValueModel,
+    build_train_models,
+    response_logprobs,
+    response_values,
+)
 from searchgym.train.optim import build_optimizers, lr_multiplier
+
+
+def close(actual: torch.Tensor, expected: list | float) -> None:
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +127,304 @@ def test_learning_rate_schedules() -> None:
     assert cosine(0) == pytest.approx(1.0)
     assert cosine(5) == pytest.approx(0.55)
     assert cosine(10) == pytest.approx(0.1)
+
+
+# A ragged batch with left-padded prompts (3, 1, 2 and 2 tokens: P = 3) and right-padded responses (4, 2, 5
+# and 1 tokens: R = 5). Episode 2's reward is missing. Groups: a = (0, 1), b = (2, 3).
+RAGGED_EPISODES = (
+    ([5, 6, 7], [8, 9, 10, 11], [1, 1, 0, 1], 1.0, "a"),
+    ([5], [12, 13], [1, 1], 0.5, "a"),
+    ([6, 7], [14, 15, 16, 17, 18], [1, 0, 0, 1, 1], None, "b"),
+    ([7, 8], [9], [1], 1.0, "b"),
+)
+
+
+def ragged_trajectories() -> list[Trajectory]:
+    return [
+        Trajectory(
+            example_id=group,
+            group_id=group,
+            prompt_ids=prompt,
+            response_ids=response,
+            loss_mask=mask,
+            turn_index=[0] * len(response),
+            reward=reward,
+        )
+        for prompt, response, mask, reward, group in RAGGED_EPISODES
+    ]
+
+
+def ragged_batch() -> Batch:
+    return collate(ragged_trajectories(), pad_token_id=0, device="cpu")
+
+
+def test_the_ragged_batch_is_laid_out_as_the_tests_assume() -> None:
+    batch = ragged_batch()
+    assert batch.sequences.prompt_width == 3 and batch.response_length == 5
+    assert batch.loss_mask.tolist() == [
+        [1, 1, 0, 1, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0],  # missing reward
+        [1, 0, 0, 0, 0],
+    ]
+    assert batch.sequences.attention_mask[1].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
+
+
+# Critic values at collection time; 9 marks positions no number may come from (observations, padding).
+RAGGED_VALUES = torch.tensor(
+    [
+        [0.5, 0.25, 9.0, 0.5, 9.0],
+        [0.25, 0.0, 9.0, 9.0, 9.0],
+        [0.1, 9.0, 9.0, 0.2, 0.3],
+        [0.5, 9.0, 9.0, 9.0, 9.0],
+    ]
+)
+
+
+def ppo_advantages(*overrides: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    config = learner_config("algorithm.gamma=1", "algorithm.lam=1", "kl.coef=0", *overrides)
+    return compute_advantages(
+        ragged_batch(), old_logprobs=None, ref_logprobs=None, values=RAGGED_VALUES, config=config
+    )
+
+
+def test_ppo_outcome_reward_lands_on_each_episodes_last_policy_token() -> None:
+    advantages, returns = ppo_advantages("algorithm.whiten_advantages=false")
+    assert returns is not None
+    # gamma = lam = 1: every policy token's return is its episode's score, its advantage score - value.
+    close(returns, [[1, 1, 0, 1, 0], [0.5, 0.5, 0, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]])
+    close(advantages, [[0.5, 0.75, 0, 0.5, 0], [0.25, 0.5, 0, 0, 0], [0, 0, 0, 0, 0], [0.5, 0, 0, 0, 0]])
+
+
+def test_ppo_returns_are_raw_and_whitening_skips_missing_reward_rows() -> None:
+    advantages, returns = ppo_advantages("algorithm.whiten_advantages=true")
+    # Raw advantages 0.5, 0.75, 0.5, 0.25, 0.5, 0.5 over the six rewarded tokens: mean 0.5, unbiased
+    # variance 2 * 0.25^2 / 5 = 0.025, so 0.25 becomes 0.25 / sqrt(0.025) = sqrt(2.5).
+    s = math.sqrt(2.5)
+    close(advantages, [[0, s, 0, 0, 0], [-s, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    # The critic regresses on the raw returns, not on whitened advantages plus values.
+    assert returns is not None
+    close(returns, [[1, 1, 0, 1, 0], [0.5, 0.5, 0, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]])
+
+
+def test_every_estimator_is_chosen_by_name_on_the_ragged_batch() -> None:
+    batch = ragged_batch()
+    expected = {
+        # a = (1, 0.5): mean 0.75, std sqrt(0.125); b has one valid reward: no signal.
+        "grpo": [0.25 / math.sqrt(0.125), -0.25 / math.sqrt(0.125), 0.0, 0.0],
+        "dr_grpo": [0.25, -0.25, 0.0, 0.0],
+        "rloo": [0.5, -0.5, 0.0, 0.0],  # 1 - 0.5 and 0.5 - 1
+    }
+    for name, per_episode in expected.items():
+        config = learner_config(f"algorithm.name={name}", "kl.coef=0")
+        advantages, returns = compute_advantages(
+            batch, old_logprobs=None, ref_logprobs=None, values=None, config=config
+        )
+        assert returns is None
+        close(advantages, torch.tensor(per_episode).unsqueeze(-1) * batch.loss_mask)
+    config = learner_config("algorithm.name=reinforce_pp", "kl.coef=0")
+    advantages, _ = compute_advantages(
+        batch, old_logprobs=None, ref_logprobs=None, values=None, config=config
+    )
+    # Returns 1, 1, 1, 0.5, 0.5, 1 over the six rewarded tokens: mean 5/6, unbiased variance
+    # (4/36 + 2/9) / 5 = 1/15.
+    hi, lo = (1 / 6) / math.sqrt(1 / 15), (-1 / 3) / math.sqrt(1 / 15)
+    close(advantages, [[hi, hi, 0, hi, 0], [lo, lo, 0, 0, 0], [0, 0, 0, 0, 0], [hi, 0, 0, 0, 0]])
+
+
+def test_kl_reward_penalty_per_estimator() -> None:
+    batch = ragged_batch()
+    old = torch.zeros(4, 5)
+    ref = torch.full((4, 5), -0.5)  # k1 = 0.5 on every token
+    config = learner_config("algorithm.name=rloo", "kl.coef=0.2", "kl.placement=reward")
+    advantages, _ = compute_advantages(batch, old_logprobs=old, ref_logprobs=ref, values=None, config=config)
+    # rloo: episode 0 pays 0.2 * 0.5 * 3 tokens = 0.3, episode 1 0.2: scores 0.7 and 0.3.
+    close(advantages[:2, 0], [0.4, -0.4])
+
+
+def test_overlong_shaping_lowers_the_scores_of_long_episodes() -> None:
+    # policy_token_limit: env.max_turns (2) x rollout.max_new_tokens (2) = 4; buffer 2: free up to 2.
+    config = learner_config("rollout.max_new_tokens=2", "algorithm.overlong_buffer_tokens=2")
+    assert config.policy_token_limit == 4
+    # Policy tokens: 3, 2, 3 (missing reward: stays 0), 1.
+    close(shaped_scores(ragged_batch(), config), [1.0 - 0.5, 0.5, 0.0, 1.0])
+
+
+class PositionAndTokenCritic(torch.nn.Module):
+    """A stand-in critic whose value at each position is 100 x its position id + its token id."""
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return 100.0 * position_ids.float() + input_ids.float()
+
+
+def test_critic_values_are_those_of_the_state_before_each_response_token() -> None:
+    batch = ragged_batch()
+    values = response_values(PositionAndTokenCritic(), batch)  # type: ignore[arg-type]
+    # Row 0: prompt 5 6 7 at positions 0-2; token t is valued at position 2 + t (token 7, then 8 ...).
+    # Row 1: prompt 5 alone after two pads: its first response token is valued at position 0, token 5.
+    close(
+        values * batch.sequences.response_mask,
+        [
+            [207, 308, 409, 510, 0],
+            [5, 112, 0, 0, 0],
+            [107, 214, 315, 416, 517],
+            [108, 0, 0, 0, 0],
+        ],
+    )
+
+
+def test_left_padding_changes_no_critic_value() -> None:
+    critic = ValueModel.from_causal_lm(tiny_model())
+    torch.nn.init.normal_(critic.value_head.weight, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        together = response_values(critic, ragged_batch())
+        for row, trajectory in enumerate(ragged_trajectories()):
+            alone = response_values(critic, collate([trajectory], pad_token_id=0, device="cpu"))
+            torch.testing.assert_close(together[row, : alone.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
+    assert together.abs().max() > 1e-3  # the comparison is not between zeros
+
+
+# The actor's loss on the ragged batch, on-policy (ratio 1): -A - entropy_coef x H + kl.coef x k3 per token.
+RAGGED_ADVANTAGES = torch.tensor(
+    [
+        [0.5, -1.0, 7.0, 2.0, 7.0],
+        [1.0, 1.0, 7.0, 7.0, 7.0],
+        [3.0, 3.0, 3.0, 3.0, 3.0],  # the missing-reward row: none of it may count
+        [-2.0, 7.0, 7.0, 7.0, 7.0],
+    ]
+)
+
+
+def ragged_models() -> TrainModels:
+    return TrainModels(policy=tiny_model(), reference=tiny_model(seed=1).requires_grad_(False), critic=None)
+
+
+def expected_token_losses(models: TrainModels, batch: Batch) -> torch.Tensor:
+    """(B, R) the per-token loss computed here from the models' own log-probs and entropies."""
+    with torch.no_grad():
+        logprobs, entropy = response_logprobs(models.policy, batch, temperature=1.0)
+        assert models.reference is not None
+        ref_logprobs, _ = response_logprobs(models.reference, batch, temperature=1.0)
+    kl = kl_estimate(logprobs, ref_logprobs, estimator="k3")
+    return -RAGGED_ADVANTAGES - 0.1 * entropy + 0.5 * kl
+
+
+@pytest.mark.parametrize(
+    ("name", "aggregation"),
+    [("grpo", "token-mean"), ("grpo", "seq-mean"), ("dr_grpo", "seq-mean-token-sum-norm")],
+)
+def test_actor_loss_signs_and_denominators_on_the_ragged_batch(name: str, aggregation: str) -> None:
+    config = learner_config(
+        f"algorithm.name={name}",
+        f"algorithm.loss_aggregation={aggregation}",
+        "algorithm.entropy_coef=0.1",
+        "kl.coef=0.5",
+        "kl.placement=loss",
+        "kl.estimator=k3",
+        "batch.micro_batch_size=2",  # two micro-batches: each divides by the whole mini-batch's count
+    )
+    assert config.update_is_on_policy
+    models, batch = ragged_models(), ragged_batch()
+    with torch.no_grad():
+        ref_logprobs, _ = response_logprobs(models.reference, batch, temperature=1.0)  # type: ignore[arg-type]
+    token_losses = expected_token_losses(models, batch)
+    mask = batch.loss_mask.bool()
+    if aggregation == "token-mean":
+        expected = token_losses[mask].sum() / 6  # six rewarded policy tokens, no padding, no missing row
+    elif aggregation == "seq-mean":
+        rows = [token_losses[row][mask[row]].mean() for row in (0, 1, 3)]  # the empty row does not count
+        expected = sum(rows) / 3
+    else:
+        expected = token_losses[mask].sum() / (3 * config.policy_token_limit)
+    experience = Experience(batch, old_logprobs=None, advantages=RAGGED_ADVANTAGES, ref_logprobs=ref_logprobs)
+    stats = update(models, build_optimizers(models, config), experience, config)
+    assert stats.actor_steps == 1
+    assert stats.policy_loss == pytest.approx(float(expected), abs=1e-5)
+
+
+def perturbed_sampler_batch(models: TrainModels, offsets: torch.Tensor) -> tuple[Batch, torch.Tensor]:
+    """The ragged batch with sampler log-probs = the policy's own minus ``offsets``; and the policy's."""
+    batch = ragged_batch()
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(models.policy, batch, temperature=1.0)
+    return dataclasses.replace(batch, sampler_logprobs=logprobs - offsets), logprobs
+
+
+# Sampler minus trainer on the six rewarded tokens: -0.1, -0.3, 0.2, -2.0, 0.0, 0.5.
+GAP_OFFSETS = torch.tensor(
+    [
+        [0.1, 0.3, 5.0, -0.2, 5.0],
+        [2.0, 0.0, 5.0, 5.0, 5.0],
+        [5.0, 5.0, 5.0, 5.0, 5.0],
+        [-0.5, 5.0, 5.0, 5.0, 5.0],
+    ]
+)
+
+
+@pytest.mark.parametrize("overrides", [[], ["algorithm.ppo_epochs=2"]])
+def test_sampler_gap_is_logged_on_policy_and_off_policy(overrides: list[str]) -> None:
+    config = learner_config("algorithm.name=grpo", "kl.coef=0", *overrides)
+    models = ragged_models()
+    batch, _ = perturbed_sampler_batch(models, GAP_OFFSETS)
+    experience = make_experience(models, batch, config)
+    assert (experience.old_logprobs is None) == config.update_is_on_policy
+    stats = update(models, build_optimizers(models, config), experience, config)
+    deltas = [0.1, 0.3, -0.2, 2.0, 0.0, -0.5]  # trainer - sampler
+    assert stats.sampler_gap_mean == pytest.approx(sum(abs(d) for d in deltas) / 6, abs=1e-5)
+    assert stats.sampler_gap_max == pytest.approx(2.0, abs=1e-5)
+    k3 = [math.exp(d) - d - 1.0 for d in deltas]
+    assert stats.sampler_kl == pytest.approx(sum(k3) / 6, abs=1e-5)
+    assert stats.is_weight is None
+    assert "sampler/logprob_gap_max" in stats.to_metrics()
+
+
+def test_truncated_importance_sampling_weights_the_policy_loss() -> None:
+    config = learner_config(
+        "algorithm.name=grpo", "kl.coef=0", "algorithm.entropy_coef=0", "algorithm.truncated_is_cap=2"
+    )
+    models = ragged_models()
+    batch, _ = perturbed_sampler_batch(models, GAP_OFFSETS)
+    experience = Experience(batch, old_logprobs=None, advantages=RAGGED_ADVANTAGES)
+    stats = update(models, build_optimizers(models, config), experience, config)
+    # Weights min(exp(trainer - sampler), 2) on the rewarded tokens, times -A (ratio 1), over six tokens.
+    weights = [math.exp(0.1), math.exp(0.3), math.exp(-0.2), 2.0, 1.0, math.exp(-0.5)]
+    advantages = [0.5, -1.0, 2.0, 1.0, 1.0, -2.0]
+    expected = -sum(w * a for w, a in zip(weights, advantages, strict=True)) / 6
+    assert stats.policy_loss == pytest.approx(expected, abs=1e-5)
+    assert stats.is_weight == pytest.approx(sum(weights) / 6, abs=1e-5)
+
+
+def test_truncated_importance_sampling_without_sampler_log_probs_is_an_error() -> None:
+    config = learner_config("algorithm.name=grpo", "kl.coef=0", "algorithm.truncated_is_cap=2")
+    models = ragged_models()
+    experience = Experience(ragged_batch(), old_logprobs=None, advantages=RAGGED_ADVANTAGES)
+    with pytest.raises(SearchgymError, match="truncated_is_cap=null"):
+        update(models, build_optimizers(models, config), experience, config)
+
+
+def test_bfloat16_autocast_leaves_log_softmax_and_value_head_in_float32() -> None:
+    model, batch = tiny_model(), ragged_batch()
+    critic = ValueModel.from_causal_lm(model)
+    torch.nn.init.normal_(critic.value_head.weight, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        logprobs, _ = response_logprobs(model, batch, temperature=0.7)
+        logits = model(
+            input_ids=batch.sequences.input_ids,
+            attention_mask=batch.sequences.attention_mask,
+            position_ids=batch.position_ids,
+        ).logits[:, batch.sequences.prompt_width - 1 : -1]
+        values = response_values(critic, batch)
+        hidden = critic.body(
+            input_ids=batch.sequences.input_ids,
+            attention_mask=batch.sequences.attention_mask,
+            position_ids=batch.position_ids,
+        ).last_hidden_state
+    assert logits.dtype == torch.bfloat16 and logprobs.dtype == values.dtype == torch.float32
+    # The same bf16 logits, divided by the temperature and normalised in float32.
+    targets = batch.sequences.input_ids[:, batch.sequences.prompt_width :]
+    expected = torch.log_softmax(logits.float() / 0.7, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    mask = batch.sequences.response_mask.bool()
+    torch.testing.assert_close(logprobs[mask], expected[mask], atol=1e-6, rtol=1e-6)
+    # The value head on the bf16 hidden states, in float32.
+    head = (hidden.float() @ critic.value_head.weight.T).squeeze(-1)[:, -batch.response_length - 1 : -1]
+    torch.testing.assert_close(values, head, atol=1e-6, rtol=1e-6)

@@ -93,11 +93,45 @@ def test_derived_sizes() -> None:
         (["env.max_turns=0"], "env: max_turns=0"),
         (["guards.rollback_after=3", "checkpoint.every=0"], "checkpoint.every > 0"),
         (["actor_lr"], "is not key=value"),
+        (["kl.placement=loss"], "k1 as a loss term has zero expected gradient"),
+        (["algorithm.name=rloo"], "rollout.samples_per_prompt >= 2"),
+        (["algorithm.name=dr_grpo", "rollout.samples_per_prompt=2"], "set kl.placement=loss"),
+        (["algorithm.name=dr_grpo", "algorithm.loss_aggregation=token-mean"], "divides by a constant"),
+        (["algorithm.dual_clip=1.0"], "algorithm.dual_clip must be > 1"),
+        (["algorithm.truncated_is_cap=0.5"], "truncated_is_cap must be >= 1"),
+        (["algorithm.dynamic_sampling=true"], "rollout.samples_per_prompt >= 2"),
+        (["algorithm.overlong_buffer_tokens=2000"], "below the policy-token limit"),
     ],
 )
 def test_mistakes_say_what_to_set(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_estimators_are_chosen_by_name_with_their_own_aggregation() -> None:
+    group = ["rollout.samples_per_prompt=2", "kl.coef=0"]
+    aggregation = {
+        name: load_config(None, [f"algorithm.name={name}", *group]).algorithm.aggregation
+        for name in ("ppo", "grpo", "rloo", "reinforce_pp", "dr_grpo")
+    }
+    assert aggregation == {
+        "ppo": "token-mean",
+        "grpo": "token-mean",
+        "rloo": "token-mean",
+        "reinforce_pp": "token-mean",
+        "dr_grpo": "seq-mean-token-sum-norm",
+    }
+    chosen = load_config(None, ["algorithm.name=rloo", "algorithm.loss_aggregation=seq-mean", *group])
+    assert chosen.algorithm.aggregation == "seq-mean"
+    # k1 stays valid where it belongs: in the reward, and as a loss only with a zero coefficient.
+    assert load_config(None, ["kl.placement=reward"]).kl.estimator == "k1"
+    assert load_config(None, ["kl.placement=loss", "kl.coef=0"]).uses_reference is False
+    # Only ppo fits a critic; rloo and reinforce_pp may keep the KL in the reward.
+    assert [load_config(None, [f"algorithm.name={n}", *group]).uses_critic for n in ("ppo", "rloo")] == [
+        True,
+        False,
+    ]
+    assert load_config(None, ["algorithm.name=reinforce_pp", "kl.coef=0.01"]).kl.placement == "reward"
 
 
 def test_missing_preset_file_is_a_config_error(tmp_path: Path) -> None:

@@ -32,8 +32,10 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def learn(run_dir: Path, *overrides: str) -> list[float]:
-    """Mean reward of each step of a 20-step run on the toy task (target token emitted by the policy)."""
+def learn(
+    run_dir: Path, *overrides: str, rollout: TargetTokenRollout | None = None
+) -> list[dict[str, float]]:
+    """The metrics of each step of a 20-step run on the toy task (target token emitted by the policy)."""
     config = toy_config(
         run_dir,
         "total_steps=20",
@@ -50,15 +52,19 @@ def learn(run_dir: Path, *overrides: str) -> list[float]:
     result = train(
         config,
         learner=LocalLearner(config, Policy(tiny_model(), tiny_tokenizer(), name="tiny")),
-        rollout=TargetTokenRollout(),
+        rollout=rollout or TargetTokenRollout(),
         tokenizer=tiny_tokenizer(),
         train_examples=toy_examples(16),
     )
-    return [row["rollout/reward"] for row in result.history]
+    return result.history
+
+
+def rewards(history: list[dict[str, float]]) -> list[float]:
+    return [row["rollout/reward"] for row in history]
 
 
 def test_ppo_learns_to_emit_the_rewarded_token(tmp_path: Path) -> None:
-    rewards = learn(
+    history = learn(
         tmp_path,
         "batch.prompts_per_step=8",
         "batch.mini_batch_prompts=4",
@@ -66,12 +72,11 @@ def test_ppo_learns_to_emit_the_rewarded_token(tmp_path: Path) -> None:
         "kl.coef=0",
     )
     # A random policy writes the target in about 16% of episodes (4 tokens, 24 words).
-    assert mean(rewards[:3]) < 0.35
-    assert mean(rewards[-3:]) > 0.8, rewards
+    assert_learns(history)
 
 
 def test_grpo_learns_to_emit_the_rewarded_token(tmp_path: Path) -> None:
-    rewards = learn(
+    history = learn(
         tmp_path,
         "algorithm.name=grpo",
         "rollout.samples_per_prompt=4",
@@ -81,8 +86,86 @@ def test_grpo_learns_to_emit_the_rewarded_token(tmp_path: Path) -> None:
         "kl.placement=loss",
         "kl.estimator=low_var_kl",
     )
-    assert mean(rewards[:3]) < 0.35
-    assert mean(rewards[-3:]) > 0.8, rewards
+    assert_learns(history)
+
+
+def assert_learns(history: list[dict[str, float]]) -> None:
+    """From below 0.35 (the first three steps) to above 0.8 (the last three) mean reward."""
+    reward = rewards(history)
+    assert mean(reward[:3]) < 0.35, reward
+    assert mean(reward[-3:]) > 0.8, reward
+
+
+GROUPS_OF_FOUR = (
+    "rollout.samples_per_prompt=4",
+    "batch.prompts_per_step=4",
+    "batch.mini_batch_prompts=2",
+    "batch.micro_batch_size=4",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # The KL stays in the reward: summed over the episode (rloo), per token (reinforce_pp).
+        ["algorithm.name=rloo", "kl.coef=0.001", "kl.placement=reward"],
+        ["algorithm.name=reinforce_pp", "kl.coef=0.001", "kl.placement=reward"],
+        ["algorithm.name=dr_grpo", "kl.coef=0.001", "kl.placement=loss", "kl.estimator=low_var_kl"],
+    ],
+    ids=["rloo", "reinforce_pp", "dr_grpo"],
+)
+def test_every_estimator_learns_to_emit_the_rewarded_token(tmp_path: Path, overrides: list[str]) -> None:
+    assert_learns(learn(tmp_path, *GROUPS_OF_FOUR, *overrides))
+
+
+@pytest.mark.slow
+def test_grpo_with_dapo_options_learns(tmp_path: Path) -> None:
+    history = learn(
+        tmp_path,
+        *GROUPS_OF_FOUR,
+        "algorithm.name=grpo",
+        "kl.coef=0",
+        "algorithm.clip_eps_high=0.28",
+        "algorithm.dual_clip=3",
+        "algorithm.dynamic_sampling=true",
+        "algorithm.overlong_buffer_tokens=13",  # limit 2 turns x 8 tokens: 4 tokens pay 1/13
+    )
+    assert_learns(history)
+    assert max(row["rollout/draws"] for row in history) > 1  # all-equal groups were dropped and replaced
+
+
+@pytest.mark.slow
+def test_truncated_importance_sampling_learns_from_a_perturbed_sampler(tmp_path: Path) -> None:
+    # The sampler draws at temperature 1.5 while the trainer scores at 1: a deliberate, large mismatch.
+    history = learn(
+        tmp_path,
+        *GROUPS_OF_FOUR,
+        "algorithm.name=grpo",
+        "kl.coef=0",
+        "algorithm.truncated_is_cap=2",
+        rollout=TargetTokenRollout(temperature=1.5),
+    )
+    assert_learns(history)
+    # Measured: a gap of 0.03 at the start (the random policy is near uniform, where temperature matters
+    # little) that grows to about 0.7 as the policy sharpens; an exact sampler shows < 1e-4 (below).
+    first, last = history[0], history[-1]
+    assert first["sampler/logprob_gap_mean"] > 0.01 and first["sampler/kl"] > 1e-4
+    assert last["sampler/logprob_gap_mean"] > 5 * first["sampler/logprob_gap_mean"]
+    assert all("actor/is_weight" in row for row in history)
+
+
+def test_an_exact_sampler_shows_no_gap(tmp_path: Path) -> None:
+    # On-policy GRPO (one optimizer step): the gap is measured on the update's own forward pass.
+    row = learn(
+        tmp_path,
+        *GROUPS_OF_FOUR,
+        "batch.mini_batch_prompts=4",
+        "algorithm.name=grpo",
+        "kl.coef=0",
+        "total_steps=1",
+    )[0]
+    assert row["sampler/logprob_gap_max"] < 1e-4 and row["sampler/kl"] < 1e-8
 
 
 def comparable(rows: list[dict]) -> list[dict]:

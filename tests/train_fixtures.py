@@ -79,17 +79,22 @@ def toy_examples(count: int) -> list[QAExample]:
 
 
 @torch.no_grad()
-def _sample(model: PreTrainedModel, context: torch.Tensor, count: int, temperature: float) -> torch.Tensor:
-    """(B, count) tokens sampled after ``context`` (B, L) (all rows the same length), or greedy at 0."""
-    tokens = context
+def _sample(
+    model: PreTrainedModel, context: torch.Tensor, count: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, count) tokens sampled after ``context`` (B, L) (all rows the same length), or greedy at 0, and
+    (B, count) their log-probs under the distribution they were drawn from (the raw one when greedy)."""
+    tokens, logprobs = context, []
     for _ in range(count):
         logits = model(input_ids=tokens, use_cache=False).logits[:, -1].float()
+        log_probs = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
         if temperature == 0:
             step = logits.argmax(dim=-1, keepdim=True)
         else:
-            step = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
+            step = torch.multinomial(log_probs.exp(), 1)
+        logprobs.append(log_probs.gather(-1, step))
         tokens = torch.cat([tokens, step], dim=-1)
-    return tokens[:, context.shape[1] :]
+    return tokens[:, context.shape[1] :], torch.cat(logprobs, dim=-1)
 
 
 class SimulatedCrash(RuntimeError):
@@ -99,9 +104,12 @@ class SimulatedCrash(RuntimeError):
 class TargetTokenRollout:
     """A :class:`searchgym.train.loop.Rollout`: two policy turns around an observation, reward for the target.
 
-    It samples with the global torch generator at the request's temperature (0: greedy, for evaluation).
+    It samples with the global torch generator at the request's temperature (0: greedy, for evaluation) and
+    records the log-probs of the distribution each token was drawn from.
 
     Args:
+        temperature: sample training requests at this temperature instead of the requested one: a sampler
+            that deliberately differs from the trainer (greedy requests stay greedy).
         missing_reward_ids: example ids whose reward is reported as missing (None).
         crash_at_step: raise :class:`SimulatedCrash` when asked for this step's episodes.
         kill_at_step: kill the process with SIGKILL (kill -9) when asked for this step's episodes.
@@ -110,10 +118,12 @@ class TargetTokenRollout:
     def __init__(
         self,
         *,
+        temperature: float | None = None,
         missing_reward_ids: Sequence[str] = (),
         crash_at_step: int | None = None,
         kill_at_step: int | None = None,
     ) -> None:
+        self.temperature = temperature
         self.missing_reward_ids = set(missing_reward_ids)
         self.crash_at_step = crash_at_step
         self.kill_at_step = kill_at_step
@@ -127,11 +137,13 @@ class TargetTokenRollout:
     def submit(
         self, examples: Sequence[QAExample], *, sampling: SamplingParams, step: int, batch_size: int
     ) -> None:
-        if step == self.crash_at_step and sampling.temperature > 0:
+        training = sampling.temperature > 0
+        if step == self.crash_at_step and training:
             raise SimulatedCrash(f"crash at step {step}")
-        if step == self.kill_at_step and sampling.temperature > 0:
+        if step == self.kill_at_step and training:
             os.kill(os.getpid(), signal.SIGKILL)
-        self._pending = (examples, sampling.temperature)
+        temperature = self.temperature if training and self.temperature is not None else sampling.temperature
+        self._pending = (examples, temperature)
 
     def collect(self) -> list[Trajectory]:
         assert self._pending is not None and self.model is not None
@@ -142,9 +154,11 @@ class TargetTokenRollout:
         tokenizer = self.tokenizer
         prompt = tokenizer(example.question)["input_ids"]
         observation = tokenizer.convert_tokens_to_ids(list(OBSERVATION))
-        first = _sample(model, torch.tensor([prompt]), TURN_TOKENS, temperature)[0].tolist()
+        first_ids, first_logprobs = _sample(model, torch.tensor([prompt]), TURN_TOKENS, temperature)
+        first = first_ids[0].tolist()
         context = torch.tensor([prompt + first + observation])
-        second = _sample(model, context, TURN_TOKENS, temperature)[0].tolist()
+        second_ids, second_logprobs = _sample(model, context, TURN_TOKENS, temperature)
+        second = second_ids[0].tolist()
         target = tokenizer.convert_tokens_to_ids(TARGET)
         hit = float(target in first + second)
         missing = example.id in self.missing_reward_ids
@@ -165,6 +179,11 @@ class TargetTokenRollout:
                 num_turns=2,
                 well_formed=True,
             ),
+            sampler_logprobs=[
+                *first_logprobs[0].tolist(),
+                *[0.0] * len(observation),
+                *second_logprobs[0].tolist(),
+            ],
             turns=[
                 TurnRecord(
                     action_type="search", text=tokenizer.decode(first), query="w7", num_policy_tokens=2

@@ -13,7 +13,7 @@ EXAMPLES = """\
 examples:
   searchgym train --config configs/demo.yaml
   searchgym train --config configs/search_r1_3b_ppo.yaml model.path=Qwen/Qwen2.5-3B-Instruct
-  searchgym train --config configs/tiny.yaml algorithm.name=grpo kl.placement=loss
+  searchgym train --config configs/tiny.yaml algorithm.name=grpo kl.placement=loss kl.estimator=low_var_kl
   searchgym train --config configs/demo.yaml --print-config
   searchgym train --config configs/demo.yaml ray.enabled=true ray.num_rollout_workers=2 ray.num_learners=2
 """

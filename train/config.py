@@ -16,6 +16,10 @@ from searchgym.train.algorithms import KLEstimator, LossAggregation
 from searchgym.train.config_io import ConfigError
 from searchgym.train.distributed.config import RayConfig
 
+AlgorithmName = Literal["ppo", "grpo", "rloo", "reinforce_pp", "dr_grpo"]
+GROUP_ESTIMATORS: tuple[AlgorithmName, ...] = ("grpo", "rloo", "dr_grpo")
+"""Estimators whose baseline is the other samples of the same prompt."""
+
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
@@ -153,16 +157,26 @@ class RolloutConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AlgorithmConfig:
-    """The policy-gradient estimator and its loss."""
+    """The policy-gradient estimator, its loss, and DAPO's options (usable with every estimator).
 
-    name: Literal["ppo", "grpo"] = "ppo"
-    """`ppo`: critic + GAE; `grpo`: no critic, advantages normalised within each prompt's group of samples."""
+    See the estimator table in docs/train.md for what each name does and where it comes from.
+    """
+
+    name: AlgorithmName = "ppo"
+    """`ppo`: critic + GAE; `grpo`: group-normalised scores (mean and std); `dr_grpo`: group mean only, and a
+    constant loss denominator; `rloo`: leave-one-out group mean; `reinforce_pp`: token-level returns
+    normalised over the whole batch (REINFORCE++). Every estimator but `ppo` trains no critic."""
     gamma: float = 1.0
-    """Discount per policy token in GAE (observation tokens do not count)."""
+    """Discount per policy token in GAE and REINFORCE++ returns (observation tokens do not count)."""
     lam: float = 1.0
     """GAE lambda: 1 is the Monte-Carlo return, lower trades variance for critic bias."""
     clip_eps: float = 0.2
-    """PPO clip range of the probability ratio."""
+    """PPO clip range of the probability ratio (below 1, and above 1 unless `clip_eps_high` is set)."""
+    clip_eps_high: float | None = None
+    """Clip range above 1 (DAPO's clip-higher, e.g. 0.28); null: the same as `clip_eps`."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1: on negative advantages a token's loss is at most -c x advantage; null: no
+    dual clip."""
     value_clip: float = 0.5
     """How far a value prediction may move from its rollout-time value before its loss is clipped."""
     entropy_coef: float = 0.001
@@ -171,17 +185,68 @@ class AlgorithmConfig:
     """Passes over each rollout batch."""
     whiten_advantages: bool = True
     """PPO: normalise advantages to zero mean and unit variance over the batch's policy tokens."""
-    grpo_normalize_std: bool = True
-    """GRPO: divide by the group's reward std; false is the no-std variant (Dr. GRPO)."""
-    loss_aggregation: LossAggregation = "token-mean"
-    """`token-mean`: every policy token weighs the same; `seq-mean`: every episode weighs the same."""
+    loss_aggregation: LossAggregation | None = None
+    """`token-mean`: every policy token weighs the same; `seq-mean`: every episode weighs the same;
+    `seq-mean-token-sum-norm`: token sums over a constant (the policy-token limit), averaged over episodes.
+    null: the estimator's own, `seq-mean-token-sum-norm` for dr_grpo and `token-mean` for the others."""
+    truncated_is_cap: float | None = None
+    """Weight each token's policy loss by min(trainer / sampler probability, cap), correcting for a sampler
+    that differs from the trainer (Yao et al. 2025 use 2); needs the sampler's log-probs. null: off."""
+    dynamic_sampling: bool = False
+    """DAPO: drop the groups whose rewards are all equal and sample more prompts until the batch is full."""
+    dynamic_sampling_max_draws: int = 4
+    """Rollout batches drawn at most per step with dynamic sampling; then the step trains on what it has."""
+    overlong_buffer_tokens: int = 0
+    """DAPO's overlong shaping: a reward penalty that grows linearly over the last this many policy tokens
+    before the limit (`env.max_turns` x `rollout.max_new_tokens`); 0 turns it off."""
+    overlong_penalty: float = 1.0
+    """The overlong penalty at and beyond the limit."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.gamma <= 1, f"algorithm.gamma must be in [0, 1], got {self.gamma}")
         _require(0 <= self.lam <= 1, f"algorithm.lam must be in [0, 1], got {self.lam}")
         _require_positive("algorithm", clip_eps=self.clip_eps, value_clip=self.value_clip)
+        _require(
+            self.clip_eps_high is None or self.clip_eps_high > 0,
+            f"algorithm.clip_eps_high must be > 0 or null, got {self.clip_eps_high}",
+        )
+        _require(
+            self.dual_clip is None or self.dual_clip > 1,
+            f"algorithm.dual_clip must be > 1 (it bounds the loss at c x |advantage|) or null, got "
+            f"{self.dual_clip}",
+        )
         _require(self.entropy_coef >= 0, f"algorithm.entropy_coef must be >= 0, got {self.entropy_coef}")
         _require(self.ppo_epochs >= 1, f"algorithm.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        _require(
+            self.name != "dr_grpo" or self.loss_aggregation in (None, "seq-mean-token-sum-norm"),
+            "dr_grpo divides by a constant, not by lengths: set algorithm.loss_aggregation=null (or "
+            "seq-mean-token-sum-norm), or use algorithm.name=grpo",
+        )
+        _require(
+            self.truncated_is_cap is None or self.truncated_is_cap >= 1,
+            f"algorithm.truncated_is_cap must be >= 1 or null, got {self.truncated_is_cap}",
+        )
+        _require(
+            self.dynamic_sampling_max_draws >= 1,
+            f"algorithm.dynamic_sampling_max_draws must be >= 1, got {self.dynamic_sampling_max_draws}",
+        )
+        _require(
+            self.overlong_buffer_tokens >= 0,
+            f"algorithm.overlong_buffer_tokens must be >= 0, got {self.overlong_buffer_tokens}",
+        )
+        penalty = self.overlong_penalty
+        _require(penalty >= 0, f"algorithm.overlong_penalty must be >= 0, got {penalty}")
+
+    @property
+    def aggregation(self) -> LossAggregation:
+        """The loss aggregation in force: `loss_aggregation`, or the estimator's own when that is null."""
+        if self.loss_aggregation is not None:
+            return self.loss_aggregation
+        match self.name:
+            case "dr_grpo":
+                return "seq-mean-token-sum-norm"
+            case "ppo" | "grpo" | "rloo" | "reinforce_pp":
+                return "token-mean"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,13 +256,21 @@ class KLConfig:
     coef: float = 0.001
     """KL coefficient; 0 drops the reference model altogether (no memory, no forward pass)."""
     estimator: KLEstimator = "k1"
-    """Per-token estimator: `k1` (log-ratio), `k3` (Schulman's, >= 0) or `low_var_kl` (bounded k3)."""
+    """Per-token estimator: `k1` (log-ratio), `k3` (Schulman's, >= 0) or `low_var_kl` (bounded k3).
+    k1 is for `placement=reward` only: as a loss its expected gradient is zero."""
     placement: Literal["reward", "loss"] = "reward"
-    """`reward`: subtract coef x KL from each policy token's reward (PPO as in Search-R1);
-    `loss`: add coef x KL to the policy loss (GRPO as in Search-R1, with low_var_kl)."""
+    """`reward`: subtract coef x KL from the rewards (ppo and reinforce_pp per token, rloo summed over the
+    episode); `loss`: add coef x KL to the policy loss (grpo and dr_grpo, with low_var_kl as in Search-R1)."""
 
     def __post_init__(self) -> None:
         _require(self.coef >= 0, f"kl.coef must be >= 0, got {self.coef}")
+        # The gradient of E[log pi - log ref] under samples of pi is E[grad log pi] = 0 (score-function
+        # identity): k1 added to the loss pulls nowhere, whatever its coefficient.
+        _require(
+            self.coef == 0 or self.placement != "loss" or self.estimator != "k1",
+            "kl.estimator=k1 as a loss term has zero expected gradient, so the KL would do nothing: set "
+            "kl.estimator=low_var_kl (or k3), or kl.placement=reward",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -417,15 +490,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.total_steps >= 1, f"total_steps must be >= 1, got {self.total_steps}")
-        _require(
-            self.algorithm.name != "grpo" or self.rollout.samples_per_prompt >= 2,
-            "GRPO compares the samples of one prompt: set rollout.samples_per_prompt >= 2 (Search-R1 uses 5)",
-        )
-        _require(
-            self.algorithm.name != "grpo" or self.kl.coef == 0 or self.kl.placement == "loss",
-            "GRPO normalises outcome rewards within a group, so a KL reward penalty would be lost: set "
-            "kl.placement=loss (Search-R1 uses kl.estimator=low_var_kl) or kl.coef=0",
-        )
+        self._check_algorithm()
         _require(
             self.mini_batch_trajectories % self.batch.micro_batch_size == 0,
             f"a mini-batch holds {self.mini_batch_trajectories} episodes (batch.mini_batch_prompts x "
@@ -474,10 +539,42 @@ class TrainConfig:
             "which checkpoint.resume=false forbids: set checkpoint.resume=true or ray.max_restarts=0",
         )
 
+    def _check_algorithm(self) -> None:
+        """How the estimator and DAPO's options fit the rollout and the KL settings."""
+        name = self.algorithm.name
+        _require(
+            name not in GROUP_ESTIMATORS or self.rollout.samples_per_prompt >= 2,
+            f"{name} compares the samples of one prompt: set rollout.samples_per_prompt >= 2 "
+            "(Search-R1 uses 5)",
+        )
+        _require(
+            name not in ("grpo", "dr_grpo") or self.kl.coef == 0 or self.kl.placement == "loss",
+            f"{name} uses outcome scores only, so a KL reward penalty would be ignored: set "
+            "kl.placement=loss and kl.estimator=low_var_kl (as Search-R1), or kl.coef=0",
+        )
+        _require(
+            not self.algorithm.dynamic_sampling or self.rollout.samples_per_prompt >= 2,
+            "algorithm.dynamic_sampling drops groups whose samples all scored alike: set "
+            "rollout.samples_per_prompt >= 2",
+        )
+        _require(
+            self.algorithm.overlong_buffer_tokens < self.policy_token_limit,
+            f"algorithm.overlong_buffer_tokens ({self.algorithm.overlong_buffer_tokens}) must be below the "
+            f"policy-token limit env.max_turns x rollout.max_new_tokens ({self.policy_token_limit})",
+        )
+
     @property
     def uses_critic(self) -> bool:
-        """PPO trains a critic; GRPO does not."""
+        """PPO trains a critic; the other estimators do not."""
         return self.algorithm.name == "ppo"
+
+    @property
+    def policy_token_limit(self) -> int:
+        """The most policy tokens an episode can hold: `env.max_turns` turns of `rollout.max_new_tokens`.
+
+        The constant denominator of `seq-mean-token-sum-norm` and the limit of overlong shaping.
+        """
+        return self.env.max_turns * self.rollout.max_new_tokens
 
     @property
     def uses_reference(self) -> bool:

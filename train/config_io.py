@@ -80,7 +80,7 @@ def _attributes_section(docstring: str) -> dict[str, str]:
 def _type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
         return "|".join(str(choice) for choice in typing.get_args(annotation))
-    if isinstance(annotation, types.UnionType):
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
     if typing.get_origin(annotation) is tuple:
         return f"tuple[{', '.join(_type_name(arg) for arg in typing.get_args(annotation))}]"
@@ -118,7 +118,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} is a section: give a mapping of its keys, not {value!r}")
         # is_dataclass narrows to "instance or class"; a type hint is always the class.
         return build(annotation, value, prefix=f"{key}.")  # type: ignore[arg-type]
-    if isinstance(annotation, types.UnionType):
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         if value is None and type(None) in typing.get_args(annotation):
             return None
         for option in typing.get_args(annotation):

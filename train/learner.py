@@ -1,9 +1,10 @@
 """The learner: one update on a batch of trajectories (experience, then PPO epochs), and what holds its state.
 
 The update does not know how the trajectories were produced; it needs only their token ids, loss masks,
-rewards and group ids. PPO and GRPO share everything except where the advantages come from and whether a
-critic is fitted. :class:`LocalLearner` holds the models, optimizers and checkpoints of one process and is
-what :func:`searchgym.train.loop.train` drives in a single-process run; each Ray learner actor holds one too.
+rewards and group ids. The estimators (``algorithm.name``) share everything except where the advantages
+come from and whether a critic is fitted (PPO only). :class:`LocalLearner` holds the models, optimizers and
+checkpoints of one process and is what :func:`searchgym.train.loop.train` drives in a single-process run;
+each Ray learner actor holds one too.
 """
 
 import contextlib
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from searchgym.errors import SearchgymError
 from searchgym.policy.logprobs import sequence_logprobs
 from searchgym.policy.models import Policy, pad_token_id
 from searchgym.policy.trajectory import Trajectory
@@ -105,38 +107,69 @@ def compute_advantages(
     values: Tensor | None,
     config: TrainConfig,
 ) -> tuple[Tensor, Tensor | None]:
-    """``(advantages, returns)``, (B, R): GAE on the critic's values (PPO) or group-normalised scores (GRPO).
+    """``(advantages, returns)``, (B, R), by the estimator ``algorithm.name`` names.
 
-    GRPO has no returns (None): there is no critic to fit.
+    ``returns`` are the critic's regression targets: PPO only (the others fit no critic: None). Scores are
+    the outcome rewards, with DAPO's overlong penalty when ``algorithm.overlong_buffer_tokens`` is set; the
+    KL reward penalty (``kl.placement=reward``) is per token for ppo and reinforce_pp and summed over the
+    episode for rloo.
     """
-    mask = batch.loss_mask
-    if values is None:
-        per_episode = algorithms.grpo_advantages(
-            batch.scores,
-            batch.group_ids,
-            valid=batch.reward_valid,
-            normalize_std=config.algorithm.grpo_normalize_std,
-        )
-        return per_episode.unsqueeze(-1) * mask, None
+    mask, algorithm = batch.loss_mask, config.algorithm
+    scores = shaped_scores(batch, config)
     kl_penalty = None
     if ref_logprobs is not None and old_logprobs is not None and config.kl.placement == "reward":
         kl_penalty = algorithms.kl_estimate(old_logprobs, ref_logprobs, estimator=config.kl.estimator)
-    rewards = algorithms.token_level_rewards(
-        batch.scores, mask, kl_penalty=kl_penalty, kl_coef=config.kl.coef
+    valid, kl_coef = batch.reward_valid, config.kl.coef
+    match algorithm.name:
+        case "ppo":
+            if values is None:
+                raise ValueError("ppo needs the critic's values (build the models with a critic)")
+            rewards = algorithms.token_level_rewards(scores, mask, kl_penalty=kl_penalty, kl_coef=kl_coef)
+            advantages, returns = algorithms.gae_advantages(
+                rewards, values, mask, gamma=algorithm.gamma, lam=algorithm.lam
+            )
+            if algorithm.whiten_advantages:  # after the returns: the critic regresses on raw returns
+                advantages = algorithms.masked_whiten(advantages, mask)
+            return advantages, returns
+        case "grpo" | "dr_grpo":
+            normalize_std = algorithm.name == "grpo"
+            per_episode = algorithms.grpo_advantages(
+                scores, batch.group_ids, valid=valid, normalize_std=normalize_std
+            )
+            return per_episode.unsqueeze(-1) * mask, None
+        case "rloo":
+            if kl_penalty is not None:
+                scores = scores - kl_coef * algorithms.masked_row_sum(kl_penalty, mask)
+            per_episode = algorithms.rloo_advantages(scores, batch.group_ids, valid=valid)
+            return per_episode.unsqueeze(-1) * mask, None
+        case "reinforce_pp":
+            rewards = algorithms.token_level_rewards(scores, mask, kl_penalty=kl_penalty, kl_coef=kl_coef)
+            return algorithms.reinforce_pp_advantages(rewards, mask, gamma=algorithm.gamma), None
+
+
+def shaped_scores(batch: Batch, config: TrainConfig) -> Tensor:
+    """(B,) the outcome scores, minus DAPO's overlong penalty on the policy-token count when it is on."""
+    buffer_tokens = config.algorithm.overlong_buffer_tokens
+    if buffer_tokens == 0:
+        return batch.scores
+    penalty = algorithms.overlong_penalty(
+        batch.policy_mask.sum(dim=-1),
+        max_tokens=config.policy_token_limit,
+        buffer_tokens=buffer_tokens,
+        factor=config.algorithm.overlong_penalty,
     )
-    advantages, returns = algorithms.gae_advantages(
-        rewards, values, mask, gamma=config.algorithm.gamma, lam=config.algorithm.lam
-    )
-    if config.algorithm.whiten_advantages:
-        advantages = algorithms.masked_whiten(advantages, mask)
-    return advantages, returns
+    return torch.where(batch.reward_valid, batch.scores + penalty.to(batch.scores.dtype), batch.scores)
 
 
 @dataclass(frozen=True, slots=True)
 class UpdateStats:
     """What one update did, averaged over its micro-batches (losses: over its mini-batches).
 
-    The critic's fields are None without a critic; ``kl_loss`` is None unless the KL is a loss term.
+    The critic's fields are None without a critic; ``kl_loss`` is None unless the KL is a loss term. The
+    sampler fields compare the sampler's log-probs with the trainer's log-probs under the sampling weights
+    (the experience's old log-probs, or on an on-policy update its own first forward pass); they are None
+    when the rollout recorded no sampler log-probs. ``is_weight`` is the mean truncated importance weight
+    (``algorithm.truncated_is_cap``), None when the correction is off.
     """
 
     policy_loss: float
@@ -152,6 +185,10 @@ class UpdateStats:
     critic_grad_norm: float | None = None
     critic_steps: int | None = None
     critic_skipped_steps: int | None = None
+    sampler_gap_mean: float | None = None
+    sampler_gap_max: float | None = None
+    sampler_kl: float | None = None
+    is_weight: float | None = None
 
     def to_metrics(self) -> dict[str, float]:
         """Flat ``actor/...`` and ``critic/...`` metrics, without the fields that do not apply."""
@@ -169,6 +206,10 @@ class UpdateStats:
             "critic/grad_norm": self.critic_grad_norm,
             "critic/optimizer_steps": self.critic_steps,
             "critic/skipped_steps": self.critic_skipped_steps,
+            "sampler/logprob_gap_mean": self.sampler_gap_mean,
+            "sampler/logprob_gap_max": self.sampler_gap_max,
+            "sampler/kl": self.sampler_kl,
+            "actor/is_weight": self.is_weight,
         }
         return {name: float(value) for name, value in metrics.items() if value is not None}
 
@@ -179,6 +220,13 @@ class _WeightedMeans:
     def __init__(self) -> None:
         self._sums: dict[str, float] = {}
         self._weights: dict[str, float] = {}
+        self._maxima: dict[str, float] = {}
+
+    def add_max(self, name: str, value: float | Tensor) -> None:
+        self._maxima[name] = max(self._maxima.get(name, -math.inf), float(value))
+
+    def maximum(self, name: str) -> float | None:
+        return self._maxima.get(name)
 
     def add(self, name: str, value: float | Tensor, weight: float = 1.0) -> None:
         self._sums[name] = self._sums.get(name, 0.0) + float(value) * weight
@@ -201,6 +249,7 @@ class _WeightedMeans:
         """Average sums and weights over data-parallel learners: means then span all their tokens."""
         self._sums = data_parallel.average(self._sums)
         self._weights = data_parallel.average(self._weights)
+        self._maxima = data_parallel.maximum(self._maxima)
 
 
 def update(
@@ -250,11 +299,15 @@ def update(
         critic_grad_norm=means.mean("critic_grad_norm"),
         critic_steps=means.total("critic_steps") if models.critic is not None else None,
         critic_skipped_steps=means.total("critic_skipped") if models.critic is not None else None,
+        sampler_gap_mean=means.mean("sampler_gap_mean"),
+        sampler_gap_max=means.maximum("sampler_gap_max"),
+        sampler_kl=means.mean("sampler_kl"),
+        is_weight=means.mean("is_weight"),
     )
 
 
 def _loss_denominator(mask: Tensor, aggregation: algorithms.LossAggregation) -> float:
-    """The mini-batch's token count (token-mean) or count of sequences with tokens (seq-mean)."""
+    """The mini-batch's token count (token-mean) or count of sequences with tokens (the other modes)."""
     if aggregation == "token-mean":
         return float(mask.sum())
     return float((mask.sum(dim=-1) > 0).sum())
@@ -268,9 +321,15 @@ def _actor_step(
     means: _WeightedMeans,
     data_parallel: DataParallel,
 ) -> None:
-    algorithm, aggregation = config.algorithm, config.algorithm.loss_aggregation
+    algorithm, aggregation = config.algorithm, config.algorithm.aggregation
     denominator = _loss_denominator(mini_batch.batch.loss_mask, aggregation)
+    token_budget = config.policy_token_limit
     kl_as_loss = config.kl.placement == "loss" and mini_batch.ref_logprobs is not None
+    if algorithm.truncated_is_cap is not None and mini_batch.batch.sampler_logprobs is None:
+        raise SearchgymError(
+            "algorithm.truncated_is_cap needs the sampler's log-probs, which this rollout did not record: "
+            "use a generation backend that returns them, or set algorithm.truncated_is_cap=null"
+        )
 
     def micro_batch_loss(micro: Experience) -> Tensor:
         mask = micro.batch.loss_mask
@@ -279,16 +338,23 @@ def _actor_step(
         )
         # On-policy (one optimizer step on this batch): the sampling policy is the one being updated.
         old_logprobs = logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs
+        token_weights = _sampler_correction(old_logprobs, micro.batch, config, means)
         surrogate = algorithms.clipped_policy_loss(
             logprobs,
             old_logprobs,
             micro.advantages,
             mask,
             clip_eps=algorithm.clip_eps,
+            clip_eps_high=algorithm.clip_eps_high,
+            dual_clip=algorithm.dual_clip,
+            token_weights=token_weights,
             aggregation=aggregation,
             denominator=denominator,
+            token_budget=token_budget,
         )
-        entropy_term = algorithms.aggregate_loss(entropy, mask, mode=aggregation, denominator=denominator)
+        entropy_term = algorithms.aggregate_loss(
+            entropy, mask, mode=aggregation, denominator=denominator, token_budget=token_budget
+        )
         loss = surrogate.loss - algorithm.entropy_coef * entropy_term
         tokens = float(mask.sum())
         means.add("entropy", algorithms.masked_mean(entropy.detach(), mask), tokens)
@@ -297,7 +363,9 @@ def _actor_step(
         if kl_as_loss:
             assert micro.ref_logprobs is not None  # a slice of the mini-batch's, which kl_as_loss checked
             kl = algorithms.kl_estimate(logprobs, micro.ref_logprobs, estimator=config.kl.estimator)
-            kl_term = algorithms.aggregate_loss(kl, mask, mode=aggregation, denominator=denominator)
+            kl_term = algorithms.aggregate_loss(
+                kl, mask, mode=aggregation, denominator=denominator, token_budget=token_budget
+            )
             means.add("kl_loss", algorithms.masked_mean(kl.detach(), mask), tokens)
             loss = loss + config.kl.coef * kl_term
         return loss
@@ -308,6 +376,31 @@ def _actor_step(
     _record_outcome("actor", outcome, means)
 
 
+def _sampler_correction(
+    old_logprobs: Tensor, batch: Batch, config: TrainConfig, means: _WeightedMeans
+) -> Tensor | None:
+    """Log the sampler/trainer gap of ``batch``; return the truncated importance weights when they are on.
+
+    ``old_logprobs`` are the trainer's log-probs under the weights that sampled the batch, so the gap is
+    the sampler's numerics (and, for vLLM, its weight lag), not the update's own drift.
+    """
+    sampler, mask = batch.sampler_logprobs, batch.loss_mask
+    if sampler is None:
+        return None
+    gap = algorithms.sampler_gap(old_logprobs, sampler, mask)
+    tokens = float(gap.tokens)
+    means.add("sampler_gap_mean", gap.mean_abs_diff, tokens)
+    means.add("sampler_kl", gap.kl, tokens)
+    if tokens > 0:
+        means.add_max("sampler_gap_max", gap.max_abs_diff)
+    cap = config.algorithm.truncated_is_cap
+    if cap is None:
+        return None
+    weights = algorithms.truncated_importance_weights(old_logprobs, sampler, mask, cap=cap)
+    means.add("is_weight", algorithms.masked_mean(weights, mask), tokens)
+    return weights
+
+
 def _critic_step(
     critic: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -316,7 +409,7 @@ def _critic_step(
     means: _WeightedMeans,
     data_parallel: DataParallel,
 ) -> None:
-    aggregation = config.algorithm.loss_aggregation
+    aggregation = config.algorithm.aggregation
     denominator = _loss_denominator(mini_batch.batch.loss_mask, aggregation)
 
     def micro_batch_loss(micro: Experience) -> Tensor:
@@ -331,6 +424,7 @@ def _critic_step(
             clip_range=config.algorithm.value_clip,
             aggregation=aggregation,
             denominator=denominator,
+            token_budget=config.policy_token_limit,
         )
         means.add("value_clip_fraction", loss.clip_fraction, float(micro.batch.loss_mask.sum()))
         return loss.loss

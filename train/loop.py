@@ -25,9 +25,11 @@ from transformers import PreTrainedTokenizerBase
 from searchgym.env.data import QAExample
 from searchgym.errors import SearchgymError
 from searchgym.policy.generation import SamplingParams
+from searchgym.policy.rollout import default_group_id
 from searchgym.policy.trajectory import Trajectory
 from searchgym.train.checkpoint import CheckpointManager, TrainerState
 from searchgym.train.config import TrainConfig
+from searchgym.train.dynamic_sampling import fill_with_informative_groups
 from searchgym.train.guards import Guards
 from searchgym.train.learner import LearnerStep
 from searchgym.train.metrics import DEV_METRICS, episode_means, rollout_timings
@@ -242,22 +244,38 @@ def train(
 def _training_step(run: _Run, step: int, tracker: Tracker) -> dict[str, float]:
     """One step: rollout, learn, new weights to the rollout, guard checks (and a roll-back if called for)."""
     config, timer = run.config, PhaseTimer()
-    with timer.phase("rollout"):
+    drawn_examples: list[QAExample] = []
+
+    def draw() -> list[Trajectory]:
         examples = run.sampler.take(config.batch.prompts_per_step)
         repeated = [example for example in examples for _ in range(config.rollout.samples_per_prompt)]
+        drawn_examples.extend(repeated)
         run.rollout.submit(
             repeated,
             sampling=training_sampling(config, step),
             step=step,
             batch_size=config.trajectories_per_step,
         )
-        trajectories = run.rollout.collect()
+        return run.rollout.collect()
+
+    sampling_metrics: dict[str, float] = {}
+    with timer.phase("rollout"):
+        if config.algorithm.dynamic_sampling:
+            sample = fill_with_informative_groups(
+                draw,
+                target_groups=config.batch.prompts_per_step,
+                max_draws=config.algorithm.dynamic_sampling_max_draws,
+            )
+            trajectories, drawn, sampling_metrics = sample.trajectories, sample.drawn, sample.metrics()
+        else:
+            trajectories = drawn = draw()
     with timer.phase("learn"):
         learned = run.learner.step(trajectories)
     with timer.phase("weight_sync"):
         run.rollout.sync_weights(run.learner)
-    metrics = {f"rollout/{name}": value for name, value in episode_means(trajectories).items()}
-    metrics |= learned.metrics
+    # Every episode sampled counts in the rollout's means, also those dynamic sampling left out.
+    metrics = {f"rollout/{name}": value for name, value in episode_means(drawn).items()}
+    metrics |= sampling_metrics | learned.metrics
     report = run.guards.check(learned.health)
     for warning in report.warnings:
         tracker.warn(f"step {step}: {warning}")
@@ -266,7 +284,8 @@ def _training_step(run: _Run, step: int, tracker: Tracker) -> dict[str, float]:
         metrics |= {"guards/rolled_back_to": float(_roll_back(run, tracker, step))}
     if config.logging.samples_every and step % config.logging.samples_every == 0:
         tracker.write_samples(step, render_samples(trajectories, run.tokenizer, config.logging.num_samples))
-    tracker.write_episodes(step, trajectories, repeated, run.tokenizer)
+    of_group = {default_group_id(example): example for example in drawn_examples}
+    tracker.write_episodes(step, trajectories, [of_group[t.group_id] for t in trajectories], run.tokenizer)
     return metrics | timer.metrics() | rollout_timings(trajectories)
 
 

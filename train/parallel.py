@@ -56,6 +56,10 @@ class DataParallel(Protocol):
         """Each value averaged over the learners (a key one learner lacks counts as 0 there)."""
         ...
 
+    def maximum(self, values: Mapping[str, float]) -> dict[str, float]:
+        """Each value's maximum over the learners that have it."""
+        ...
+
 
 class SingleProcess:
     """One learner alone: every method is the identity (the shuffle is torch's global generator's)."""
@@ -77,6 +81,10 @@ class SingleProcess:
         return loss, finite
 
     def average(self, values: Mapping[str, float]) -> dict[str, float]:
+        """The values themselves."""
+        return dict(values)
+
+    def maximum(self, values: Mapping[str, float]) -> dict[str, float]:
         """The values themselves."""
         return dict(values)
 
@@ -161,6 +169,13 @@ class TorchDataParallel:
         return {
             key: sum(entry.get(key, 0.0) for entry in gathered if entry) / self.world_size for key in keys
         }
+
+    def maximum(self, values: Mapping[str, float]) -> dict[str, float]:
+        """The largest of each value over the learners that have it (gathered as Python objects)."""
+        gathered: list[Mapping[str, float] | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, dict(values))
+        keys = sorted({key for entry in gathered if entry for key in entry})
+        return {key: max(entry[key] for entry in gathered if entry and key in entry) for key in keys}
 
 
 def _buckets(tensors: Sequence[Tensor], max_elements: int) -> Iterator[list[Tensor]]:
