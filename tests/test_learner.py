@@ -7,6 +7,7 @@ import pytest
 import torch
 from train_fixtures import learner_config, tiny_model, toy_episodes, toy_examples, with_reward
 
+from searchgym.env.outcome import EpisodeOutcome
 from searchgym.errors import SearchgymError
 from searchgym.policy.trajectory import Trajectory
 from searchgym.train.algorithms import kl_estimate
@@ -148,7 +149,7 @@ def ragged_trajectories() -> list[Trajectory]:
             response_ids=response,
             loss_mask=mask,
             turn_index=[0] * len(response),
-            reward=reward,
+            outcome=EpisodeOutcome(answer=None, end_reason="answered", reward=reward),
         )
         for prompt, response, mask, reward, group in RAGGED_EPISODES
     ]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from train_fixtures import run_toy
 
+from searchgym.env.outcome import EpisodeOutcome
 from searchgym.policy.trajectory import Trajectory
 from searchgym.train.dynamic_sampling import fill_with_informative_groups, keep_informative_groups
 
@@ -18,7 +19,7 @@ def episodes(group_rewards: dict[str, list[float | None]]) -> list[Trajectory]:
             response_ids=[2],
             loss_mask=[1],
             turn_index=[0],
-            reward=reward,
+            outcome=EpisodeOutcome(answer=None, end_reason="answered", reward=reward),
         )
         for group, rewards in group_rewards.items()
         for reward in rewards
