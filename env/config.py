@@ -39,6 +39,10 @@ class EnvConfig:
             ``{question}`` exactly once (the question is inserted verbatim and never truncated).
         reward_type: the outcome metric of the final answer: ``"em"`` (exact match), ``"f1"`` (token F1)
             or ``"cover_em"`` (a gold answer appears in the prediction).
+        reward_fn: your own outcome reward in place of ``reward_type``: a built-in name, an import path
+            ``package.module:function``, or a weighted sum (``"0.8*f1 + 0.2*mypkg.rewards:brevity"`` or
+            the list ``["0.8*f1", "0.2*mypkg.rewards:brevity"]``); see
+            :mod:`searchgym.env.reward_fns` for the function's signature. None uses ``reward_type``.
         format_weight: reward floor for a well-formed episode (every action valid, ended by an answer)
             whose answer scores lower. 0 turns format shaping off (the Search-R1 paper's setting).
         retrieval_weight: extra floor, on top of ``format_weight``, when the episode is well-formed and
@@ -53,6 +57,7 @@ class EnvConfig:
     prompt_style: PromptStyle = "chat"
     prompt_template: str | None = None
     reward_type: RewardType = "em"
+    reward_fn: str | tuple[str, ...] | None = None
     format_weight: float = 0.0
     retrieval_weight: float = 0.0
     search_cost: float = 0.0
@@ -97,6 +102,15 @@ class EnvConfig:
                 f"reward_type={self.reward_type!r}: set reward_type to one of "
                 f"{', '.join(get_args(RewardType))}"
             )
+        if self.reward_fn is not None:
+            # Imported here: reward_fns imports rewards, which imports this module's RewardType.
+            from searchgym.env.reward_fns import RewardFnError, parse_reward_spec, resolve_reward_fn
+
+            try:
+                for term in parse_reward_spec(self.reward_fn):
+                    resolve_reward_fn(term.spec)
+            except RewardFnError as error:
+                raise EnvConfigError(f"reward_fn={self.reward_fn!r}: {error}") from error
         for name in ("format_weight", "retrieval_weight"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -110,3 +124,8 @@ class EnvConfig:
             raise EnvConfigError(
                 f"search_cost={self.search_cost}: set search_cost between 0 and 1 (0 = free)"
             )
+
+    @property
+    def reward_spec(self) -> str | tuple[str, ...]:
+        """What scores the final answer: ``reward_fn`` when set, else ``reward_type``."""
+        return self.reward_type if self.reward_fn is None else self.reward_fn

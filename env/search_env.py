@@ -13,6 +13,7 @@ from searchgym.env.config import EnvConfig
 from searchgym.env.data import QAExample, load_dataset
 from searchgym.env.observations import fit_information
 from searchgym.env.retrieval import RetrievalResult, retrieve_batch
+from searchgym.env.reward_fns import EpisodeFacts, RewardContext, parse_reward_spec, score_outcome
 from searchgym.env.rewards import (
     RewardBreakdown,
     answer_in_passages,
@@ -20,7 +21,6 @@ from searchgym.env.rewards import (
     exact_match,
     f1_score,
     format_reward,
-    score_answer,
     search_penalty,
 )
 from searchgym.env.spaces import MAX_ACTION_CHARS, MAX_OBSERVATION_CHARS, UnicodeText
@@ -313,6 +313,15 @@ class SearchEnv(gymnasium.Env[str, str]):
             num_searches=episode.num_searches,
             config=self.config,
             error=error,
+            trajectory="".join(episode.transcript),
+            facts=EpisodeFacts(
+                end_reason=end_reason,
+                well_formed=well_formed,
+                num_turns=episode.turn,
+                tool_calls={"search": episode.num_searches},
+                retrieved_ids=tuple(episode.retrieved_ids),
+                retrieved_texts=tuple(episode.retrieved_texts),
+            ),
         )
         reward = 0.0 if info["reward"] is None else info["reward"]
         return "", reward, terminated, not terminated, info
@@ -327,15 +336,45 @@ def episode_scores(
     num_searches: int,
     config: EnvConfig,
     error: str | None = None,
+    trajectory: str = "",
+    facts: EpisodeFacts | None = None,
 ) -> dict[str, Any]:
-    """The final ``info`` entries of an episode: metrics, reward and its parts, or None with a reason."""
+    """The final ``info`` entries of an episode: metrics, reward and its parts, or None with a reason.
+
+    The outcome part of the reward comes from the configured reward functions
+    (:mod:`searchgym.env.reward_fns`), called with the question, the gold answers, the answer, the
+    episode's ``trajectory`` text and its ``facts``; ``reward_parts`` holds each function's value.
+    """
     missing = {"em": None, "f1": None, "cover_em": None, "reward": None}
-    parts = {"reward_outcome": None, "reward_shaping": None, "reward_search_cost": None}
+    parts = {"reward_outcome": None, "reward_shaping": None, "reward_search_cost": None, "reward_parts": {}}
     if error is not None:
         return missing | parts | {"reward_error": f"retriever failed: {error}"}
     golds = example.golden_answers
     if not golds:
         return missing | parts | {"reward_error": f"example {example.id!r} has no golden answers"}
+    metrics = {
+        "em": exact_match(answer, golds),
+        "f1": f1_score(answer, golds),
+        "cover_em": cover_exact_match(answer, golds),
+    }
+    context = RewardContext(
+        question=example.question,
+        golden_answers=tuple(golds),
+        answer=answer,
+        trajectory=trajectory,
+        episode=facts
+        or EpisodeFacts(
+            end_reason="answered" if answer is not None else "unanswered",
+            well_formed=well_formed,
+            tool_calls={"search": num_searches},
+            retrieved_texts=tuple(retrieved_texts),
+        ),
+        example=example,
+    )
+    outcome = score_outcome(parse_reward_spec(config.reward_spec), context)
+    if outcome.value is None:
+        failed = {"reward_error": f"reward function failed: {outcome.error}", "reward_parts": outcome.parts}
+        return metrics | parts | {"reward": None} | failed
     shaping = format_reward(
         well_formed=well_formed,
         answer_retrieved=config.retrieval_weight > 0 and answer_in_passages(retrieved_texts, golds),
@@ -343,19 +382,15 @@ def episode_scores(
         retrieval_weight=config.retrieval_weight,
     )
     breakdown = RewardBreakdown(
-        outcome=score_answer(answer, golds, config.reward_type),
-        shaping=shaping,
-        search_cost=search_penalty(num_searches, config.search_cost),
+        outcome=outcome.value, shaping=shaping, search_cost=search_penalty(num_searches, config.search_cost)
     )
-    return {
-        "em": exact_match(answer, golds),
-        "f1": f1_score(answer, golds),
-        "cover_em": cover_exact_match(answer, golds),
+    return metrics | {
         "reward": breakdown.total,
         "reward_error": None,
         "reward_outcome": breakdown.outcome,
         "reward_shaping": breakdown.shaping,
         "reward_search_cost": breakdown.search_cost,
+        "reward_parts": outcome.parts,
     }
 
 
