@@ -191,7 +191,7 @@ def resolve_reward_fn(spec: str) -> RewardFn:
     function = getattr(module, attribute, None)
     if not callable(function):
         raise RewardFnError(f"reward function {spec!r}: {module_name} has no callable {attribute!r}")
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 def score_outcome(terms: Sequence[RewardTerm], context: RewardContext) -> OutcomeScore:

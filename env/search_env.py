@@ -345,8 +345,13 @@ def episode_scores(
     (:mod:`searchgym.env.reward_fns`), called with the question, the gold answers, the answer, the
     episode's ``trajectory`` text and its ``facts``; ``reward_parts`` holds each function's value.
     """
-    missing = {"em": None, "f1": None, "cover_em": None, "reward": None}
-    parts = {"reward_outcome": None, "reward_shaping": None, "reward_search_cost": None, "reward_parts": {}}
+    missing: dict[str, Any] = {"em": None, "f1": None, "cover_em": None, "reward": None}
+    parts: dict[str, Any] = {
+        "reward_outcome": None,
+        "reward_shaping": None,
+        "reward_search_cost": None,
+        "reward_parts": {},
+    }
     if error is not None:
         return missing | parts | {"reward_error": f"retriever failed: {error}"}
     golds = example.golden_answers

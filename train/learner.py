@@ -21,7 +21,7 @@ from searchgym.train import algorithms
 from searchgym.train.batch import Batch, Experience
 from searchgym.train.config import TrainConfig
 from searchgym.train.distributed.data_parallel import SINGLE_PROCESS, DataParallel
-from searchgym.train.models import TrainModels, response_logprobs, response_values
+from searchgym.train.models import TrainModels, reference_policy, response_logprobs, response_values
 
 RecordT = TypeVar("RecordT", Batch, Experience)
 logger = logging.getLogger(__name__)
@@ -127,11 +127,12 @@ def make_experience(
             ).logprobs
             old_logprobs = data_parallel.gather(old_logprobs, size=batch.size)
         ref_logprobs = None
-        if models.reference is not None:
-            ref_logprobs = sequence_logprobs(
-                models.reference, share.sequences, temperature=temperature, micro_batch_size=size
-            ).logprobs
-            ref_logprobs = data_parallel.gather(ref_logprobs, size=batch.size)
+        with reference_policy(models) as reference:
+            if reference is not None:
+                ref_logprobs = sequence_logprobs(
+                    reference, share.sequences, temperature=temperature, micro_batch_size=size
+                ).logprobs
+                ref_logprobs = data_parallel.gather(ref_logprobs, size=batch.size)
         values = None
         if models.critic is not None:
             models.critic.eval()

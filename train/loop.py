@@ -248,6 +248,7 @@ def _start_run(
         with_reference=config.uses_reference,
         with_critic=config.uses_critic,
         gradient_checkpointing=config.model.gradient_checkpointing,
+        lora=config.model.lora,
     )
     return _Run(
         config=config,

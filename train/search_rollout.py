@@ -32,6 +32,7 @@ from searchgym.retriever.base import Retriever
 from searchgym.retriever.index import IndexSpec, ensure_index, load_retriever
 from searchgym.train.config import RetrieverConfig, TrainConfig
 from searchgym.train.loop import TrainResult, resolve_device, seed_everything, train
+from searchgym.train.lora import merged_state
 from searchgym.train.warmstart import warm_started_policy
 
 WIKI_MINI_BM25 = paths.CACHE_DIR / "indexes" / "wiki-mini-bm25"
@@ -105,7 +106,7 @@ class SearchRollout:
             return TransformersGenerator(Policy(policy_model, tokenizer, name=self.config.model.path))
         load_weights = getattr(self.generator, "load_weights", None)
         if load_weights is not None:
-            load_weights(policy_model.state_dict())
+            load_weights(merged_state(policy_model))
         return self.generator
 
 

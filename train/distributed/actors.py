@@ -41,6 +41,7 @@ from searchgym.train.loop import (
     seed_everything,
     step_health,
 )
+from searchgym.train.lora import merged_state
 from searchgym.train.models import build_train_models
 from searchgym.train.search_rollout import load_training_policy, make_generator, open_retriever, token_budgets
 
@@ -143,6 +144,7 @@ class Learner:
             with_reference=config.uses_reference,
             with_critic=config.uses_critic,
             gradient_checkpointing=config.model.gradient_checkpointing,
+            lora=config.model.lora,
         )
         self.optimizers = build_optimizers(self.models, config)
         self.checkpoints = CheckpointManager(
@@ -203,7 +205,7 @@ class Learner:
 
     def policy_state(self) -> dict[str, np.ndarray | torch.Tensor]:
         """The policy's weights on the CPU, for the rollout workers (see :func:`shareable_weights`)."""
-        return shareable_weights(self.models.policy.state_dict())
+        return shareable_weights(merged_state(self.models.policy))
 
     def save(self, state: TrainerState) -> Path:
         """Write a checkpoint (rank 0; the other learners hold the same weights and optimizer states)."""
