@@ -1,12 +1,13 @@
 """The environment's settings: one frozen dataclass that the trainer's config tree embeds."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from searchgym.errors import SearchgymError
 
 PromptStyle = Literal["chat", "plain"]
 RewardType = Literal["em", "f1", "cover_em"]
+ToolFormat = Literal["tags", "hermes"]
 
 QUESTION_PLACEHOLDER = "{question}"
 # The longest notices (an invalid action on the turn before the last) must fit, with room for documents.
@@ -48,6 +49,15 @@ class EnvConfig:
         retrieval_weight: extra floor, on top of ``format_weight``, when the episode is well-formed and
             a gold answer appears in some retrieved passage.
         search_cost: subtracted from the reward once per search made.
+        tools: the tools of an episode: built-in names (``search``, ``calculator``) or
+            ``package.module:factory`` (see :mod:`searchgym.env.tools`). Without ``search`` the env makes
+            no retriever call.
+        tool_format: how the policy calls tools: ``"tags"`` (``<search> q </search>``, Search-R1) or
+            ``"hermes"`` (``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` through the chat
+            template's native tool calling; needs the policy's tokenizer and ``prompt_style="chat"``).
+        tool_budgets: calls allowed per episode for tools other than search (``{"calculator": 2}``);
+            a tool not listed may be called on any turn but the last. Search has ``max_searches``.
+        tool_costs: subtracted from the reward per call, for tools other than search (``search_cost``).
     """
 
     max_turns: int = 4
@@ -61,11 +71,16 @@ class EnvConfig:
     format_weight: float = 0.0
     retrieval_weight: float = 0.0
     search_cost: float = 0.0
+    tools: tuple[str, ...] = ("search",)
+    tool_format: ToolFormat = "tags"
+    tool_budgets: dict[str, int] = field(default_factory=dict)
+    tool_costs: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._check_budgets()
         self._check_prompt()
         self._check_reward()
+        self._check_tools()
 
     def _check_budgets(self) -> None:
         if self.max_turns < 1:
@@ -129,3 +144,35 @@ class EnvConfig:
     def reward_spec(self) -> str | tuple[str, ...]:
         """What scores the final answer: ``reward_fn`` when set, else ``reward_type``."""
         return self.reward_type if self.reward_fn is None else self.reward_fn
+
+    def _check_tools(self) -> None:
+        if self.tool_format not in get_args(ToolFormat):
+            raise EnvConfigError(f"tool_format={self.tool_format!r}: set tool_format to 'tags' or 'hermes'")
+        if self.tool_format == "hermes" and self.prompt_style != "chat":
+            raise EnvConfigError(
+                "tool_format='hermes' renders tools with the chat template: set prompt_style='chat'"
+            )
+        # Imported here: the tools module imports the retrieval layer, which this ground module does not need.
+        from searchgym.env.tools import ToolSpecError, resolve_tool_factory
+
+        for spec in self.tools:
+            try:
+                resolve_tool_factory(spec)
+            except ToolSpecError as error:
+                raise EnvConfigError(f"tools: {error}") from error
+        for table, kind in ((self.tool_budgets, "budget"), (self.tool_costs, "cost")):
+            if "search" in table:
+                setting = "max_searches" if kind == "budget" else "search_cost"
+                raise EnvConfigError(f"tool_{kind}s names search: set {setting} instead")
+        for name, budget in self.tool_budgets.items():
+            if budget < 0:
+                raise EnvConfigError(f"tool_budgets[{name!r}]={budget}: set it to 0 or more calls")
+        for name, cost in self.tool_costs.items():
+            if not 0.0 <= cost <= 1.0:
+                raise EnvConfigError(f"tool_costs[{name!r}]={cost}: set it between 0 and 1 (0 = free)")
+
+    def tool_budget(self, name: str) -> int:
+        """Calls of tool ``name`` allowed per episode."""
+        if name == "search":
+            return self.max_searches
+        return self.tool_budgets.get(name, self.max_turns - 1)

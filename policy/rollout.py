@@ -89,7 +89,8 @@ def run_episodes(
         vector_env: the env, in ``AutoresetMode.DISABLED`` (its default); give it the policy's tokenizer
             so that its observation budget counts the same tokens.
         examples: QA examples or FlashRAG records; repeat an example to sample it several times.
-        sampling: sampling parameters (the env's stop strings ``</search>`` and ``</answer>`` by default);
+        sampling: sampling parameters; the env's stop strings (``</search>``, ``</answer>``, each tool's
+            closing tag, or ``</tool_call>`` in the Hermes format) are added to its ``stop``;
             a seed makes the run reproducible (each generation call gets its own seed from it).
         budgets: token budgets (see the module docstring).
         group_ids: one id per example for GRPO groups; by default the example id, prefixed by the
@@ -110,7 +111,10 @@ def run_episodes(
         group_ids = [default_group_id(example) for example in parsed]
     elif len(group_ids) != len(parsed):
         raise RolloutError(f"{len(group_ids)} group ids for {len(parsed)} examples: give one per example")
-    run = _RunSettings(sampling or SamplingParams(), budgets or TokenBudgets(), vector_env.config)
+    sampling = sampling or SamplingParams()
+    # The env's format decides where a turn ends (</tool_call> for Hermes, each tool's closing tag).
+    sampling = replace(sampling, stop=tuple(dict.fromkeys((*sampling.stop, *vector_env.stop))))
+    run = _RunSettings(sampling, budgets or TokenBudgets(), vector_env.config)
     trajectories: list[Trajectory] = []
     for start in range(0, len(parsed), vector_env.num_envs):
         chunk = slice(start, start + vector_env.num_envs)
@@ -260,9 +264,10 @@ def _start_episodes(
     reset_mask[: len(examples)] = True
     prompts, _ = vector_env.reset(options={"examples": examples, "reset_mask": reset_mask})
     chat = run.env_config.prompt_style == "chat"
+    tools = vector_env.tool_schemas if run.env_config.tool_format == "hermes" else None
     episodes = []
     for slot, (example, group_id) in enumerate(zip(examples, group_ids, strict=True)):
-        prompt_ids = encode_prompt(generator.tokenizer, prompts[slot], chat=chat)
+        prompt_ids = encode_prompt(generator.tokenizer, prompts[slot], chat=chat, tools=tools)
         if len(prompt_ids) > run.budgets.max_prompt_tokens:
             raise RolloutError(
                 f"the prompt of example {example.id!r} has {len(prompt_ids)} tokens, more than "

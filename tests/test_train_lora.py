@@ -144,3 +144,56 @@ def test_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path: Path) -
     # A run with other adapters refuses the checkpoint instead of loading half of it.
     with pytest.raises(LoraSetupError, match=r"resume with the same model\.lora settings"):
         run_toy(tmp_path / "resumed", "model.lora.rank=4", "model.lora.targets=[q_proj]", "total_steps=6")
+
+
+@pytest.mark.slow
+def test_demo_preset_trains_two_steps_with_lora_and_its_export_evaluates(tmp_path: Path) -> None:
+    """SmolLM2 on wiki-mini with adapters: 2 GRPO steps, then ``searchgym eval --model`` on the export."""
+    import subprocess
+    import sys
+
+    from searchgym.paths import CONFIGS_DIR
+    from searchgym.train.search_rollout import WIKI_MINI_BM25
+
+    def searchgym(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "searchgym", *args]
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=1200, cwd=Path(__file__).parent.parent
+        )
+
+    run_dir = tmp_path / "run"
+    trained = searchgym(
+        "train",
+        "--config",
+        str(CONFIGS_DIR / "demo.yaml"),
+        f"logging.run_dir={run_dir}",
+        "total_steps=2",
+        "model.lora.rank=8",
+        "model.lora.alpha=16",
+        "optim.actor_lr=1e-4",
+        "warmstart.examples=8",
+        "dev.before_training=false",
+        "data.dev_limit=4",
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    final = run_dir / "final"
+    exported = AutoModelForCausalLM.from_pretrained(final)
+    assert not any("lora" in name for name, _ in exported.named_parameters())
+    evaluated = searchgym(
+        "eval",
+        "--model",
+        str(final),
+        "--train-config",
+        str(run_dir),
+        "--index",
+        str(WIKI_MINI_BM25),
+        "--benchmarks",
+        "wiki-mini-dev",
+        "--limit",
+        "4",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "eval"),
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "wiki-mini-dev" in evaluated.stdout

@@ -131,6 +131,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not a choice; set one of {', '.join(map(str, choices))}")
         return value
+    if typing.get_origin(annotation) is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} takes a mapping, like {{name: 1}}; got {value!r}")
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if typing.get_origin(annotation) is tuple:
         item_types = typing.get_args(annotation)
         if len(item_types) == 2 and item_types[1] is Ellipsis:
