@@ -28,6 +28,7 @@ Role = Literal["tool", "user"]
 TOOL_CALL_TAG = "tool_call"
 _ASSISTANT_SENTINEL = "\u2063ASSISTANT\u2063"
 _BODY_SENTINEL = "\u2063BODY\u2063"
+_TOOL_SENTINEL = "searchgym_probe_tool"
 
 
 class ToolFormatError(SearchgymError):
@@ -106,6 +107,24 @@ class HermesFormat:
             raise ToolFormatError(
                 "env.tool_format=hermes needs the policy's tokenizer with a chat template that renders tool "
                 "messages (Qwen2.5, Qwen3, Hermes); pass the tokenizer to the env, or use tool_format=tags"
+            )
+        probe = {
+            "type": "function",
+            "function": {"name": _TOOL_SENTINEL, "description": "", "parameters": {}},
+        }
+        try:
+            listed = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "U"}], tools=[probe], tokenize=False, add_generation_prompt=True
+            )
+        except Exception as error:  # templates raise their own errors (jinja's)
+            raise ToolFormatError(
+                f"the chat template fails with tools= ({type(error).__name__}: {error})"
+            ) from error
+        if _TOOL_SENTINEL not in str(listed):
+            raise ToolFormatError(
+                "the tokenizer's chat template ignores tools=: use a model whose template supports tools "
+                "(Qwen2.5, Qwen3, Hermes), set a tool-calling chat template on the tokenizer, or use "
+                "env.tool_format=tags"
             )
         tool_prefix, tool_suffix = _framing(tokenizer, "tool")
         user_prefix, user_suffix = _framing(tokenizer, "user")
