@@ -28,6 +28,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from searchgym.env import EnvConfig, QAExample, SearchVectorEnv
+from searchgym.env.reward_fns import EpisodeFacts
 from searchgym.env.search_env import as_example, episode_scores
 from searchgym.errors import SearchgymError
 from searchgym.policy.generation import Generation, Generator, SamplingParams, TransformersGenerator
@@ -156,6 +157,7 @@ class _Episode:
     logprobs: list[float] | None = field(default_factory=list)
     turns: list[TurnRecord] = field(default_factory=list)
     last_info: dict[str, Any] = field(default_factory=dict)
+    tool_calls: dict[str, int] = field(default_factory=dict)
     done: bool = False
     terminated: bool = False
     reward: float | None = None
@@ -188,6 +190,8 @@ class _Episode:
             )
         )
         self.last_info = info
+        if info.get("action_type") in ("search", "tool") and info.get("tool"):
+            self.tool_calls[info["tool"]] = self.tool_calls.get(info["tool"], 0) + 1
 
     def finish(self, *, terminated: bool, info: dict[str, Any]) -> None:
         self.done, self.terminated = True, terminated
@@ -329,6 +333,13 @@ def _end_on_budget(episode: _Episode, reason: str, run: _RunSettings) -> None:
         well_formed=False,
         num_searches=int(episode.last_info.get("num_searches", 0)),
         config=run.env_config,
+        facts=EpisodeFacts(
+            end_reason=reason,
+            well_formed=False,
+            num_turns=len(episode.turns),
+            tool_calls=dict(episode.tool_calls),
+            retrieved_ids=retrieved,
+        ),
     )
     info = (
         episode.last_info
@@ -338,6 +349,7 @@ def _end_on_budget(episode: _Episode, reason: str, run: _RunSettings) -> None:
             "end_reason": reason,
             "error": None,
             "episode_retrieved_ids": retrieved,
+            "tool_calls": dict(episode.tool_calls),
         }
     )
     episode.finish(terminated=False, info=info)
