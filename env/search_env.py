@@ -107,9 +107,16 @@ class SearchEnv(gymnasium.Env[str, str]):
     ``"invalid"``: what the env did), ``query`` (the parsed query, also for a refused search),
     ``invalid_reason`` (an :class:`~searchgym.env.actions.InvalidReason` value, ``"search_budget_spent"`` or
     ``"search_on_last_turn"``), ``retrieved_ids``, ``retrieval_latency_s``, ``num_searches``,
-    ``observation_tokens``. At the end also: ``answer``, ``em``, ``f1``, ``cover_em``, ``reward``,
-    ``reward_error``, ``reward_outcome``, ``reward_shaping``, ``reward_search_cost``, ``end_reason``
-    (``"answered"``, ``"max_turns"``, ``"retriever_error"``), ``error`` and ``episode_retrieved_ids``.
+    ``observation_tokens``, ``tool`` (the tool called, or None). At the end also: ``answer``, ``em``,
+    ``f1``, ``cover_em``, ``reward``, ``reward_error``, ``reward_outcome``, ``reward_shaping``,
+    ``reward_search_cost``, ``reward_tool_cost``, ``reward_parts`` (each reward function's value),
+    ``end_reason`` (``"answered"``, ``"max_turns"``, ``"retriever_error"``, ``"tool_error"``), ``error``,
+    ``episode_retrieved_ids`` and ``tool_calls`` (calls made, per tool).
+
+    ## Tools and formats
+    ``config.tools`` lists the tools (:mod:`searchgym.env.tools`; search is the retriever) and
+    ``config.tool_format`` how they are called (:mod:`searchgym.env.formats`: tags, or Hermes JSON framed by
+    the tokenizer's chat template).
 
     ## Arguments
     ``dataset``: a bundled name (``"wiki-mini-dev"``), a file path, or QA examples; may be None when
