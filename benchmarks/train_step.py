@@ -6,6 +6,9 @@ with observation blocks. Prints seconds, tokens per second and peak memory per p
 
     python benchmarks/train_step.py --shape smollm2-135m --episodes 16 --device cpu
     python benchmarks/train_step.py --shape qwen2.5-0.5b --episodes 64 --device cuda --dtype bfloat16
+    python benchmarks/train_step.py --shape smollm2-135m --lora-rank 8  # LoRA adapters (the lora extra)
+
+Peak memory on the CPU is the process's peak resident size, so compare settings in separate processes.
 """
 
 import argparse
@@ -99,6 +102,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kl-coef", type=float, default=0.001, help="0 drops the reference model")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--lora-rank", type=int, default=0, help="LoRA adapters of this rank (alpha 2x); 0: off"
+    )
     return parser.parse_args()
 
 
@@ -117,6 +123,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             f"kl.estimator={'low_var_kl' if group > 1 else 'k1'}",  # k1 as a loss has no gradient
             f"kl.coef={args.kl_coef}",
             f"system.dtype={args.dtype}",
+            f"model.lora.rank={args.lora_rank}",
+            f"model.lora.alpha={2 * max(args.lora_rank, 1)}",
         ],
     )
 
@@ -134,6 +142,7 @@ def main() -> None:
         with_reference=config.uses_reference,
         with_critic=config.uses_critic,
         gradient_checkpointing=args.gradient_checkpointing,
+        lora=config.model.lora,
     )
     optimizers = build_optimizers(models, config)
     shape = {"prompt": args.prompt_tokens, "turns": args.turns, "turn": args.turn_tokens}
@@ -146,8 +155,10 @@ def main() -> None:
     experience, experience_s = timed(lambda: make_experience(models, batch, config), args.device)
     _, update_s = timed(lambda: update(models, optimizers, experience, config), args.device)
     parameters = sum(p.numel() for p in policy.parameters())
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     print(
-        f"{args.shape} ({parameters / 1e6:.0f}M params) {args.algorithm} (kl.coef {args.kl_coef}) on "
+        f"{args.shape} ({parameters / 1e6:.0f}M params, {trainable / 1e6:.2f}M trained) {args.algorithm} "
+        f"(kl.coef {args.kl_coef}, lora rank {args.lora_rank}) on "
         f"{args.device} {args.dtype}: "
         f"{args.episodes} episodes, {tokens} tokens ({batch.size} x {batch.sequences.input_ids.shape[1]})"
     )

@@ -1,15 +1,24 @@
-"""Parsing one turn of the model's text into the action it takes.
+"""Parsing one turn of the model's text into the action it takes (the tag format).
 
 The protocol: ``<search> query </search>`` asks the search engine, ``<answer> text </answer>`` ends the
-episode; anything else (``<think>`` blocks included) is free text around them.
+episode; anything else (``<think>`` blocks included) is free text around them. Other tools are called the
+same way, ``<calculator> 2 + 2 </calculator>`` (see :mod:`searchgym.env.tools`);
+:mod:`searchgym.env.formats` holds the Hermes JSON format beside this one.
 """
 
+import functools
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
-# Tags are matched case-insensitively, with optional whitespace inside the brackets: "< /Search >".
-_TAG = re.compile(r"<\s*(/?)\s*(search|answer)\s*>", re.IGNORECASE)
+
+@functools.cache
+def _tag_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
+    # Tags are matched case-insensitively, with optional whitespace inside the brackets: "< /Search >".
+    alternatives = "|".join(re.escape(name) for name in names)
+    return re.compile(rf"<\s*(/?)\s*({alternatives})\s*>", re.IGNORECASE)
 
 
 class InvalidReason(StrEnum):
@@ -20,6 +29,10 @@ class InvalidReason(StrEnum):
     NESTED_TAGS = "nested_tags"
     EMPTY_QUERY = "empty_query"
     EMPTY_ANSWER = "empty_answer"
+    EMPTY_TOOL_INPUT = "empty_tool_input"
+    BAD_TOOL_CALL = "bad_tool_call"
+    UNKNOWN_TOOL = "unknown_tool"
+    BAD_ARGUMENTS = "bad_arguments"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +50,28 @@ class Answer:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """Call a tool other than search (or any tool, in the Hermes format).
+
+    Attributes:
+        name: the tool's name.
+        arguments: its arguments (the JSON object of a Hermes call), or the text of a tag (the tag format;
+            the env passes it as the tool's first required string argument).
+    """
+
+    name: str
+    arguments: Mapping[str, Any] | str = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Invalid:
-    """The text holds no usable action."""
+    """The text holds no usable action; ``detail`` says more when the reason alone does not."""
 
     reason: InvalidReason
+    detail: str = ""
 
 
-Action = Search | Answer | Invalid
+Action = Search | Answer | ToolCall | Invalid
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +82,11 @@ class _Tag:
     end: int
 
 
-def parse_action(text: str) -> Action:
+def parse_action(text: str, tools: tuple[str, ...] = ("search",)) -> Action:
     """The action in one turn of model text: the first complete tag wins.
+
+    ``tools`` are the tag names of the env's tools; ``search`` gives :class:`Search`, any other tool a
+    :class:`ToolCall` with the tag's text as its arguments.
 
     Rules, in order:
 
@@ -74,15 +105,16 @@ def parse_action(text: str) -> Action:
         >>> parse_action("<ANSWER>Paris</Answer> <answer>Lyon</answer>")
         Answer(text='Paris')
         >>> parse_action("<search> capital of France")
-        Invalid(reason=<InvalidReason.UNCLOSED_TAG: 'unclosed_tag'>)
+        Invalid(reason=<InvalidReason.UNCLOSED_TAG: 'unclosed_tag'>, detail='')
     """
+    names = ("answer", *tools)
     tags = [
         _Tag(match.group(2).lower(), bool(match.group(1)), match.start(), match.end())
-        for match in _TAG.finditer(text)
+        for match in _tag_pattern(names).finditer(text)
     ]
     if not tags:
         return Invalid(InvalidReason.NO_TAG)
-    closer = _first_closer_after_each(tags)
+    closer = _first_closer_after_each(tags, names)
     for index, tag in enumerate(tags):
         close_index = closer[index]
         if tag.closing or close_index is None:
@@ -92,14 +124,16 @@ def parse_action(text: str) -> Action:
         content = text[tag.end : tags[close_index].start].strip()
         if tag.name == "search":
             return Search(content) if content else Invalid(InvalidReason.EMPTY_QUERY)
-        return Answer(content) if content else Invalid(InvalidReason.EMPTY_ANSWER)
+        if tag.name == "answer":
+            return Answer(content) if content else Invalid(InvalidReason.EMPTY_ANSWER)
+        return ToolCall(tag.name, content) if content else Invalid(InvalidReason.EMPTY_TOOL_INPUT)
     has_opening = any(not tag.closing for tag in tags)
     return Invalid(InvalidReason.UNCLOSED_TAG if has_opening else InvalidReason.NO_TAG)
 
 
-def _first_closer_after_each(tags: list[_Tag]) -> list[int | None]:
+def _first_closer_after_each(tags: list[_Tag], names: tuple[str, ...]) -> list[int | None]:
     """For each tag, the index of the first closing tag of the same name after it (None if there is none)."""
-    next_closer: dict[str, int | None] = {"search": None, "answer": None}
+    next_closer: dict[str, int | None] = dict.fromkeys((name.lower() for name in names), None)
     result: list[int | None] = [None] * len(tags)
     for index in range(len(tags) - 1, -1, -1):
         tag = tags[index]

@@ -1,12 +1,13 @@
 """The environment's settings: one frozen dataclass that the trainer's config tree embeds."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from searchgym.errors import SearchgymError
 
 PromptStyle = Literal["chat", "plain"]
 RewardType = Literal["em", "f1", "cover_em"]
+ToolFormat = Literal["tags", "hermes"]
 
 QUESTION_PLACEHOLDER = "{question}"
 # The longest notices (an invalid action on the turn before the last) must fit, with room for documents.
@@ -39,11 +40,24 @@ class EnvConfig:
             ``{question}`` exactly once (the question is inserted verbatim and never truncated).
         reward_type: the outcome metric of the final answer: ``"em"`` (exact match), ``"f1"`` (token F1)
             or ``"cover_em"`` (a gold answer appears in the prediction).
+        reward_fn: your own outcome reward in place of ``reward_type``: a built-in name, an import path
+            ``package.module:function``, or a weighted sum (``"0.8*f1 + 0.2*mypkg.rewards:brevity"`` or
+            the list ``["0.8*f1", "0.2*mypkg.rewards:brevity"]``); see
+            :mod:`searchgym.env.reward_fns` for the function's signature. None uses ``reward_type``.
         format_weight: reward floor for a well-formed episode (every action valid, ended by an answer)
             whose answer scores lower. 0 turns format shaping off (the Search-R1 paper's setting).
         retrieval_weight: extra floor, on top of ``format_weight``, when the episode is well-formed and
             a gold answer appears in some retrieved passage.
         search_cost: subtracted from the reward once per search made.
+        tools: the tools of an episode: built-in names (``search``, ``calculator``) or
+            ``package.module:factory`` (see :mod:`searchgym.env.tools`). Without ``search`` the env makes
+            no retriever call.
+        tool_format: how the policy calls tools: ``"tags"`` (``<search> q </search>``, Search-R1) or
+            ``"hermes"`` (``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` through the chat
+            template's native tool calling; needs the policy's tokenizer and ``prompt_style="chat"``).
+        tool_budgets: calls allowed per episode for tools other than search (``{"calculator": 2}``);
+            a tool not listed may be called on any turn but the last. Search has ``max_searches``.
+        tool_costs: subtracted from the reward per call, for tools other than search (``search_cost``).
     """
 
     max_turns: int = 4
@@ -53,14 +67,20 @@ class EnvConfig:
     prompt_style: PromptStyle = "chat"
     prompt_template: str | None = None
     reward_type: RewardType = "em"
+    reward_fn: str | tuple[str, ...] | None = None
     format_weight: float = 0.0
     retrieval_weight: float = 0.0
     search_cost: float = 0.0
+    tools: tuple[str, ...] = ("search",)
+    tool_format: ToolFormat = "tags"
+    tool_budgets: dict[str, int] = field(default_factory=dict)
+    tool_costs: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._check_budgets()
         self._check_prompt()
         self._check_reward()
+        self._check_tools()
 
     def _check_budgets(self) -> None:
         if self.max_turns < 1:
@@ -97,6 +117,15 @@ class EnvConfig:
                 f"reward_type={self.reward_type!r}: set reward_type to one of "
                 f"{', '.join(get_args(RewardType))}"
             )
+        if self.reward_fn is not None:
+            # Imported here: reward_fns imports rewards, which imports this module's RewardType.
+            from searchgym.env.reward_fns import RewardFnError, parse_reward_spec, resolve_reward_fn
+
+            try:
+                for term in parse_reward_spec(self.reward_fn):
+                    resolve_reward_fn(term.spec)
+            except RewardFnError as error:
+                raise EnvConfigError(f"reward_fn={self.reward_fn!r}: {error}") from error
         for name in ("format_weight", "retrieval_weight"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -110,3 +139,40 @@ class EnvConfig:
             raise EnvConfigError(
                 f"search_cost={self.search_cost}: set search_cost between 0 and 1 (0 = free)"
             )
+
+    @property
+    def reward_spec(self) -> str | tuple[str, ...]:
+        """What scores the final answer: ``reward_fn`` when set, else ``reward_type``."""
+        return self.reward_type if self.reward_fn is None else self.reward_fn
+
+    def _check_tools(self) -> None:
+        if self.tool_format not in get_args(ToolFormat):
+            raise EnvConfigError(f"tool_format={self.tool_format!r}: set tool_format to 'tags' or 'hermes'")
+        if self.tool_format == "hermes" and self.prompt_style != "chat":
+            raise EnvConfigError(
+                "tool_format='hermes' renders tools with the chat template: set prompt_style='chat'"
+            )
+        # Imported here: the tools module imports the retrieval layer, which this ground module does not need.
+        from searchgym.env.tools import ToolSpecError, resolve_tool_factory
+
+        for spec in self.tools:
+            try:
+                resolve_tool_factory(spec)
+            except ToolSpecError as error:
+                raise EnvConfigError(f"tools: {error}") from error
+        for table, kind in ((self.tool_budgets, "budget"), (self.tool_costs, "cost")):
+            if "search" in table:
+                setting = "max_searches" if kind == "budget" else "search_cost"
+                raise EnvConfigError(f"tool_{kind}s names search: set {setting} instead")
+        for name, budget in self.tool_budgets.items():
+            if budget < 0:
+                raise EnvConfigError(f"tool_budgets[{name!r}]={budget}: set it to 0 or more calls")
+        for name, cost in self.tool_costs.items():
+            if not 0.0 <= cost <= 1.0:
+                raise EnvConfigError(f"tool_costs[{name!r}]={cost}: set it between 0 and 1 (0 = free)")
+
+    def tool_budget(self, name: str) -> int:
+        """Calls of tool ``name`` allowed per episode."""
+        if name == "search":
+            return self.max_searches
+        return self.tool_budgets.get(name, self.max_turns - 1)

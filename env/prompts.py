@@ -4,7 +4,10 @@ Every observation after the prompt is exactly the text to append to the model's 
 so it starts and ends with a blank line and never repeats earlier context.
 """
 
-from searchgym.env.config import QUESTION_PLACEHOLDER, PromptStyle
+from collections.abc import Mapping
+
+from searchgym.env.config import QUESTION_PLACEHOLDER, PromptStyle, ToolFormat
+from searchgym.env.tokens import TextMeter
 
 PROTOCOL = (
     "Answer the question below. Reason step by step inside <think> and </think> first, and again each time "
@@ -12,6 +15,14 @@ PROTOCOL = (
     "<search> your query </search>; the best passages come back between <information> and </information>. "
     "You may search more than once. When you know the answer, write it inside <answer> and </answer> as a "
     "short phrase without explanation, for example <answer> Marie Curie </answer>."
+)
+
+# The Hermes tool-call format: the chat template lists the tools (with ``tools=``) and says how to call them.
+HERMES_PROTOCOL = (
+    "Answer the question below. Reason step by step first, and again each time you receive new information. "
+    "When you are missing a fact, call one of your tools; its result comes back as a tool response. When "
+    "you know the answer, write it inside <answer> and </answer> as a short phrase without explanation, for "
+    "example <answer> Marie Curie </answer>."
 )
 
 # Chat style: this is the user message; the policy adds the chat template and the assistant turn start.
@@ -40,25 +51,66 @@ LAST_TURN_NOTICE = (
 SEARCHES_SPENT_NOTICE = (
     "(You have used all your searches: give your final answer inside <answer> and </answer>.)\n\n"
 )
+TOOL_REFUSED_NOTICE = (
+    "\n\n(Tool call refused: you have used all your calls of this tool. Give your final answer inside "
+    "<answer> and </answer>.)\n\n"
+)
 SEARCH_REFUSED_NOTICE = (
     "\n\n(Search refused: you have used all your searches. Give your final answer inside <answer> and "
     "</answer>.)\n\n"
 )
 
 
-def build_prompt(question: str, *, style: PromptStyle, template: str | None = None) -> str:
+def build_prompt(
+    question: str,
+    *,
+    style: PromptStyle,
+    template: str | None = None,
+    tool_format: ToolFormat = "tags",
+    extra_tools: Mapping[str, str] | None = None,
+) -> str:
     r"""The reset observation: the protocol and the question, inserted verbatim (never truncated).
+
+    With the tag format, tools beside search are listed after the protocol (``<name> input </name>``:
+    description); with the Hermes format the chat template lists the tools, so the text only says how to
+    answer.
 
     Examples:
         >>> build_prompt("Who wrote Hamlet?", style="plain", template="Q: {question}\nA:")
         'Q: Who wrote Hamlet?\nA:'
         >>> build_prompt("Who wrote Hamlet?", style="chat").endswith("Question: Who wrote Hamlet?")
         True
+        >>> tools = {"calculator": "Arithmetic."}
+        >>> print(build_prompt("2+2?", style="chat", extra_tools=tools).split(". ")[-1])
+        For other tools write <calculator> input </calculator> (Arithmetic.).
+        <BLANKLINE>
+        Question: 2+2?
     """
     if template is None:
-        template = CHAT_TEMPLATE if style == "chat" else PLAIN_TEMPLATE
+        protocol = HERMES_PROTOCOL if tool_format == "hermes" else PROTOCOL
+        if extra_tools and tool_format == "tags":
+            listed = "; ".join(f"<{name}> input </{name}> ({text})" for name, text in extra_tools.items())
+            protocol = f"{protocol} For other tools write {listed}."
+        template = f"{protocol}\n\nQuestion: {QUESTION_PLACEHOLDER}"
+        if style == "plain":
+            template += "\n\nAssistant:"
     # str.replace, not str.format: questions and user templates may contain braces of their own.
     return template.replace(QUESTION_PLACEHOLDER, question)
+
+
+def tool_result_block(text: str, *, meter: TextMeter, max_tokens: int) -> str:
+    r"""A tool's text result as an ``<information>`` block, cut to ``max_tokens`` units (marked ``...``).
+
+    Examples:
+        >>> from searchgym.env.tokens import WordMeter
+        >>> tool_result_block("612", meter=WordMeter(), max_tokens=64)
+        '\n\n<information>612</information>\n\n'
+    """
+    block = f"{INFORMATION_OPEN}{text}{INFORMATION_CLOSE}"
+    if meter.count(block) <= max_tokens:
+        return block
+    room = max(max_tokens - meter.count(f"{INFORMATION_OPEN}...{INFORMATION_CLOSE}"), 0)
+    return f"{INFORMATION_OPEN}{meter.measure(text).prefix(room)}...{INFORMATION_CLOSE}"
 
 
 def document_header(rank: int, title: str) -> str:
@@ -86,10 +138,18 @@ _INVALID_REASON_TEXT = {
     "nested_tags": "tags inside one another",
     "empty_query": "the search query is empty",
     "empty_answer": "the answer is empty",
+    "empty_tool_input": "the tool input is empty",
+    "bad_tool_call": "the tool call is malformed",
+    "unknown_tool": "no such tool",
+    "bad_arguments": "the tool arguments do not fit",
 }
+_HERMES_HOW_TO = (
+    'To call a tool, write <tool_call>{"name": "search", "arguments": {"query": "..."}}</tool_call>; to '
+    "finish, write <answer> your answer </answer>."
+)
 
 
-def invalid_action_notice(reason: str) -> str:
+def invalid_action_notice(reason: str, *, tool_format: ToolFormat = "tags", detail: str = "") -> str:
     """The corrective observation after an invalid action: what went wrong and the protocol again.
 
     Examples:
@@ -97,8 +157,11 @@ def invalid_action_notice(reason: str) -> str:
         (Invalid action: the search query is empty. To search, write <search> your query </search>;
         to finish, write <answer> your answer </answer>.)
     """
+    what = _INVALID_REASON_TEXT.get(reason, reason) + (f" ({detail})" if detail else "")
+    if tool_format == "hermes":
+        return f"\n\n(Invalid action: {what}. {_HERMES_HOW_TO})\n\n"
     return (
-        f"\n\n(Invalid action: {_INVALID_REASON_TEXT.get(reason, reason)}. To search, write "
+        f"\n\n(Invalid action: {what}. To search, write "
         "<search> your query </search>; to finish, write <answer> your answer </answer>.)\n\n"
     )
 

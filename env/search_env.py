@@ -8,12 +8,13 @@ from typing import Any, SupportsFloat
 import gymnasium
 
 from searchgym.env import prompts
-from searchgym.env.actions import Answer, Invalid, Search, parse_action
+from searchgym.env.actions import Action, Answer, Invalid, Search, ToolCall
 from searchgym.env.config import EnvConfig
 from searchgym.env.data import QAExample, load_dataset
+from searchgym.env.formats import make_format
 from searchgym.env.observations import fit_information
 from searchgym.env.outcome import EndReason, EpisodeOutcome
-from searchgym.env.retrieval import RetrievalResult, retrieve_batch
+from searchgym.env.reward_fns import EpisodeFacts, RewardContext, parse_reward_spec, score_outcome
 from searchgym.env.rewards import (
     RewardBreakdown,
     answer_in_passages,
@@ -21,11 +22,19 @@ from searchgym.env.rewards import (
     exact_match,
     f1_score,
     format_reward,
-    score_answer,
     search_penalty,
 )
 from searchgym.env.spaces import MAX_ACTION_CHARS, MAX_OBSERVATION_CHARS, UnicodeText
 from searchgym.env.tokens import Tokenizer, make_meter
+from searchgym.env.tools import (
+    Tool,
+    ToolRequest,
+    ToolResult,
+    ToolSetup,
+    build_tools,
+    call_batched,
+    tool_schema,
+)
 from searchgym.errors import SearchgymError
 from searchgym.retriever.base import Retriever
 
@@ -34,6 +43,8 @@ DatasetLike = str | os.PathLike[str] | Sequence[QAExample | Mapping[str, Any]]
 # Reasons an action parsed as a search was not carried out (beside searchgym.env.actions.InvalidReason).
 SEARCH_BUDGET_SPENT = "search_budget_spent"
 SEARCH_ON_LAST_TURN = "search_on_last_turn"
+TOOL_BUDGET_SPENT = "tool_budget_spent"
+TOOL_ON_LAST_TURN = "tool_on_last_turn"
 
 
 class EpisodeStateError(SearchgymError):
@@ -47,12 +58,14 @@ class _Episode:
     example: QAExample
     turn: int = 0
     num_searches: int = 0
+    tool_calls: dict[str, int] = field(default_factory=dict)
     well_formed: bool = True
     done: bool = False
     retrieved_ids: list[str] = field(default_factory=list)
     retrieved_texts: list[str] = field(default_factory=list)
     transcript: list[str] = field(default_factory=list)
-    pending: Search | Answer | Invalid | None = None
+    pending: Action | None = None
+    pending_text: str = ""
 
 
 class SearchEnv(gymnasium.Env[str, str]):
@@ -95,10 +108,17 @@ class SearchEnv(gymnasium.Env[str, str]):
     ``"invalid"``: what the env did), ``query`` (the parsed query, also for a refused search),
     ``invalid_reason`` (an :class:`~searchgym.env.actions.InvalidReason` value, ``"search_budget_spent"`` or
     ``"search_on_last_turn"``), ``retrieved_ids``, ``retrieval_latency_s``, ``num_searches``,
-    ``observation_tokens``. At the end also: ``answer``, ``em``, ``f1``, ``cover_em``, ``reward``,
-    ``reward_error``, ``reward_outcome``, ``reward_shaping``, ``reward_search_cost``, ``end_reason``
-    (``"answered"``, ``"max_turns"``, ``"retriever_error"``), ``error``, ``episode_retrieved_ids``, and
-    ``outcome``: all of these as one :class:`~searchgym.env.outcome.EpisodeOutcome`, which is what code reads.
+    ``observation_tokens``, ``tool`` (the tool called, or None). At the end also: ``answer``, ``em``,
+    ``f1``, ``cover_em``, ``reward``, ``reward_error``, ``reward_outcome``, ``reward_shaping``,
+    ``reward_search_cost``, ``reward_tool_cost``, ``reward_parts`` (each reward function's value),
+    ``end_reason`` (``"answered"``, ``"max_turns"``, ``"retriever_error"``, ``"tool_error"``), ``error``,
+    ``episode_retrieved_ids``, ``tool_calls`` (calls made, per tool), and ``outcome``: all of these as one
+    :class:`~searchgym.env.outcome.EpisodeOutcome`, which is what code reads.
+
+    ## Tools and formats
+    ``config.tools`` lists the tools (:mod:`searchgym.env.tools`; search is the retriever) and
+    ``config.tool_format`` how they are called (:mod:`searchgym.env.formats`: tags, or Hermes JSON framed by
+    the tokenizer's chat template).
 
     ## Arguments
     ``dataset``: a bundled name (``"wiki-mini-dev"``), a file path, or QA examples; may be None when
@@ -106,7 +126,9 @@ class SearchEnv(gymnasium.Env[str, str]):
     :class:`searchgym.retriever.base.Retriever`
     (in-process index or HTTP client). ``config``: :class:`searchgym.env.config.EnvConfig`. ``tokenizer``:
     counts
-    budgets in the policy's tokens (HF-style ``encode``/``decode``); words without one.
+    budgets in the policy's tokens (HF-style ``encode``/``decode``); words without one; the Hermes format
+    reads its chat template. ``tools``: the tools already built from ``config.tools`` (a vector env
+    shares one set across its sub-envs); built from the config when None.
     ``render_mode="ansi"``: ``render()`` returns the episode's text so far.
 
     ## Gymnasium checks
@@ -127,6 +149,7 @@ class SearchEnv(gymnasium.Env[str, str]):
         config: EnvConfig | None = None,
         tokenizer: Tokenizer | None = None,
         render_mode: str | None = None,
+        tools: Mapping[str, Tool] | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise SearchgymError(f"render_mode={render_mode!r}: use None or 'ansi'")
@@ -137,7 +160,22 @@ class SearchEnv(gymnasium.Env[str, str]):
         self.observation_space = UnicodeText(MAX_OBSERVATION_CHARS)
         self.action_space = UnicodeText(MAX_ACTION_CHARS)
         self._meter = make_meter(tokenizer)
+        if tools is None:
+            tools = build_tools(self.config.tools, ToolSetup(retriever, self.config.topk))
+        self.tools: dict[str, Tool] = dict(tools)
+        self.action_format = make_format(self.config.tool_format, tokenizer)
         self._episode: _Episode | None = None
+
+    @property
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        """The tools as a chat template's ``tools=`` list (the Hermes format's prompt renders them)."""
+        return [tool_schema(tool) for tool in self.tools.values()]
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """Strings that end a policy turn in this env's format (the tag format adds each tool's tag)."""
+        extra = () if self.config.tool_format == "hermes" else tuple(f"</{name}>" for name in self.tools)
+        return tuple(dict.fromkeys((*self.action_format.stop, *extra)))
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -164,15 +202,19 @@ class SearchEnv(gymnasium.Env[str, str]):
             # The first turn is also the last: the notice rides with the question, whatever the template.
             question = f"{question}\n{prompts.LAST_TURN_NOTICE.strip()}"
         prompt = prompts.build_prompt(
-            question, style=self.config.prompt_style, template=self.config.prompt_template
+            question,
+            style=self.config.prompt_style,
+            template=self.config.prompt_template,
+            tool_format=self.config.tool_format,
+            extra_tools={name: tool.description for name, tool in self.tools.items() if name != "search"},
         )
         self._episode.transcript.append(prompt)
         return prompt, {"example_id": self._episode.example.id, "question": self._episode.example.question}
 
     def step(self, action: str) -> tuple[str, SupportsFloat, bool, bool, dict[str, Any]]:
-        """Take one model turn: ``begin_step``, the search if there is one, ``finish_step``."""
-        query = self.begin_step(action)
-        result = None if query is None else retrieve_batch(self.retriever, [query], self.config.topk)[0]
+        """Take one model turn: ``begin_step``, the tool call if there is one, ``finish_step``."""
+        request = self.begin_step(action)
+        result = None if request is None else call_batched(self.tools, [request])[0]
         return self.finish_step(result)
 
     def render(self) -> str | None:
@@ -186,27 +228,29 @@ class SearchEnv(gymnasium.Env[str, str]):
         """Whether there is no running episode (never reset, or the last one ended)."""
         return self._episode is None or self._episode.done
 
-    def begin_step(self, action: str) -> str | None:
-        """First half of ``step``: parse the turn; return the query to search, or None if no search runs.
+    def begin_step(self, action: str) -> ToolRequest | None:
+        """First half of ``step``: parse the turn; return the tool call to make, or None if none runs.
 
-        :class:`searchgym.env.vector.SearchVectorEnv` calls this on every sub-env, sends all queries in one
-        retriever
-        call, then calls :meth:`finish_step`.
+        :class:`searchgym.env.vector.SearchVectorEnv` calls this on every sub-env, makes one call per tool
+        with all the sub-envs' requests, then calls :meth:`finish_step`.
 
         Raises:
             EpisodeStateError: no running episode (call ``reset`` first).
         """
         episode = self._running_episode()
         episode.turn += 1
-        episode.pending = parse_action(action)
+        episode.pending = self.action_format.parse(action, self.tools)
+        episode.pending_text = action
         episode.transcript.append(action)
-        may_search = episode.turn < self.config.max_turns and episode.num_searches < self.config.max_searches
-        if isinstance(episode.pending, Search) and may_search:
-            return episode.pending.query
-        return None
+        request = _request_of(episode.pending)
+        if request is None or episode.turn >= self.config.max_turns:
+            return None
+        if episode.tool_calls.get(request.name, 0) >= self.config.tool_budget(request.name):
+            return None
+        return request
 
-    def finish_step(self, result: RetrievalResult | None) -> tuple[str, float, bool, bool, dict[str, Any]]:
-        """Second half of ``step``: ``result`` is the search's outcome (None when there was no query)."""
+    def finish_step(self, result: ToolResult | None) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        """Second half of ``step``: ``result`` is the tool call's outcome (None when there was no call)."""
         episode = self._running_episode()
         action = episode.pending
         if action is None:
@@ -216,24 +260,33 @@ class SearchEnv(gymnasium.Env[str, str]):
         if isinstance(action, Answer):
             return self._end(info, answer=action.text, end_reason="answered", terminated=True)
         if result is not None and result.error is not None:
-            return self._end(
-                info, answer=None, end_reason="retriever_error", terminated=False, error=result.error
-            )
+            reason: EndReason = "retriever_error" if isinstance(action, Search) else "tool_error"
+            return self._end(info, answer=None, end_reason=reason, terminated=False, error=result.error)
         if episode.turn >= self.config.max_turns:
             return self._end(info, answer=None, end_reason="max_turns", terminated=False)
         if result is None:
             episode.well_formed = False
-            body = (
-                prompts.SEARCH_REFUSED_NOTICE
-                if isinstance(action, Search)
-                else prompts.invalid_action_notice(info["invalid_reason"])
-            )
-            observation = body + self._closing_notice(searched=False)
+            observation = self._notice(action, info)
             info["observation_tokens"] = self._meter.count(observation)
         else:
-            observation, info["observation_tokens"] = self._information(result)
+            observation, info["observation_tokens"] = self._tool_observation(action, result)
         episode.transcript.append(observation)
         return observation, 0.0, False, False, info
+
+    def _notice(self, action: Action, info: dict[str, Any]) -> str:
+        """The corrective observation after an action that ran no tool (and did not end the episode)."""
+        if isinstance(action, Search | ToolCall):
+            body = (
+                prompts.SEARCH_REFUSED_NOTICE if isinstance(action, Search) else prompts.TOOL_REFUSED_NOTICE
+            )
+        else:
+            body = prompts.invalid_action_notice(
+                info["invalid_reason"],
+                tool_format=self.config.tool_format,
+                detail=getattr(action, "detail", ""),
+            )
+        body += self._closing_notice(searched=False)
+        return self.action_format.frame(body, action=self._running_episode().pending_text, role="user")
 
     def _running_episode(self) -> _Episode:
         if self._episode is None or self._episode.done:
@@ -242,50 +295,73 @@ class SearchEnv(gymnasium.Env[str, str]):
             )
         return self._episode
 
-    def _turn_info(self, action: Search | Answer | Invalid, result: RetrievalResult | None) -> dict[str, Any]:
+    def _turn_info(self, action: Action, result: ToolResult | None) -> dict[str, Any]:
         episode = self._running_episode()
+        request = _request_of(action)
         if result is not None:
-            action_type, invalid_reason = "search", None
+            action_type, invalid_reason = ("search" if isinstance(action, Search) else "tool"), None
         elif isinstance(action, Answer):
             action_type, invalid_reason = "answer", None
-        elif isinstance(action, Search):
+        elif request is not None:
             last_turn = episode.turn >= self.config.max_turns
-            action_type, invalid_reason = "invalid", SEARCH_ON_LAST_TURN if last_turn else SEARCH_BUDGET_SPENT
+            if isinstance(action, Search):
+                invalid_reason = SEARCH_ON_LAST_TURN if last_turn else SEARCH_BUDGET_SPENT
+            else:
+                invalid_reason = TOOL_ON_LAST_TURN if last_turn else TOOL_BUDGET_SPENT
+            action_type = "invalid"
         else:
+            assert isinstance(action, Invalid)
             action_type, invalid_reason = "invalid", str(action.reason)
         passages = () if result is None else result.passages
+        succeeded = result is not None and result.error is None
         return {
             "example_id": episode.example.id,
             "turn": episode.turn,
             "action_type": action_type,
+            "tool": None if request is None else request.name,
             "query": action.query if isinstance(action, Search) else None,
             "invalid_reason": invalid_reason,
             "retrieved_ids": tuple(passage.id for passage in passages),
             "retrieval_latency_s": 0.0 if result is None else result.latency_s,
-            "num_searches": episode.num_searches + int(result is not None and result.error is None),
+            "num_searches": episode.num_searches + int(succeeded and isinstance(action, Search)),
             "observation_tokens": 0,
         }
 
-    def _information(self, result: RetrievalResult) -> tuple[str, int]:
-        """The observation after a successful search and its size; records what was retrieved."""
+    def _tool_observation(self, action: Action, result: ToolResult) -> tuple[str, int]:
+        """The observation after a successful tool call and its size; records the call and what it showed."""
         episode = self._running_episode()
-        episode.num_searches += 1
+        request = _request_of(action)
+        assert request is not None
+        episode.tool_calls[request.name] = episode.tool_calls.get(request.name, 0) + 1
+        if isinstance(action, Search):
+            episode.num_searches += 1
         episode.retrieved_ids.extend(passage.id for passage in result.passages)
         episode.retrieved_texts.extend(passage.contents for passage in result.passages)
-        block = fit_information(
-            result.passages,
-            meter=self._meter,
-            max_tokens=self.config.max_observation_tokens,
-            suffix=self._closing_notice(searched=True),
-        )
-        return block.text, block.num_tokens
+        suffix = self._closing_notice(searched=True)
+        if result.passages or isinstance(action, Search):
+            block = fit_information(
+                result.passages,
+                meter=self._meter,
+                max_tokens=self.config.max_observation_tokens,
+                suffix=suffix,
+            )
+            body = block.text
+        else:
+            body = (
+                prompts.tool_result_block(
+                    result.text, meter=self._meter, max_tokens=self.config.max_observation_tokens
+                )
+                + suffix
+            )
+        observation = self.action_format.frame(body, action=episode.pending_text, role="tool")
+        return observation, self._meter.count(observation)
 
     def _closing_notice(self, *, searched: bool) -> str:
         """Answer now, said when the next turn is the last or this turn's search spent the last one."""
         episode = self._running_episode()
         if episode.turn + 1 >= self.config.max_turns:
             return prompts.LAST_TURN_NOTICE
-        if searched and episode.num_searches >= self.config.max_searches:
+        if searched and "search" in self.tools and episode.num_searches >= self.config.max_searches:
             return prompts.SEARCHES_SPENT_NOTICE
         return ""
 
@@ -307,14 +383,24 @@ class SearchEnv(gymnasium.Env[str, str]):
             retrieved_ids=tuple(episode.retrieved_ids),
             retrieved_texts=episode.retrieved_texts,
             well_formed=episode.well_formed and answer is not None,
-            num_searches=episode.num_searches,
             num_turns=episode.turn,
+            tool_calls=dict(episode.tool_calls),
             config=self.config,
             error=error,
+            trajectory="".join(episode.transcript),
         )
         info |= outcome.info_entries()
         reward = 0.0 if outcome.reward is None else outcome.reward
         return "", reward, terminated, not terminated, info
+
+
+def _request_of(action: Action | None) -> ToolRequest | None:
+    """The tool call an action asks for (None for an answer or an invalid action)."""
+    if isinstance(action, Search):
+        return ToolRequest("search", {"query": action.query})
+    if isinstance(action, ToolCall) and not isinstance(action.arguments, str):
+        return ToolRequest(action.name, action.arguments)
+    return None
 
 
 def score_episode(
@@ -325,12 +411,19 @@ def score_episode(
     retrieved_ids: tuple[str, ...],
     retrieved_texts: Sequence[str],
     well_formed: bool,
-    num_searches: int,
     num_turns: int,
+    tool_calls: Mapping[str, int],
     config: EnvConfig,
     error: str | None = None,
+    trajectory: str = "",
 ) -> EpisodeOutcome:
-    """The outcome of an episode: metrics and reward (with its parts), or a missing reward with its reason."""
+    """The outcome of an episode: metrics and reward (with its parts), or a missing reward with its reason.
+
+    The outcome part of the reward comes from the configured reward functions
+    (:mod:`searchgym.env.reward_fns`), called with the question, the gold answers, the answer, the
+    episode's ``trajectory`` text and what it did; each function's value is kept in ``reward_functions``.
+    """
+    num_searches = tool_calls.get("search", 0)
     ended = EpisodeOutcome(
         answer=answer,
         end_reason=end_reason,
@@ -340,12 +433,41 @@ def score_episode(
         well_formed=well_formed,
         error=error,
         retrieved_ids=retrieved_ids,
+        tool_calls=dict(tool_calls),
     )
     if error is not None:
-        return replace(ended, reward_error=f"retriever failed: {error}")
+        failed = "the retriever" if end_reason == "retriever_error" else "a tool"
+        return replace(ended, reward_error=f"{failed} failed: {error}")
     golds = example.golden_answers
     if not golds:
         return replace(ended, reward_error=f"example {example.id!r} has no golden answers")
+    scored = replace(
+        ended,
+        em=exact_match(answer, golds),
+        f1=f1_score(answer, golds),
+        cover_em=cover_exact_match(answer, golds),
+    )
+    facts = EpisodeFacts(
+        end_reason=end_reason,
+        well_formed=well_formed,
+        num_turns=num_turns,
+        tool_calls=dict(tool_calls),
+        retrieved_ids=retrieved_ids,
+        retrieved_texts=tuple(retrieved_texts),
+    )
+    context = RewardContext(
+        question=example.question,
+        golden_answers=tuple(golds),
+        answer=answer,
+        trajectory=trajectory,
+        episode=facts,
+        example=example,
+    )
+    result = score_outcome(parse_reward_spec(config.reward_spec), context)
+    if result.value is None:
+        return replace(
+            scored, reward_error=f"reward function failed: {result.error}", reward_functions=result.parts
+        )
     shaping = format_reward(
         well_formed=well_formed,
         answer_retrieved=config.retrieval_weight > 0 and answer_in_passages(retrieved_texts, golds),
@@ -353,17 +475,15 @@ def score_episode(
         retrieval_weight=config.retrieval_weight,
     )
     parts = RewardBreakdown(
-        outcome=score_answer(answer, golds, config.reward_type),
-        shaping=shaping,
-        search_cost=search_penalty(num_searches, config.search_cost),
+        outcome=result.value, shaping=shaping, search_cost=search_penalty(num_searches, config.search_cost)
     )
+    tool_cost = sum(config.tool_costs.get(name, 0.0) * count for name, count in tool_calls.items())
     return replace(
-        ended,
-        reward=parts.total,
+        scored,
+        reward=parts.total - tool_cost,
         reward_parts=parts,
-        em=exact_match(answer, golds),
-        f1=f1_score(answer, golds),
-        cover_em=cover_exact_match(answer, golds),
+        reward_functions=result.parts,
+        tool_cost=tool_cost,
     )
 
 

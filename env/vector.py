@@ -8,9 +8,9 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from searchgym.env.config import EnvConfig
-from searchgym.env.retrieval import retrieve_batch
 from searchgym.env.search_env import DatasetLike, EpisodeStateError, SearchEnv, resolve_examples
 from searchgym.env.tokens import Tokenizer
+from searchgym.env.tools import ToolRequest, call_batched
 from searchgym.errors import SearchgymError
 from searchgym.retriever.base import Retriever
 
@@ -73,9 +73,16 @@ class SearchVectorEnv(VectorEnv):
         examples = resolve_examples(dataset)
         self.config = config or EnvConfig()
         self.retriever = retriever
-        self.envs = [
-            SearchEnv(dataset=examples, retriever=retriever, config=self.config, tokenizer=tokenizer)
-            for _ in range(num_envs)
+        first = SearchEnv(dataset=examples, retriever=retriever, config=self.config, tokenizer=tokenizer)
+        self.envs = [first] + [
+            SearchEnv(
+                dataset=examples,
+                retriever=retriever,
+                config=self.config,
+                tokenizer=tokenizer,
+                tools=first.tools,
+            )
+            for _ in range(num_envs - 1)
         ]
         self.num_envs = num_envs
         self.autoreset_mode = AutoresetMode(autoreset_mode)
@@ -90,6 +97,16 @@ class SearchVectorEnv(VectorEnv):
         self._autoreset = np.zeros(num_envs, dtype=np.bool_)
         self._final_infos: list[dict[str, Any] | None] = [None] * num_envs
         self._has_reset = False
+
+    @property
+    def tool_schemas(self) -> list[dict[str, Any]]:
+        """The sub-envs' tools as a chat template's ``tools=`` list."""
+        return self.envs[0].tool_schemas
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """Strings that end a policy turn in the env's tool-call format."""
+        return self.envs[0].stop
 
     @property
     def final_infos(self) -> tuple[dict[str, Any] | None, ...]:
@@ -131,7 +148,7 @@ class SearchVectorEnv(VectorEnv):
     def step(
         self, actions: Sequence[str]
     ) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        """One turn for every sub-env; all their searches go to the retriever in a single call.
+        """One turn for every sub-env: one call per tool (one retriever call) for all the sub-envs' requests.
 
         Raises:
             SearchgymError: the number of actions is not ``num_envs``.
@@ -146,13 +163,13 @@ class SearchVectorEnv(VectorEnv):
             raise EpisodeStateError("call reset() before step()")
         outputs: list[StepOutput | None] = [self._idle_output(index) for index in range(self.num_envs)]
         stepping = [index for index, output in enumerate(outputs) if output is None]
-        queries: dict[int, str] = {}
+        requests: dict[int, ToolRequest] = {}
         for index in stepping:
-            query = self.envs[index].begin_step(actions[index])
-            if query is not None:
-                queries[index] = query
-        results = retrieve_batch(self.retriever, list(queries.values()), self.config.topk)
-        result_of = dict(zip(queries, results, strict=True))
+            request = self.envs[index].begin_step(actions[index])
+            if request is not None:
+                requests[index] = request
+        results = call_batched(self.envs[0].tools, list(requests.values()))
+        result_of = dict(zip(requests, results, strict=True))
         for index in stepping:
             outputs[index] = self._after_step(index, self.envs[index].finish_step(result_of.get(index)))
         return self._collect([output for output in outputs if output is not None])

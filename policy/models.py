@@ -8,9 +8,10 @@ safetensors copy under ``searchgym.paths.CACHE_DIR`` and every later load reads 
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -82,7 +83,13 @@ def is_chat_model(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, *, chat: bool | None = None) -> list[int]:
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    *,
+    chat: bool | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> list[int]:
     """Token ids of an env prompt: the user message of a chat for instruct models, raw text for base models.
 
     For chat models the generation prompt (the assistant header) is added, so the policy's first token
@@ -93,6 +100,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, *, chat: bool |
         text: the env's reset observation.
         chat: wrap the text in the chat template (the env's ``prompt_style="chat"``) or not
             (``"plain"``); None decides by whether the tokenizer has a chat template.
+        tools: function schemas the chat template lists for native tool calling (the env's Hermes
+            format); None for none.
 
     Raises:
         PromptFormatError: a chat prompt was asked for but the tokenizer has no chat template.
@@ -107,7 +116,10 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, *, chat: bool |
             "base models, or load an instruct model"
         )
     messages = [{"role": "user", "content": text}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    schemas: list[dict[Any, Any] | Callable[..., Any]] | None = (
+        None if tools is None else [dict(tool) for tool in tools]
+    )
+    ids = tokenizer.apply_chat_template(messages, tools=schemas, add_generation_prompt=True, tokenize=True)
     # transformers 5 returns a BatchEncoding here; older versions a plain list (one conversation's ids).
     return list(cast(list[int], ids["input_ids"] if isinstance(ids, BatchEncoding) else ids))
 

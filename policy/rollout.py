@@ -56,7 +56,8 @@ def run_episodes(
         vector_env: the env, in ``AutoresetMode.DISABLED`` (its default); give it the policy's tokenizer
             so that its observation budget counts the same tokens.
         examples: QA examples or FlashRAG records; repeat an example to sample it several times.
-        sampling: sampling parameters (the env's stop strings ``</search>`` and ``</answer>`` by default);
+        sampling: sampling parameters; the env's stop strings (``</search>``, ``</answer>``, each tool's
+            closing tag, or ``</tool_call>`` in the Hermes format) are added to its ``stop``;
             a seed makes the run reproducible (each generation call gets its own seed from it).
         budgets: token budgets (see the module docstring).
         group_ids: one id per example for GRPO groups; by default the example id, prefixed by the
@@ -77,7 +78,10 @@ def run_episodes(
         group_ids = [default_group_id(example) for example in parsed]
     elif len(group_ids) != len(parsed):
         raise RolloutError(f"{len(group_ids)} group ids for {len(parsed)} examples: give one per example")
-    run = _RunSettings(sampling or SamplingParams(), budgets or TokenBudgets(), vector_env.config)
+    sampling = sampling or SamplingParams()
+    # The env's format decides where a turn ends (</tool_call> for Hermes, each tool's closing tag).
+    sampling = replace(sampling, stop=tuple(dict.fromkeys((*sampling.stop, *vector_env.stop))))
+    run = _RunSettings(sampling, budgets or TokenBudgets(), vector_env.config)
     trajectories: list[Trajectory] = []
     for start in range(0, len(parsed), vector_env.num_envs):
         chunk = slice(start, start + vector_env.num_envs)
@@ -118,7 +122,7 @@ class _Episode:
     turn_index: list[int] = field(default_factory=list)
     logprobs: list[float] | None = field(default_factory=list)
     turns: list[TurnRecord] = field(default_factory=list)
-    num_searches: int = 0
+    tool_calls: dict[str, int] = field(default_factory=dict)
     outcome: EpisodeOutcome | None = None
 
     @property
@@ -148,7 +152,8 @@ class _Episode:
                 num_observation_tokens=observation_count,
             )
         )
-        self.num_searches = int(info.get("num_searches", self.num_searches))
+        if info.get("action_type") in ("search", "tool") and info.get("tool"):
+            self.tool_calls[info["tool"]] = self.tool_calls.get(info["tool"], 0) + 1
 
     @property
     def done(self) -> bool:
@@ -223,9 +228,10 @@ def _start_episodes(
     reset_mask[: len(examples)] = True
     prompts, _ = vector_env.reset(options={"examples": examples, "reset_mask": reset_mask})
     chat = run.env_config.prompt_style == "chat"
+    tools = vector_env.tool_schemas if run.env_config.tool_format == "hermes" else None
     episodes = []
     for slot, (example, group_id) in enumerate(zip(examples, group_ids, strict=True)):
-        prompt_ids = encode_prompt(generator.tokenizer, prompts[slot], chat=chat)
+        prompt_ids = encode_prompt(generator.tokenizer, prompts[slot], chat=chat, tools=tools)
         if len(prompt_ids) > run.budgets.max_prompt_tokens:
             raise RolloutError(
                 f"the prompt of example {example.id!r} has {len(prompt_ids)} tokens, more than "
@@ -286,8 +292,8 @@ def _end_on_budget(episode: _Episode, reason: EndReason, run: _RunSettings) -> N
         retrieved_ids=tuple(passage_id for turn in episode.turns for passage_id in turn.retrieved_ids),
         retrieved_texts=(),
         well_formed=False,
-        num_searches=episode.num_searches,
         num_turns=len(episode.turns),
+        tool_calls=episode.tool_calls,
         config=run.env_config,
     )
 

@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 import searchgym.env.actions
 import searchgym.env.observations
 import searchgym.env.prompts
+import searchgym.env.reward_fns
 import searchgym.env.rewards
 import searchgym.env.tokens
+import searchgym.env.tools
 import searchgym.env.vector
 from searchgym.env.config import EnvConfig, EnvConfigError
 from searchgym.env.rewards import (
@@ -35,6 +37,8 @@ from searchgym.env.rewards import (
         searchgym.env.observations,
         searchgym.env.tokens,
         searchgym.env.vector,
+        searchgym.env.reward_fns,
+        searchgym.env.tools,
     ],
 )
 def test_docstring_examples(module):

@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from searchgym.errors import SearchgymError
+from searchgym.train.lora import has_lora, load_trainable_state, merged_state, trainable_state
 from searchgym.train.models import TrainModels
 from searchgym.train.optim import Optimizers
 
@@ -164,9 +165,9 @@ class CheckpointManager:
                 "resume with the same algorithm.name, or start afresh with checkpoint.resume=false or "
                 "another logging.run_dir"
             )
-        models.policy.load_state_dict(model_states["policy"])
+        _load_weights(models.policy, model_states["policy"])
         if models.critic is not None:
-            models.critic.load_state_dict(model_states["critic"])
+            _load_weights(models.critic, model_states["critic"])
         _load_optimizer_states(optimizers, _load_tensors(path / _OPTIMIZERS, device))
         record = json.loads((path / _STATE).read_text())
         if restore_rng:
@@ -250,11 +251,15 @@ def read_trainer_state(path: Path) -> TrainerState:
 def export_hf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> Path:
     """Write ``model`` and ``tokenizer`` as a plain Hugging Face model folder, atomically.
 
-    The folder loads with ``AutoModelForCausalLM.from_pretrained``, ``searchgym eval --model`` and vLLM.
+    The folder loads with ``AutoModelForCausalLM.from_pretrained``, ``searchgym eval --model`` and vLLM;
+    LoRA adapters are merged into the weights they adapt (the folder holds no adapter).
     """
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    if has_lora(model):
+        model.save_pretrained(staging, state_dict=merged_state(model))
+    else:
+        model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     _fsync_tree(staging)
     if target.exists():
@@ -264,10 +269,22 @@ def export_hf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def _model_states(models: TrainModels) -> dict[str, Any]:
-    states = {"policy": models.policy.state_dict()}
+    states = {"policy": _weights(models.policy)}
     if models.critic is not None:
-        states["critic"] = models.critic.state_dict()
+        states["critic"] = _weights(models.critic)
     return states
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a model: every weight, or only the trainable ones beside a frozen base."""
+    return trainable_state(model) if has_lora(model) else model.state_dict()
+
+
+def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    if has_lora(model):
+        load_trainable_state(model, state)
+    else:
+        model.load_state_dict(state)
 
 
 def _optimizer_states(optimizers: Optimizers) -> dict[str, Any]:

@@ -31,6 +31,37 @@ def _require_positive(section: str, **values: float) -> None:
         _require(value > 0, f"{section}.{name} must be > 0, got {value}")
 
 
+LORA_LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """LoRA adapters (peft, the ``lora`` extra) instead of training every weight; see searchgym.train.lora."""
+
+    rank: int = 0
+    """The adapters' rank r; 0 trains every weight (no adapters)."""
+    alpha: int = 16
+    """Scale numerator: the adapted weight is W + alpha / rank * B @ A."""
+    targets: tuple[str, ...] = LORA_LLAMA_TARGETS
+    """Linear layers to adapt (names or name suffixes), or [all-linear] for every linear layer but the
+    LM head. The default names the attention and MLP projections of Llama, Qwen and SmolLM2."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during the update."""
+    critic: bool = False
+    """Adapters on the critic's body too (PPO); its value head is always trained in full."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, f"model.lora.rank must be >= 0 (0 turns LoRA off), got {self.rank}")
+        _require(self.alpha > 0, f"model.lora.alpha must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        _require(bool(self.targets), "model.lora.targets is empty: name layers, e.g. [q_proj, v_proj]")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the policy trains adapters instead of its weights."""
+        return self.rank > 0
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """The policy being trained; the critic (PPO) is the same base model with a fresh value head."""
@@ -40,6 +71,8 @@ class ModelConfig:
     `smollm2-135m-instruct` for the embedded SmolLM2-135M-Instruct."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of full fine-tuning (rank 0: off)."""
 
 
 @dataclass(frozen=True, kw_only=True)

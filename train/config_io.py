@@ -83,7 +83,8 @@ def _type_name(annotation: Any) -> str:
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
     if typing.get_origin(annotation) is tuple:
-        return f"tuple[{', '.join(_type_name(arg) for arg in typing.get_args(annotation))}]"
+        names = ("..." if arg is Ellipsis else _type_name(arg) for arg in typing.get_args(annotation))
+        return f"tuple[{', '.join(names)}]"
     return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
 
 
@@ -130,8 +131,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not a choice; set one of {', '.join(map(str, choices))}")
         return value
+    if typing.get_origin(annotation) is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} takes a mapping, like {{name: 1}}; got {value!r}")
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if typing.get_origin(annotation) is tuple:
         item_types = typing.get_args(annotation)
+        if len(item_types) == 2 and item_types[1] is Ellipsis:
+            if not isinstance(value, list | tuple):
+                raise ConfigError(f"{key} takes a list, like [a, b]; got {value!r}")
+            return tuple(_coerce(item, item_types[0], key) for item in value)
         if not isinstance(value, list | tuple) or len(value) != len(item_types):
             raise ConfigError(
                 f"{key} takes {len(item_types)} values as a list, like [0.9, 0.99]; got {value!r}"

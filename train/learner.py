@@ -30,7 +30,14 @@ from searchgym.train.batch import Batch, Experience, collate
 from searchgym.train.checkpoint import CheckpointManager, TrainerState, export_hf_model
 from searchgym.train.config import TrainConfig
 from searchgym.train.guards import StepHealth
-from searchgym.train.models import TrainModels, build_train_models, response_logprobs, response_values
+from searchgym.train.lora import merged_state
+from searchgym.train.models import (
+    TrainModels,
+    build_train_models,
+    reference_policy,
+    response_logprobs,
+    response_values,
+)
 from searchgym.train.optim import Optimizers, build_optimizers
 from searchgym.train.parallel import SINGLE_PROCESS, DataParallel, TorchDataParallel
 from searchgym.train.sharding import is_sharded
@@ -74,11 +81,12 @@ def make_experience(
             ).logprobs
             old_logprobs = data_parallel.gather(old_logprobs, size=batch.size)
         ref_logprobs = None
-        if models.reference is not None:
-            ref_logprobs = sequence_logprobs(
-                models.reference, share.sequences, temperature=temperature, micro_batch_size=size
-            ).logprobs
-            ref_logprobs = data_parallel.gather(ref_logprobs, size=batch.size)
+        with reference_policy(models) as reference:
+            if reference is not None:
+                ref_logprobs = sequence_logprobs(
+                    reference, share.sequences, temperature=temperature, micro_batch_size=size
+                ).logprobs
+                ref_logprobs = data_parallel.gather(ref_logprobs, size=batch.size)
         values = None
         if models.critic is not None:
             models.critic.eval()
@@ -535,6 +543,7 @@ class LocalLearner:
             with_reference=config.uses_reference,
             with_critic=config.uses_critic,
             gradient_checkpointing=config.model.gradient_checkpointing,
+            lora=config.model.lora,
         )
         self.optimizers = build_optimizers(self.models, config)
         self.checkpoints = CheckpointManager(
@@ -568,8 +577,8 @@ class LocalLearner:
         return LearnerStep(metrics=metrics, health=step_health(batch, experience, stats, self.config))
 
     def policy_state(self) -> dict[str, Tensor]:
-        """The policy's weights (the live tensors: read them, never write them)."""
-        return self.models.policy.state_dict()
+        """The policy's weights under the base model's names, LoRA adapters merged in (read them only)."""
+        return merged_state(self.models.policy)
 
     def save(self, state: TrainerState) -> Path:
         """Write a checkpoint of the models, optimizers and random state beside ``state``."""

@@ -5,7 +5,9 @@ with the
 response: position ``t`` holds what the model says about response token ``t`` given everything before it.
 """
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,8 @@ from transformers import PreTrainedModel
 
 from searchgym.policy.logprobs import sequence_logprobs
 from searchgym.train.batch import Batch
+from searchgym.train.config import LoraConfig
+from searchgym.train.lora import adapters_disabled, apply_lora
 
 
 class ValueModel(nn.Module):
@@ -57,34 +61,72 @@ class TrainModels:
     """What a run holds in memory.
 
     Attributes:
-        policy: the causal LM being trained (the actor).
-        reference: a frozen copy of the initial policy, or None when the KL coefficient is 0.
+        policy: the causal LM being trained (the actor), with LoRA adapters when ``model.lora.rank > 0``.
+        reference: a frozen copy of the initial policy, or None when the KL coefficient is 0 or when the
+            reference is the policy with its adapters switched off (``reference_is_base``).
         critic: the value model (PPO), or None (GRPO).
+        reference_is_base: the KL reference is the LoRA policy's base model (no second copy in memory).
     """
 
     policy: PreTrainedModel
     reference: PreTrainedModel | None
     critic: ValueModel | None
+    reference_is_base: bool = False
+
+
+@contextlib.contextmanager
+def reference_policy(models: TrainModels) -> Iterator[PreTrainedModel | None]:
+    """The reference policy inside the block: the frozen copy, the policy with adapters off, or None."""
+    if not models.reference_is_base:
+        yield models.reference
+        return
+    with adapters_disabled(models.policy):
+        yield models.policy
 
 
 def build_train_models(
-    policy: PreTrainedModel, *, with_reference: bool, with_critic: bool, gradient_checkpointing: bool = False
+    policy: PreTrainedModel,
+    *,
+    with_reference: bool,
+    with_critic: bool,
+    gradient_checkpointing: bool = False,
+    lora: LoraConfig | None = None,
 ) -> TrainModels:
     """Wrap the initial ``policy`` with the reference copy and the critic the algorithm needs.
 
     Both are taken from the policy before any update, so a resumed run rebuilds them identically from the
-    same starting model (and then loads the critic's trained weights from its checkpoint).
+    same starting model (and then loads the critic's trained weights from its checkpoint). With ``lora``
+    enabled, adapters are injected into the policy (and the critic's body with ``lora.critic``) after the
+    critic is copied from the base model, and the reference is the base model itself.
     """
+    critic = ValueModel.from_causal_lm(policy) if with_critic else None
     reference = None
-    if with_reference:
+    use_lora = lora is not None and lora.enabled
+    if use_lora:
+        assert lora is not None
+        _add_adapters(policy, lora)
+        if critic is not None and lora.critic:
+            _add_adapters(critic.body, lora)
+    elif with_reference:
         reference = copy.deepcopy(policy).eval()
         reference.requires_grad_(False)
-    critic = ValueModel.from_causal_lm(policy) if with_critic else None
     if gradient_checkpointing:
         policy.activation_checkpointing_enable()
         if critic is not None:
             critic.body.activation_checkpointing_enable()
-    return TrainModels(policy=policy, reference=reference, critic=critic)
+        if use_lora:
+            # With a frozen embedding no checkpointed segment's input would require grad, and reentrant
+            # checkpointing would then give the adapters no gradient.
+            policy.enable_input_require_grads()
+            if critic is not None:
+                critic.body.enable_input_require_grads()
+    return TrainModels(
+        policy=policy, reference=reference, critic=critic, reference_is_base=use_lora and with_reference
+    )
+
+
+def _add_adapters(model: PreTrainedModel, lora: LoraConfig) -> None:
+    apply_lora(model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dropout=lora.dropout)
 
 
 def response_logprobs(model: PreTrainedModel, batch: Batch, *, temperature: float) -> tuple[Tensor, Tensor]:
