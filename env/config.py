@@ -3,10 +3,11 @@
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from searchgym.env.reward_fns import RewardFnError, parse_reward_spec, resolve_reward_fn
+from searchgym.env.rewards import RewardType
 from searchgym.errors import SearchgymError
 
 PromptStyle = Literal["chat", "plain"]
-RewardType = Literal["em", "f1", "cover_em"]
 ToolFormat = Literal["tags", "hermes"]
 
 QUESTION_PLACEHOLDER = "{question}"
@@ -118,9 +119,6 @@ class EnvConfig:
                 f"{', '.join(get_args(RewardType))}"
             )
         if self.reward_fn is not None:
-            # Imported here: reward_fns imports rewards, which imports this module's RewardType.
-            from searchgym.env.reward_fns import RewardFnError, parse_reward_spec, resolve_reward_fn
-
             try:
                 for term in parse_reward_spec(self.reward_fn):
                     resolve_reward_fn(term.spec)

@@ -10,8 +10,10 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from searchgym.env.config import RewardType
+RewardType = Literal["em", "f1", "cover_em"]
+"""The outcome metrics a reward can be computed with."""
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
