@@ -436,7 +436,7 @@ def score_episode(
         tool_calls=dict(tool_calls),
     )
     if error is not None:
-        failed = "the retriever" if end_reason == "retriever_error" else "a tool"
+        failed = "retriever" if end_reason == "retriever_error" else "tool"
         return replace(ended, reward_error=f"{failed} failed: {error}")
     golds = example.golden_answers
     if not golds:

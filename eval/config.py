@@ -153,7 +153,12 @@ class EvalConfig:
         known = {f.name: settings[f.name] for f in fields(cls) if f.name in settings}
         known["benchmarks"] = tuple(known.get("benchmarks", ()))
         if isinstance(known.get("env"), dict):
-            known["env"] = EnvConfig(**known["env"])
+            # JSON has lists where the config has tuples (tools, a list of reward functions).
+            env: dict[str, Any] = {
+                name: tuple(value) if isinstance(value, list) else value
+                for name, value in known["env"].items()
+            }
+            known["env"] = EnvConfig(**env)
         if isinstance(known.get("budgets"), dict):
             known["budgets"] = TokenBudgets(**known["budgets"])
         return cls(**known)

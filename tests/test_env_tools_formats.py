@@ -350,6 +350,6 @@ def test_hermes_rollout_has_exact_masks_and_the_templates_own_framing(hermes_tok
         "<|im_end|>\n<|im_start|>assistant\n"
     )
     assert [turn.action_type for turn in trajectory.turns] == ["search", "tool", "answer"]
-    assert trajectory.reward == 1.0 and trajectory.info["tool_calls"] == {"search": 1, "calculator": 1}
+    assert trajectory.reward == 1.0 and trajectory.outcome.tool_calls == {"search": 1, "calculator": 1}
     # A turn ends at the close of a call or an answer.
     assert "</tool_call>" in vector_env.stop and "</answer>" in vector_env.stop

@@ -15,9 +15,10 @@ from train_fixtures import (
 )
 from transformers import AutoModelForCausalLM
 
+from searchgym.policy.models import Policy
 from searchgym.train.checkpoint import CheckpointManager
 from searchgym.train.config import ConfigError, load_config
-from searchgym.train.learner import build_optimizers
+from searchgym.train.learner import LocalLearner, build_optimizers
 from searchgym.train.loop import train
 from searchgym.train.lora import LoraSetupError, adapters_disabled, apply_lora, merged_state
 from searchgym.train.models import build_train_models, reference_policy
@@ -106,13 +107,12 @@ def test_grpo_with_lora_and_a_kl_to_the_base_learns_the_toy_task(tmp_path: Path)
         "dev.before_training=false",
         "logging.samples_every=0",
     )
-    torch.manual_seed(0)
     policy = tiny_model()
     result = train(
         config,
-        policy=policy,
-        tokenizer=tiny_tokenizer(),
+        learner=LocalLearner(config, Policy(policy, tiny_tokenizer(), name="tiny")),
         rollout=TargetTokenRollout(),
+        tokenizer=tiny_tokenizer(),
         train_examples=toy_examples(16),
     )
     rewards = [row["rollout/reward"] for row in result.history]

@@ -84,12 +84,7 @@ def test_a_run_records_the_warm_start_reuses_it_and_the_demo_table_shows_three_s
     hint = build_parser().parse_args(eval_command(config).split()[1:])
     evaluated = config_from_args(hint, "agent")
     assert evaluated.model == str(tmp_path / "final") and evaluated.benchmarks == (config.data.dev,)
-    assert (evaluated.max_turns, evaluated.max_searches, evaluated.topk, evaluated.prompt_template) == (
-        config.env.max_turns,
-        config.env.max_searches,
-        config.env.topk,
-        config.env.prompt_template,
-    )
+    assert evaluated.env == config.env and evaluated.budgets == config.token_budgets
     assert evaluated.max_new_tokens == config.rollout.max_new_tokens
 
     # A second run in the same folder resumes: the saved warm-start is loaded, not trained again.
