@@ -22,7 +22,7 @@ says which budget in ``end_reason`` (``"context_budget"`` or ``"observation_budg
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import numpy as np
 from gymnasium.vector import AutoresetMode
@@ -35,18 +35,13 @@ from searchgym.policy.async_rollout import (
     TurnEngine,
     run_episodes_async,
 )
-from searchgym.policy.budgets import RolloutError, TokenBudgets
+from searchgym.policy.budgets import RolloutError, RolloutMode, TokenBudgets
 from searchgym.policy.episode import SEED_STRIDE, EpisodeState, default_group_id, encode_checked_prompt
 from searchgym.policy.generation import Generator, SamplingParams, TransformersGenerator
 from searchgym.policy.models import Policy
 from searchgym.policy.trajectory import Timings, Trajectory
 
 __all__ = ["RolloutError", "RolloutMode", "TokenBudgets", "default_group_id", "run_episodes"]
-
-RolloutMode = Literal["lockstep", "async"]
-"""``lockstep``: every turn of a batch generates together, then searches together, and the next batch
-starts when its slowest episode ends; ``async``: each episode goes on as soon as its own search returns and
-a new one starts as soon as a sub-env is free (:mod:`searchgym.policy.async_rollout`)."""
 
 
 def run_episodes(

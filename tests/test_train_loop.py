@@ -1,5 +1,6 @@
 """The training loop end to end on the toy task: it learns, resumes exactly, logs, guards and exports."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ from searchgym.train.loop import ExampleSampler, train
 from searchgym.train.tracking import read_metrics
 
 FIXTURES = Path(__file__).parent / "train_fixtures.py"
+# The killed run imports this checkout's searchgym, not whichever one the environment installed.
+CHECKOUT_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
 
 
 def mean(values: list[float]) -> float:
@@ -115,6 +118,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=300,
+        env=CHECKOUT_ENV,
     )
     assert killed.returncode == -9, killed.stderr
     run_toy(tmp_path / "resumed")

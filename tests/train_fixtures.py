@@ -10,6 +10,7 @@ import dataclasses
 import os
 import signal
 import sys
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,17 +80,22 @@ def toy_examples(count: int) -> list[QAExample]:
 
 
 @torch.no_grad()
-def _sample(model: PreTrainedModel, context: torch.Tensor, count: int, temperature: float) -> torch.Tensor:
-    """(B, count) tokens sampled after ``context`` (B, L) (all rows the same length), or greedy at 0."""
-    tokens = context
+def _sample(
+    model: PreTrainedModel, context: torch.Tensor, count: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, count) tokens sampled after ``context`` (B, L) (all rows the same length), or greedy at 0, and
+    (B, count) their log-probs under the distribution sampled from (the sampler's log-probs)."""
+    tokens, logprobs = context, []
     for _ in range(count):
         logits = model(input_ids=tokens, use_cache=False).logits[:, -1].float()
+        scaled = torch.log_softmax(logits if temperature == 0 else logits / temperature, dim=-1)
         if temperature == 0:
             step = logits.argmax(dim=-1, keepdim=True)
         else:
             step = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
+        logprobs.append(scaled.gather(-1, step))
         tokens = torch.cat([tokens, step], dim=-1)
-    return tokens[:, context.shape[1] :]
+    return tokens[:, context.shape[1] :], torch.cat(logprobs, dim=-1)
 
 
 class SimulatedCrash(RuntimeError):
@@ -99,7 +105,9 @@ class SimulatedCrash(RuntimeError):
 class TargetTokenRollout:
     """A :class:`searchgym.train.loop.Rollout`: two policy turns around an observation, reward for the target.
 
-    It samples with the global torch generator at the request's temperature (0: greedy, for evaluation).
+    It samples with the global torch generator at the request's temperature (0: greedy, for evaluation),
+    when a request is submitted: with the weights of the last sync, as the protocol asks, even when the
+    loop submits the next step's request before the learner updates.
 
     Args:
         missing_reward_ids: example ids whose reward is reported as missing (None).
@@ -119,10 +127,12 @@ class TargetTokenRollout:
         self.kill_at_step = kill_at_step
         self.model: PreTrainedModel | None = None
         self.tokenizer = tiny_tokenizer()
-        self._pending: tuple[Sequence[QAExample], float] | None = None
+        self._done: deque[list[Trajectory]] = deque()
+        self.events: list[tuple[str, int]] = []
 
     def sync_weights(self, learner: LocalLearner) -> None:
         self.model = learner.models.policy
+        self.events.append(("sync", 0))
 
     def submit(
         self, examples: Sequence[QAExample], *, sampling: SamplingParams, step: int, batch_size: int
@@ -131,20 +141,23 @@ class TargetTokenRollout:
             raise SimulatedCrash(f"crash at step {step}")
         if step == self.kill_at_step and sampling.temperature > 0:
             os.kill(os.getpid(), signal.SIGKILL)
-        self._pending = (examples, sampling.temperature)
+        assert self.model is not None
+        self.events.append(("submit", step))
+        self._done.append([self._episode(self.model, example, sampling.temperature) for example in examples])
 
     def collect(self) -> list[Trajectory]:
-        assert self._pending is not None and self.model is not None
-        (examples, temperature), self._pending = self._pending, None
-        return [self._episode(self.model, example, temperature) for example in examples]
+        self.events.append(("collect", 0))
+        return self._done.popleft()
 
     def _episode(self, model: PreTrainedModel, example: QAExample, temperature: float) -> Trajectory:
         tokenizer = self.tokenizer
         prompt = tokenizer(example.question)["input_ids"]
         observation = tokenizer.convert_tokens_to_ids(list(OBSERVATION))
-        first = _sample(model, torch.tensor([prompt]), TURN_TOKENS, temperature)[0].tolist()
+        first_ids, first_logprobs = _sample(model, torch.tensor([prompt]), TURN_TOKENS, temperature)
+        first = first_ids[0].tolist()
         context = torch.tensor([prompt + first + observation])
-        second = _sample(model, context, TURN_TOKENS, temperature)[0].tolist()
+        second_ids, second_logprobs = _sample(model, context, TURN_TOKENS, temperature)
+        second = second_ids[0].tolist()
         target = tokenizer.convert_tokens_to_ids(TARGET)
         hit = float(target in first + second)
         missing = example.id in self.missing_reward_ids
@@ -155,6 +168,11 @@ class TargetTokenRollout:
             response_ids=first + observation + second,
             loss_mask=[1] * TURN_TOKENS + [0] * len(observation) + [1] * TURN_TOKENS,
             turn_index=[0] * (TURN_TOKENS + len(observation)) + [1] * TURN_TOKENS,
+            sampler_logprobs=[
+                *first_logprobs[0].tolist(),
+                *[0.0] * len(observation),
+                *second_logprobs[0].tolist(),
+            ],
             outcome=EpisodeOutcome(
                 answer=tokenizer.decode(second),
                 end_reason="answered",
