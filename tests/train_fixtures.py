@@ -265,6 +265,7 @@ def run_toy(
 
 
 if __name__ == "__main__":
-    # python tests/train_fixtures.py RUN_DIR KILL_AT_STEP: a toy run that kills itself with SIGKILL.
+    # python tests/train_fixtures.py RUN_DIR KILL_AT_STEP [OVERRIDE ...]: a toy run that kills itself with
+    # SIGKILL when it submits the request of step KILL_AT_STEP.
     torch.set_num_threads(1)
-    run_toy(Path(sys.argv[1]), rollout=TargetTokenRollout(kill_at_step=int(sys.argv[2])))
+    run_toy(Path(sys.argv[1]), *sys.argv[3:], rollout=TargetTokenRollout(kill_at_step=int(sys.argv[2])))
