@@ -7,6 +7,7 @@ import pytest
 import torch
 from train_fixtures import learner_config, tiny_model, toy_episodes, toy_examples, with_reward
 
+from searchgym.errors import SearchgymError
 from searchgym.policy.trajectory import Trajectory
 from searchgym.train.batch import EmptyBatchError, collate
 from searchgym.train.config import TrainConfig
@@ -115,3 +116,34 @@ def test_learning_rate_schedules() -> None:
     assert cosine(0) == pytest.approx(1.0)
     assert cosine(5) == pytest.approx(0.55)
     assert cosine(10) == pytest.approx(0.1)
+
+
+def test_a_stale_batch_takes_the_sampler_logprobs_as_old_logprobs(trajectories: list[Trajectory]) -> None:
+    config = learner_config()
+    models = build_train_models(tiny_model(seed=7), with_reference=True, with_critic=config.uses_critic)
+    fresh = collate(trajectories, pad_token_id=0, device="cpu")
+    stale = collate(
+        [dataclasses.replace(t, weights_version=0, staleness=1) for t in trajectories],
+        pad_token_id=0,
+        device="cpu",
+    )
+    assert fresh.staleness == 0 and stale.staleness == 1
+    # The learner's weights (seed 7) are not the sampler's (seed 0): recomputed old log-probs differ from
+    # the sampler's, and a stale batch must use the sampler's, the behaviour policy's.
+    recomputed = make_experience(
+        models,
+        fresh,
+        dataclasses.replace(config, algorithm=dataclasses.replace(config.algorithm, ppo_epochs=2)),
+    )
+    assert recomputed.old_logprobs is not None
+    assert not torch.allclose(recomputed.old_logprobs * fresh.policy_mask, stale.sampler_logprobs)
+    behaviour = make_experience(models, stale, config)
+    assert behaviour.old_logprobs is not None and torch.equal(behaviour.old_logprobs, stale.sampler_logprobs)
+
+
+def test_a_stale_batch_without_sampler_logprobs_is_an_error(trajectories: list[Trajectory]) -> None:
+    config = learner_config()
+    models = build_train_models(tiny_model(), with_reference=True, with_critic=config.uses_critic)
+    blind = [dataclasses.replace(t, sampler_logprobs=None, staleness=2) for t in trajectories]
+    with pytest.raises(SearchgymError, match=r"rollout\.max_staleness=0"):
+        make_experience(models, collate(blind, pad_token_id=0, device="cpu"), config)
