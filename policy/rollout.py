@@ -94,7 +94,7 @@ def run_episodes(
         raise RolloutError(f"{len(group_ids)} group ids for {len(parsed)} examples: give one per example")
     sampling, budgets = sampling or SamplingParams(), budgets or TokenBudgets()
     if mode == "async":
-        engine = policy if hasattr(policy, "generate_turn") else BatchingTurnEngine(cast(Generator, policy))
+        engine = policy if hasattr(policy, "generate_turn") else BatchingTurnEngine(policy)
         return run_episodes_async(
             cast(TurnEngine, engine),
             vector_env,
