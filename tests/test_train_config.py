@@ -93,6 +93,9 @@ def test_derived_sizes() -> None:
         (["env.max_turns=0"], "env: max_turns=0"),
         (["guards.rollback_after=3", "checkpoint.every=0"], "checkpoint.every > 0"),
         (["actor_lr"], "is not key=value"),
+        (["rollout.mode=eager"], "set one of lockstep, async"),
+        (["rollout.max_staleness=-1"], "rollout.max_staleness must be >= 0"),
+        (["rollout.search_wait_s=-0.1"], "rollout.search_wait_s must be >= 0"),
     ],
 )
 def test_mistakes_say_what_to_set(overrides: list[str], message: str) -> None:
