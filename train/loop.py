@@ -67,11 +67,12 @@ class Rollout(Protocol):
     """Produces episodes with the policy weights it was last given.
 
     A request is submitted, then collected: lock-step rollouts run it on ``collect``, others start at once
-    and may overlap it with other work.
+    and may overlap it with other work. Several requests may be in flight (``rollout.max_staleness`` > 0):
+    each is generated with the weights synced before it was submitted, and they are collected in order.
     """
 
     def sync_weights(self, learner: Learner) -> None:
-        """Take the learner's current policy weights for the episodes submitted from now on."""
+        """Take the learner's current policy weights for the requests submitted from now on."""
         ...
 
     def submit(
@@ -88,7 +89,7 @@ class Rollout(Protocol):
         ...
 
     def collect(self) -> list[Trajectory]:
-        """The episodes of the request submitted last, one per example, in order."""
+        """The episodes of the oldest request not yet collected, one per example, in order."""
         ...
 
 
