@@ -7,6 +7,17 @@ retrieval, bookkeeping = everything else: env steps, tokenizing observations, de
     .venv/bin/python benchmarks/rollout.py --backend transformers [--batch-sizes 8 32]
     .venv-vllm/bin/python benchmarks/rollout.py --backend vllm [--batch-sizes 8 32]
 
+Lock-step against asynchronous (per-trajectory) episodes on a mix of short and long episodes:
+
+    .venv/bin/python benchmarks/rollout.py --modes lockstep async --mixed 16 128 --episodes 32 \
+        --batch-sizes 8 [--model tiny]
+
+``--mixed SHORT LONG`` gives every other question a turn budget of SHORT new tokens and the others LONG
+(the model's own samples, cut at that many tokens as a turn budget cuts them), so that a lock-step batch
+waits for its long episodes; ``--episodes`` runs that many questions through ``batch`` sub-envs.
+``--model tiny`` uses the tiny random model of the tests instead of SmolLM2 (fast, not representative
+of a real model's cost per token).
+
 The vLLM run needs the retriever's packages in the vllm environment as well:
 ``.venv-vllm/bin/pip install bm25s numba PyStemmer pyarrow tqdm``. The BM25 index is built once under
 ``searchgym.paths.CACHE_DIR`` and reused.
@@ -14,15 +25,18 @@ The vLLM run needs the retriever's packages in the vllm environment as well:
 
 import argparse
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from searchgym import paths
 from searchgym.env import EnvConfig, SearchVectorEnv, load_dataset
-from searchgym.policy.generation import Generator, SamplingParams, TransformersGenerator
-from searchgym.policy.models import default_policy_path, load_policy
-from searchgym.policy.rollout import TokenBudgets, run_episodes
+from searchgym.policy.generation import Generation, Generator, SamplingParams, TransformersGenerator
+from searchgym.policy.models import default_policy_path, load_policy, tiny_random_model
+from searchgym.policy.rollout import RolloutMode, TokenBudgets, run_episodes
 from searchgym.policy.trajectory import Trajectory
 from searchgym.retriever.base import Retriever
 from searchgym.retriever.index import IndexSpec, ensure_index, load_retriever
@@ -44,9 +58,43 @@ class Figures:
     answered: float
 
 
-def make_generator(backend: str, kv_cache_gib: float, max_context: int) -> Generator:
+class MixedTurnBudgets:
+    """A generator whose turns are cut at SHORT tokens for every other question and LONG for the rest.
+
+    The ids are the backend's own samples; only the per-prompt token limit differs, as a turn budget
+    would set it, so that episodes differ in cost the way short and long episodes do.
+    """
+
+    def __init__(self, generator: Generator, short_questions: set[str], short: int, long: int) -> None:
+        self.generator, self.short_questions, self.short, self.long = generator, short_questions, short, long
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The backend's tokenizer."""
+        return self.generator.tokenizer
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[Generation]:
+        """The backend's turns, each cut at its question's turn budget (or the room it has left)."""
+        rooms = max_new_tokens or [params.max_new_tokens] * len(prompts)
+        limits = [min(room, self._limit(prompt)) for prompt, room in zip(prompts, rooms, strict=True)]
+        return self.generator.generate(prompts, params, max_new_tokens=limits)
+
+    def _limit(self, prompt: Sequence[int]) -> int:
+        # The question sits in the first few hundred tokens of the context (the prompt is never cut).
+        head = str(self.tokenizer.decode(list(prompt[:400])))
+        return self.short if any(question in head for question in self.short_questions) else self.long
+
+
+def make_generator(backend: str, kv_cache_gib: float, max_context: int, model: str = "smollm2") -> Generator:
     if backend == "transformers":
-        return TransformersGenerator(load_policy(), max_batch_size=64)
+        policy = tiny_random_model() if model == "tiny" else load_policy()
+        return TransformersGenerator(policy, max_batch_size=64)
     from searchgym.policy.vllm_backend import VLLMGenerator
 
     return VLLMGenerator(
@@ -60,33 +108,49 @@ def bm25_wiki_mini() -> Retriever:
     return load_retriever(index)
 
 
-def measure(generator: Generator, retriever: Retriever, batch_size: int, args: argparse.Namespace) -> Figures:
+def measure(
+    generator: Generator,
+    retriever: Retriever,
+    batch_size: int,
+    args: argparse.Namespace,
+    mode: RolloutMode = "lockstep",
+) -> Figures:
     config = EnvConfig(max_turns=args.max_turns, max_searches=args.max_turns - 1, topk=3)
     vector_env = SearchVectorEnv(
         num_envs=batch_size, dataset=None, retriever=retriever, config=config, tokenizer=generator.tokenizer
     )
-    examples = load_dataset("wiki-mini-dev")[:batch_size]
+    examples = load_dataset("wiki-mini-dev")[: args.episodes or batch_size]
+    if args.mixed:
+        short, long = args.mixed
+        generator = MixedTurnBudgets(generator, {e.question for e in examples[::2]}, short, long)
     sampling = SamplingParams(max_new_tokens=args.max_turn_tokens, temperature=args.temperature, seed=0)
     budgets = TokenBudgets(max_turn_tokens=args.max_turn_tokens, max_context_tokens=args.max_context)
     started = time.perf_counter()
-    trajectories = run_episodes(generator, vector_env, examples, sampling=sampling, budgets=budgets)
+    trajectories = run_episodes(
+        generator,
+        vector_env,
+        examples,
+        sampling=sampling,
+        budgets=budgets,
+        mode=mode,
+    )
     return summarize(trajectories, time.perf_counter() - started)
 
 
 def summarize(trajectories: list[Trajectory], wall_s: float) -> Figures:
-    timings = trajectories[0].timings  # one batch: every episode shares its batch's timings
+    batches = {id(t.timings): t.timings for t in trajectories}.values()  # lock-step: one per chunk
     count = len(trajectories)
     return Figures(
         episodes=count,
         wall_s=wall_s,
         policy_tokens=sum(t.num_policy_tokens for t in trajectories),
         observation_tokens=sum(len(t.response_ids) - t.num_policy_tokens for t in trajectories),
-        generation_s=timings.generation,
-        retrieval_s=timings.retrieval,
-        bookkeeping_s=timings.bookkeeping,
+        generation_s=sum(t.generation for t in batches),
+        retrieval_s=sum(t.retrieval for t in batches),
+        bookkeeping_s=sum(t.bookkeeping for t in batches),
         turns=sum(len(t.turns) for t in trajectories) / count,
         searches=sum(turn.action_type == "search" for t in trajectories for turn in t.turns) / count,
-        answered=sum(t.terminated for t in trajectories) / count,
+        answered=sum(t.outcome.answered for t in trajectories) / count,
     )
 
 
@@ -111,10 +175,14 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (transformers backend)")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM's KV cache (CPU)")
+    parser.add_argument("--modes", nargs="+", choices=["lockstep", "async"], default=["lockstep"])
+    parser.add_argument("--mixed", type=int, nargs=2, metavar=("SHORT", "LONG"), help="turn budgets")
+    parser.add_argument("--episodes", type=int, default=0, help="questions per run (0: one batch)")
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # The generator first: vLLM 0.32's CPU start-up fails once numba (BM25's backend) has been imported.
-    generator = make_generator(args.backend, args.kv_cache_gib, args.max_context)
+    generator = make_generator(args.backend, args.kv_cache_gib, args.max_context, args.model)
     retriever = bm25_wiki_mini()
     warm_up = generator.tokenizer.encode("Hello", add_special_tokens=False)
     generator.generate([warm_up], SamplingParams(max_new_tokens=4, temperature=0.0))
@@ -124,7 +192,9 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for batch_size in args.batch_sizes:
-        print(report(args.backend, batch_size, measure(generator, retriever, batch_size, args)), flush=True)
+        for mode in args.modes:
+            figures = measure(generator, retriever, batch_size, args, cast(RolloutMode, mode))
+            print(report(f"{args.backend} {mode}", batch_size, figures), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
-"""The token budgets of an episode: plain settings, light to import (the eval config embeds them)."""
+"""The token budgets and the schedule of episodes: plain settings, light to import (configs embed them)."""
 
 from dataclasses import dataclass
+from typing import Literal
 
 from searchgym.errors import SearchgymError
 
 
 class RolloutError(SearchgymError):
     """A rollout cannot run with these settings or inputs."""
+
+
+RolloutMode = Literal["lockstep", "async"]
+"""``lockstep``: every turn of a batch generates together, then searches together, and the next batch
+starts when its slowest episode ends; ``async``: each episode goes on as soon as its own search returns and
+a new one starts as soon as a sub-env is free (:mod:`searchgym.policy.async_rollout`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,11 @@ class TurnRecord:
 
 @dataclass(frozen=True, slots=True)
 class Timings:
-    """Wall-clock seconds an episode's batch spent in each phase (shared by the episodes of one batch)."""
+    """Wall-clock seconds an episode's batch spent in each phase (shared by the episodes of one batch).
+
+    In an asynchronous rollout the batch is the whole request and generation overlaps retrieval, so the
+    two may add up to more than the wall time (``bookkeeping`` is what is left of it, never below 0).
+    """
 
     generation: float = 0.0
     retrieval: float = 0.0
@@ -55,6 +59,10 @@ class Trajectory:
             tokens), or None when the backend gives none.
         turns: one record per turn.
         timings: where the batch's time went.
+        weights_version: the training step whose update made the weights that sampled the episode (0: the
+            initial weights); the training loop stamps it when it collects the episode.
+        staleness: updates made between those weights and the ones the episode is learned with (0:
+            on-policy; up to ``rollout.max_staleness`` when generation overlaps training).
     """
 
     example_id: str
@@ -67,6 +75,8 @@ class Trajectory:
     sampler_logprobs: list[float] | None = None
     turns: list[TurnRecord] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
+    weights_version: int = 0
+    staleness: int = 0
 
     def __post_init__(self) -> None:
         lengths = {len(self.response_ids), len(self.loss_mask), len(self.turn_index)}

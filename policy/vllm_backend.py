@@ -7,10 +7,13 @@ The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so that 
 tensor copy into the engine's model rather than a serialised transfer to an engine process.
 """
 
+import asyncio
+import itertools
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -18,6 +21,8 @@ from transformers import PreTrainedTokenizerBase
 from searchgym.errors import SearchgymError
 from searchgym.policy.generation import FinishReason, Generation, SamplingParams, token_limits
 from searchgym.policy.models import load_tokenizer
+
+T = TypeVar("T")
 
 
 class VLLMUnavailableError(SearchgymError):
@@ -102,7 +107,10 @@ class VLLMGenerator:
         """
         limits = token_limits(len(prompts), params, max_new_tokens)
         requests = [{"prompt_token_ids": list(prompt)} for prompt in prompts]
-        sampling = [self._sampling_params(params, limit, index) for index, limit in enumerate(limits)]
+        sampling = [
+            _sampling_params(self._vllm, params, limit, None if params.seed is None else params.seed + index)
+            for index, limit in enumerate(limits)
+        ]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         return [_to_generation(output.outputs[0]) for output in outputs]
 
@@ -118,18 +126,121 @@ class VLLMGenerator:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
 
-    def _sampling_params(self, params: SamplingParams, limit: int, index: int) -> Any:
-        return self._vllm.SamplingParams(
-            n=1,
-            max_tokens=limit,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=None if params.seed is None else params.seed + index,
-            stop=list(params.stop),
-            include_stop_str_in_output=True,
-            logprobs=0,
-        )
+
+class VLLMAsyncEngine:
+    """vLLM's asynchronous engine as a :class:`~searchgym.policy.async_rollout.TurnEngine`.
+
+    Each turn of an asynchronous rollout is its own request, and vLLM's scheduler batches the requests
+    in flight token by token: a turn that finishes leaves the batch and a new one joins it at once. The
+    engine lives on an event loop of its own (a daemon thread), because the rollouts run each request's
+    episodes on a fresh loop; the turns cross over with ``run_coroutine_threadsafe``. Each request is
+    seeded with its own ``params.seed`` (the rollout gives every episode and turn its own), so seeded
+    samples do not depend on how requests happen to be batched.
+
+    It is also a synchronous ``Generator`` (lock-step rollouts and evaluation) and takes new weights in
+    place, like :class:`VLLMGenerator`. Not exercised by the test suite (vLLM's async engine needs the
+    ``.venv-vllm`` environment; see docs/train.md "Asynchronous rollouts").
+
+    Args:
+        model: as for :class:`VLLMGenerator`.
+        engine_options: further ``AsyncEngineArgs`` (``dtype``, ``max_model_len``, ``seed``,
+            ``gpu_memory_utilization``, ``kv_cache_memory_bytes``, ``enforce_eager``, ...).
+
+    Raises:
+        VLLMUnavailableError: vLLM is not installed.
+    """
+
+    def __init__(self, model: str | Path, **engine_options: Any) -> None:
+        try:
+            import vllm
+            from vllm.engine.arg_utils import AsyncEngineArgs
+        except ImportError as error:
+            raise VLLMUnavailableError(
+                "the vLLM async engine needs vllm: pip install 'searchgym[vllm]' on GPU machines"
+            ) from error
+        self._vllm = vllm
+        self._tokenizer = load_tokenizer(model)
+        self._requests = itertools.count()
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="vllm-async-engine", daemon=True).start()
+        args = AsyncEngineArgs(model=str(model), logprobs_mode="processed_logprobs", **engine_options)
+        self.engine = self._call(self._start(vllm, args))
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The policy's tokenizer (the Hugging Face one, as the trainer uses)."""
+        return self._tokenizer
+
+    async def generate_turn(
+        self, prompt: Sequence[int], params: SamplingParams, *, max_new_tokens: int
+    ) -> Generation:
+        """One turn as one vLLM request, awaited from the caller's event loop."""
+        limit = token_limits(1, params, [max_new_tokens])[0]
+        request = self._request(prompt, _sampling_params(self._vllm, params, limit, params.seed))
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(request, self._loop))
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        max_new_tokens: Sequence[int] | None = None,
+    ) -> list[Generation]:
+        """The ``Generator`` call: every prompt as its own request, all in flight together (seed + i)."""
+        limits = token_limits(len(prompts), params, max_new_tokens)
+
+        def seed(index: int) -> int | None:
+            return None if params.seed is None else params.seed + index
+
+        async def all_requests() -> list[Generation]:
+            requests = [
+                self._request(prompt, _sampling_params(self._vllm, params, limit, seed(index)))
+                for index, (prompt, limit) in enumerate(zip(prompts, limits, strict=True))
+            ]
+            return list(await asyncio.gather(*requests))
+
+        return self._call(all_requests())
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Copy a trainer model's weights into the engine (see :meth:`VLLMGenerator.load_weights`)."""
+        weights = [(name, tensor.detach()) for name, tensor in state_dict.items()]
+
+        async def reload() -> None:
+            await self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            await self.engine.reset_prefix_cache()
+
+        self._call(reload())
+
+    @staticmethod
+    async def _start(vllm: Any, args: Any) -> Any:
+        # The engine's output handler binds to the loop it is created on: create it on the engine's loop.
+        return vllm.AsyncLLMEngine.from_engine_args(args)
+
+    async def _request(self, prompt: Sequence[int], sampling: Any) -> Generation:
+        final = None
+        request_id = f"turn-{next(self._requests)}"
+        async for output in self.engine.generate({"prompt_token_ids": list(prompt)}, sampling, request_id):
+            final = output
+        assert final is not None  # vLLM yields the finished request last
+        return _to_generation(final.outputs[0])
+
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+
+def _sampling_params(vllm: Any, params: SamplingParams, limit: int, seed: int | None) -> Any:
+    """The sampling parameters of one vLLM request: stop strings kept, the sampler's log-probs reported."""
+    return vllm.SamplingParams(
+        n=1,
+        max_tokens=limit,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        seed=seed,
+        stop=list(params.stop),
+        include_stop_str_in_output=True,
+        logprobs=0,
+    )
 
 
 def _to_generation(completion: Any) -> Generation:

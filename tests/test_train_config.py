@@ -101,6 +101,13 @@ def test_derived_sizes() -> None:
         (["algorithm.truncated_is_cap=0.5"], "truncated_is_cap must be >= 1"),
         (["algorithm.dynamic_sampling=true"], "rollout.samples_per_prompt >= 2"),
         (["algorithm.overlong_buffer_tokens=2000"], "below the policy-token limit"),
+        (["rollout.mode=eager"], "set one of lockstep, async"),
+        (["rollout.max_staleness=-1"], "rollout.max_staleness must be >= 0"),
+        (["rollout.search_wait_s=-0.1"], "rollout.search_wait_s must be >= 0"),
+        (
+            ["algorithm.dynamic_sampling=true", "rollout.samples_per_prompt=2", "rollout.max_staleness=1"],
+            "max_staleness=0",
+        ),
     ],
 )
 def test_mistakes_say_what_to_set(overrides: list[str], message: str) -> None:

@@ -1,5 +1,6 @@
 """The training loop end to end on the toy task: it learns, resumes exactly, logs, guards and exports."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ from searchgym.train.loop import ExampleSampler, train
 from searchgym.train.tracking import read_metrics
 
 FIXTURES = Path(__file__).parent / "train_fixtures.py"
+# The killed run imports this checkout's searchgym, not whichever one the environment installed.
+CHECKOUT_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
 
 
 def mean(values: list[float]) -> float:
@@ -198,6 +201,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=300,
+        env=CHECKOUT_ENV,
     )
     assert killed.returncode == -9, killed.stderr
     run_toy(tmp_path / "resumed")
@@ -290,3 +294,84 @@ def test_a_fresh_run_refuses_a_folder_with_old_checkpoints(tmp_path: Path) -> No
     run_toy(tmp_path, "total_steps=1", "dev.every=0")
     with pytest.raises(SearchgymError, match="checkpoints of an earlier run"):
         run_toy(tmp_path, "total_steps=1", "dev.every=0", "checkpoint.resume=false")
+
+
+OVERLAP = ("rollout.max_staleness=1", "dev.every=0", "checkpoint.every=2", "total_steps=6")
+
+
+class RecordingLearner(LocalLearner):
+    """A LocalLearner that notes each step in its rollout's event list."""
+
+    def __init__(self, config, policy, events) -> None:
+        super().__init__(config, policy)
+        self.events = events
+
+    def step(self, trajectories):
+        self.events.append(("learn", 0))
+        return super().step(trajectories)
+
+
+def run_recorded(run_dir: Path, *overrides: str):
+    config = toy_config(run_dir, "dev.before_training=false", *overrides)
+    rollout = TargetTokenRollout()
+    learner = RecordingLearner(config, Policy(tiny_model(), tiny_tokenizer(), name="tiny"), rollout.events)
+    result = train(
+        config, learner=learner, rollout=rollout, tokenizer=tiny_tokenizer(), train_examples=toy_examples(6)
+    )
+    return rollout.events, result.history
+
+
+def test_staleness_0_submits_each_step_after_the_previous_update(tmp_path: Path) -> None:
+    events, history = run_recorded(tmp_path, "total_steps=2", "dev.every=0")
+    assert events == [
+        ("sync", 0),
+        *[("submit", 1), ("collect", 0), ("learn", 0), ("sync", 0)],
+        *[("submit", 2), ("collect", 0), ("learn", 0), ("sync", 0)],
+    ]
+    assert [row["rollout/staleness"] for row in history] == [0.0, 0.0]
+
+
+def test_overlap_submits_the_next_step_before_learning_and_drains_on_checkpoint_steps(tmp_path: Path) -> None:
+    events, history = run_recorded(tmp_path, *OVERLAP)
+    # Step 1 learns while step 2 generates with the initial weights; step 2 checkpoints, so nothing is in
+    # flight across it and step 3 is generated with step 2's weights; and so on, until step 6, the last.
+    assert events == [
+        ("sync", 0),
+        *[("submit", 1), ("collect", 0), ("submit", 2), ("learn", 0), ("sync", 0)],
+        *[("collect", 0), ("learn", 0), ("sync", 0)],
+        *[("submit", 3), ("collect", 0), ("submit", 4), ("learn", 0), ("sync", 0)],
+        *[("collect", 0), ("learn", 0), ("sync", 0)],
+        *[("submit", 5), ("collect", 0), ("submit", 6), ("learn", 0), ("sync", 0)],
+        *[("collect", 0), ("learn", 0), ("sync", 0)],
+    ]
+    assert [row["rollout/staleness"] for row in history] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert all(row["actor/optimizer_steps"] == 2 for row in history)
+
+
+def test_overlap_with_two_steps_of_staleness(tmp_path: Path) -> None:
+    _, history = run_recorded(
+        tmp_path, "rollout.max_staleness=2", "dev.every=0", "checkpoint.every=0", "total_steps=4"
+    )
+    # Only the last step checkpoints: step 1 submits steps 2 and 3 with the initial weights, step 2
+    # submits step 4 with step 1's weights.
+    assert [row["rollout/staleness"] for row in history] == [0.0, 1.0, 2.0, 2.0]
+
+
+def test_kill_9_mid_overlap_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    straight = run_toy(tmp_path / "straight", *OVERLAP)
+    # Step 4's request is submitted while step 3 learns: the kill lands in the middle of the overlap.
+    killed = subprocess.run(
+        [sys.executable, str(FIXTURES), str(tmp_path / "resumed"), "4", *OVERLAP],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=CHECKOUT_ENV,
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert [row["step"] for row in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [0, 1, 2]
+    run_toy(tmp_path / "resumed", *OVERLAP)
+    resumed_rows = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    straight_rows = read_metrics(straight.run_dir / "metrics.jsonl")
+    assert [row["step"] for row in resumed_rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert comparable(resumed_rows) == comparable(straight_rows)
+    assert [row["rollout/staleness"] for row in straight_rows[1:]] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]

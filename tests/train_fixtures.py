@@ -10,6 +10,7 @@ import dataclasses
 import os
 import signal
 import sys
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -104,8 +105,10 @@ class SimulatedCrash(RuntimeError):
 class TargetTokenRollout:
     """A :class:`searchgym.train.loop.Rollout`: two policy turns around an observation, reward for the target.
 
-    It samples with the global torch generator at the request's temperature (0: greedy, for evaluation) and
-    records the log-probs of the distribution each token was drawn from.
+    It samples with the global torch generator at the request's temperature (0: greedy, for evaluation),
+    when a request is submitted: with the weights of the last sync, as the protocol asks, even when the
+    loop submits the next step's request before the learner updates. It records the log-probs of the
+    distribution each token was drawn from.
 
     Args:
         temperature: sample training requests at this temperature instead of the requested one: a sampler
@@ -129,10 +132,12 @@ class TargetTokenRollout:
         self.kill_at_step = kill_at_step
         self.model: PreTrainedModel | None = None
         self.tokenizer = tiny_tokenizer()
-        self._pending: tuple[Sequence[QAExample], float] | None = None
+        self._done: deque[list[Trajectory]] = deque()
+        self.events: list[tuple[str, int]] = []
 
     def sync_weights(self, learner: LocalLearner) -> None:
         self.model = learner.models.policy
+        self.events.append(("sync", 0))
 
     def submit(
         self, examples: Sequence[QAExample], *, sampling: SamplingParams, step: int, batch_size: int
@@ -143,12 +148,13 @@ class TargetTokenRollout:
         if step == self.kill_at_step and training:
             os.kill(os.getpid(), signal.SIGKILL)
         temperature = self.temperature if training and self.temperature is not None else sampling.temperature
-        self._pending = (examples, temperature)
+        assert self.model is not None
+        self.events.append(("submit", step))
+        self._done.append([self._episode(self.model, example, temperature) for example in examples])
 
     def collect(self) -> list[Trajectory]:
-        assert self._pending is not None and self.model is not None
-        (examples, temperature), self._pending = self._pending, None
-        return [self._episode(self.model, example, temperature) for example in examples]
+        self.events.append(("collect", 0))
+        return self._done.popleft()
 
     def _episode(self, model: PreTrainedModel, example: QAExample, temperature: float) -> Trajectory:
         tokenizer = self.tokenizer
@@ -169,6 +175,11 @@ class TargetTokenRollout:
             response_ids=first + observation + second,
             loss_mask=[1] * TURN_TOKENS + [0] * len(observation) + [1] * TURN_TOKENS,
             turn_index=[0] * (TURN_TOKENS + len(observation)) + [1] * TURN_TOKENS,
+            sampler_logprobs=[
+                *first_logprobs[0].tolist(),
+                *[0.0] * len(observation),
+                *second_logprobs[0].tolist(),
+            ],
             outcome=EpisodeOutcome(
                 answer=tokenizer.decode(second),
                 end_reason="answered",
@@ -179,11 +190,6 @@ class TargetTokenRollout:
                 num_turns=2,
                 well_formed=True,
             ),
-            sampler_logprobs=[
-                *first_logprobs[0].tolist(),
-                *[0.0] * len(observation),
-                *second_logprobs[0].tolist(),
-            ],
             turns=[
                 TurnRecord(
                     action_type="search", text=tokenizer.decode(first), query="w7", num_policy_tokens=2
@@ -266,6 +272,7 @@ def run_toy(
 
 
 if __name__ == "__main__":
-    # python tests/train_fixtures.py RUN_DIR KILL_AT_STEP: a toy run that kills itself with SIGKILL.
+    # python tests/train_fixtures.py RUN_DIR KILL_AT_STEP [OVERRIDE ...]: a toy run that kills itself with
+    # SIGKILL when it submits the request of step KILL_AT_STEP.
     torch.set_num_threads(1)
-    run_toy(Path(sys.argv[1]), rollout=TargetTokenRollout(kill_at_step=int(sys.argv[2])))
+    run_toy(Path(sys.argv[1]), *sys.argv[3:], rollout=TargetTokenRollout(kill_at_step=int(sys.argv[2])))

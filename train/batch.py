@@ -37,6 +37,7 @@ class Batch:
         reward_valid: (B,) False where the reward is missing or not finite.
         sampler_logprobs: (B, R) the generation backend's log-probs, or None when some episode lacks them.
         group_ids: (B,) the prompt id of each episode (GRPO groups).
+        staleness: the most updates made since any of the episodes was sampled (0: on-policy).
     """
 
     sequences: SequenceBatch
@@ -46,6 +47,7 @@ class Batch:
     reward_valid: Tensor
     sampler_logprobs: Tensor | None
     group_ids: tuple[str, ...]
+    staleness: int = 0
 
     @property
     def size(self) -> int:
@@ -92,6 +94,7 @@ def collate(trajectories: Sequence[Trajectory], *, pad_token_id: int, device: to
         reward_valid=reward_valid,
         sampler_logprobs=sampler_logprobs,
         group_ids=tuple(t.group_id for t in trajectories),
+        staleness=max(t.staleness for t in trajectories),
     )
 
 
@@ -115,8 +118,9 @@ class Experience:
 
     Attributes:
         batch: the episodes.
-        old_logprobs: (B, R) log-probs of the response under the policy that sampled it, or None when the
-            update is on-policy (``TrainConfig.update_is_on_policy``) and reads them off its own forward pass.
+        old_logprobs: (B, R) log-probs of the response under the policy that sampled it (the sampler's own
+            when the batch is stale), or None when the update is on-policy
+            (``TrainConfig.update_is_on_policy``) and reads them off its own forward pass.
         advantages: (B, R) per-token advantages, 0 off the loss mask.
         ref_logprobs: (B, R) log-probs under the frozen reference, or None without a KL term.
         values: (B, R) the critic's values at collection time (PPO), else None.

@@ -20,7 +20,9 @@ from searchgym.policy.models import (
     load_policy,
     tiny_random_model,
 )
-from searchgym.policy.vllm_backend import VLLMGenerator  # vllm itself loads only when an engine is made
+
+# vllm itself loads only when an engine is made
+from searchgym.policy.vllm_backend import VLLMAsyncEngine, VLLMGenerator
 from searchgym.retriever.base import Retriever
 from searchgym.retriever.index import IndexSpec, ensure_index, load_retriever
 from searchgym.runtime import resolve_device
@@ -71,11 +73,22 @@ def load_training_policy(config: TrainConfig) -> Policy:
     return load_policy(config.model.path, device=device, dtype=torch.float32)
 
 
-def make_engine(config: TrainConfig) -> VLLMGenerator | None:
-    """The vLLM engine for ``rollout.backend=vllm`` (None: the trained model generates itself)."""
+def make_engine(config: TrainConfig) -> VLLMGenerator | VLLMAsyncEngine | None:
+    """The vLLM engine for ``rollout.backend=vllm`` (None: the trained model generates itself).
+
+    With ``rollout.mode=async`` it is vLLM's asynchronous engine, which batches the turns of the episodes
+    in flight token by token.
+    """
     if config.rollout.backend != "vllm":
         return None
     model = default_policy_path() if config.model.path == DEFAULT_POLICY else config.model.path
+    if config.rollout.mode == "async":
+        return VLLMAsyncEngine(
+            model,
+            max_model_len=config.rollout.max_context_tokens,
+            gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization,
+            seed=config.system.seed,
+        )
     return VLLMGenerator(
         model,
         max_model_len=config.rollout.max_context_tokens,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from searchgym.env.config import EnvConfig
-from searchgym.policy.budgets import TokenBudgets
+from searchgym.policy.budgets import RolloutMode, TokenBudgets
 from searchgym.train import config_io
 from searchgym.train.algorithms import KLEstimator, LossAggregation
 from searchgym.train.config_io import ConfigError
@@ -172,6 +172,15 @@ class RolloutConfig:
     """Prompt and response together; an episode with no room left for a turn ends truncated."""
     vllm_gpu_memory_utilization: float = 0.6
     """Share of GPU memory vLLM may take (the rest holds the trained models)."""
+    mode: RolloutMode = "lockstep"
+    """`lockstep`: each turn generates for every running episode, then searches for all; `async`: each
+    episode goes on as soon as its own search returns, and a free sub-env takes the next question at once."""
+    search_wait_s: float = 0.005
+    """`async`: how long a search waits for searches of other episodes to share its retriever call."""
+    max_staleness: int = 0
+    """0: on-policy, each step generates with the latest weights. k > 0: the next k steps' episodes are
+    generated with the current weights while the learner updates (old log-probs: the sampler's); a step
+    that checkpoints or evaluates drains the pipeline first."""
 
     def __post_init__(self) -> None:
         _require_positive("rollout", temperature=self.temperature, max_new_tokens=self.max_new_tokens)
@@ -181,6 +190,8 @@ class RolloutConfig:
             f"rollout.max_context_tokens ({self.max_context_tokens})",
         )
         _require(self.samples_per_prompt >= 1, "rollout.samples_per_prompt must be >= 1")
+        _require(self.max_staleness >= 0, f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
+        _require(self.search_wait_s >= 0, f"rollout.search_wait_s must be >= 0, got {self.search_wait_s}")
         _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _require(
             0 < self.vllm_gpu_memory_utilization < 1,
@@ -536,6 +547,11 @@ class TrainConfig:
         _require(
             self.guards.rollback_after == 0 or self.checkpoint.every > 0,
             "guards.rollback_after needs checkpoints to roll back to: set checkpoint.every > 0",
+        )
+        _require(
+            not self.algorithm.dynamic_sampling or self.rollout.max_staleness == 0,
+            "algorithm.dynamic_sampling draws more episodes of a step at once, which requests generated "
+            "ahead would have to wait for: set rollout.max_staleness=0 or algorithm.dynamic_sampling=false",
         )
         self._check_ray()
 

@@ -74,7 +74,9 @@ def make_experience(
     models.policy.eval()
     with compute_dtype_context(config, device):
         old_logprobs = None
-        if not config.update_is_on_policy:
+        if batch.staleness > 0:
+            old_logprobs = behaviour_logprobs(batch)
+        elif not config.update_is_on_policy:
             # Scores only: no entropy here, it would cost a pass over (B, R, V) probabilities for nothing.
             old_logprobs = sequence_logprobs(
                 models.policy, share.sequences, temperature=temperature, micro_batch_size=size
@@ -105,6 +107,23 @@ def make_experience(
         values=values,
         returns=returns,
     )
+
+
+def behaviour_logprobs(batch: Batch) -> Tensor:
+    """(B, R) the sampler's log-probs: the old log-probs of a stale batch.
+
+    The weights that sampled a stale batch are gone (the learner has updated since), so the policy ratio
+    of the loss is taken against the behaviour policy as the sampler reported it.
+
+    Raises:
+        SearchgymError: the rollout gave no sampler log-probs.
+    """
+    if batch.sampler_logprobs is None:
+        raise SearchgymError(
+            f"a batch sampled {batch.staleness} update(s) ago has no sampler log-probs to serve as old "
+            "log-probs: use a generation backend that reports them (hf, vllm) or set rollout.max_staleness=0"
+        )
+    return batch.sampler_logprobs
 
 
 def compute_advantages(

@@ -14,9 +14,11 @@ The loop reads top to bottom; the RL math lives in :mod:`searchgym.train.algorit
 import logging
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -67,11 +69,12 @@ class Rollout(Protocol):
     """Produces episodes with the policy weights it was last given.
 
     A request is submitted, then collected: lock-step rollouts run it on ``collect``, others start at once
-    and may overlap it with other work.
+    and may overlap it with other work. Several requests may be in flight (``rollout.max_staleness`` > 0):
+    each is generated with the weights synced before it was submitted, and they are collected in order.
     """
 
     def sync_weights(self, learner: Learner) -> None:
-        """Take the learner's current policy weights for the episodes submitted from now on."""
+        """Take the learner's current policy weights for the requests submitted from now on."""
         ...
 
     def submit(
@@ -88,7 +91,7 @@ class Rollout(Protocol):
         ...
 
     def collect(self) -> list[Trajectory]:
-        """The episodes of the request submitted last, one per example, in order."""
+        """The episodes of the oldest request not yet collected, one per example, in order."""
         ...
 
 
@@ -187,6 +190,83 @@ class _Run:
     guards: Guards
     checkpoints: CheckpointManager
     dev_examples: Sequence[QAExample]
+    pipeline: "RequestPipeline"
+
+
+class RequestPipeline:
+    """The training requests submitted to the rollout and not yet collected, oldest first.
+
+    With ``rollout.max_staleness`` k, the requests of the next k steps are submitted before a step learns,
+    so the rollout generates them with the weights it has while the learner updates. A request never
+    crosses a step that checkpoints or evaluates (``drains``): a checkpoint then holds no batch in flight,
+    and a resumed run submits exactly what the uninterrupted one did after that step.
+
+    Args:
+        config: the run's settings.
+        rollout: where requests go.
+        sampler: the training questions.
+        drains: whether a step must end with no request in flight.
+
+    Attributes:
+        weights_version: the step whose update made the rollout's current weights (0: the initial ones).
+        in_flight: ``(step, weights version it is sampled with)`` of each request not yet collected.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        rollout: Rollout,
+        sampler: ExampleSampler,
+        *,
+        drains: Callable[[int], bool],
+    ) -> None:
+        self.config, self.rollout, self.sampler, self.drains = config, rollout, sampler, drains
+        self.weights_version = 0
+        self.in_flight: deque[tuple[int, int, list[QAExample]]] = deque()
+        self.collected: list[QAExample] = []
+
+    def collect(self, step: int) -> list[Trajectory]:
+        """Step ``step``'s episodes (submitted now unless they were), stamped with weights and staleness."""
+        if not self.in_flight:
+            self._submit(step)
+        submitted_for, version, examples = self.in_flight.popleft()
+        assert submitted_for == step, (submitted_for, step)  # requests are submitted in step order
+        self.collected = examples
+        trajectories = self.rollout.collect()
+        for trajectory in trajectories:
+            trajectory.weights_version, trajectory.staleness = version, self.weights_version - version
+        return trajectories
+
+    def submit_ahead(self, step: int) -> None:
+        """Before step ``step`` learns: submit the next steps' requests that staleness and drains allow."""
+        if self.drains(step):
+            return
+        last = self.in_flight[-1][0] if self.in_flight else step
+        until = min(step + self.config.rollout.max_staleness, self.config.total_steps)
+        for next_step in range(last + 1, until + 1):
+            if any(self.drains(between) for between in range(step, next_step)):
+                return
+            self._submit(next_step)
+
+    def _submit(self, step: int) -> None:
+        config = self.config
+        examples = self.sampler.take(config.batch.prompts_per_step)
+        repeated = [example for example in examples for _ in range(config.rollout.samples_per_prompt)]
+        self.rollout.submit(
+            repeated,
+            sampling=training_sampling(config, step),
+            step=step,
+            batch_size=config.trajectories_per_step,
+        )
+        self.in_flight.append((step, self.weights_version, repeated))
+
+    def draw_now(self, step: int) -> list[Trajectory]:
+        """More episodes for step ``step`` at once (dynamic sampling; only with nothing in flight)."""
+        drawn = self.collected
+        self._submit(step)
+        trajectories = self.collect(step)
+        self.collected = [*drawn, *self.collected]
+        return trajectories
 
 
 def train(
@@ -208,17 +288,21 @@ def train(
         train_examples: the training questions.
         dev_examples: scored with greedy episodes every ``dev.every`` steps; none skips the evaluation.
     """
+    sampler = ExampleSampler(train_examples, seed=config.system.seed, shuffle=config.data.shuffle)
     run = _Run(
         config=config,
         learner=learner,
         rollout=rollout,
         tokenizer=tokenizer,
-        sampler=ExampleSampler(train_examples, seed=config.system.seed, shuffle=config.data.shuffle),
+        sampler=sampler,
         guards=Guards(config.guards),
         checkpoints=CheckpointManager(config.run_dir / "checkpoints", keep_last=config.checkpoint.keep_last),
         dev_examples=dev_examples,
+        pipeline=RequestPipeline(
+            config, rollout, sampler, drains=partial(_drains, config, evaluates=bool(dev_examples))
+        ),
     )
-    start_step = _resume(run)
+    start_step = run.pipeline.weights_version = _resume(run)
     rollout.sync_weights(learner)
     tracker = Tracker(config, start_step=start_step)
     history: list[dict[str, float]] = []
@@ -244,37 +328,27 @@ def train(
 def _training_step(run: _Run, step: int, tracker: Tracker) -> dict[str, float]:
     """One step: rollout, learn, new weights to the rollout, guard checks (and a roll-back if called for)."""
     config, timer = run.config, PhaseTimer()
-    drawn_examples: list[QAExample] = []
-
-    def draw() -> list[Trajectory]:
-        examples = run.sampler.take(config.batch.prompts_per_step)
-        repeated = [example for example in examples for _ in range(config.rollout.samples_per_prompt)]
-        drawn_examples.extend(repeated)
-        run.rollout.submit(
-            repeated,
-            sampling=training_sampling(config, step),
-            step=step,
-            batch_size=config.trajectories_per_step,
-        )
-        return run.rollout.collect()
-
-    sampling_metrics: dict[str, float] = {}
     with timer.phase("rollout"):
+        trajectories = drawn = run.pipeline.collect(step)
+        sampling_metrics: dict[str, float] = {}
         if config.algorithm.dynamic_sampling:
+            first = iter([trajectories])
             sample = fill_with_informative_groups(
-                draw,
+                lambda: next(first, None) or run.pipeline.draw_now(step),
                 target_groups=config.batch.prompts_per_step,
                 max_draws=config.algorithm.dynamic_sampling_max_draws,
             )
             trajectories, drawn, sampling_metrics = sample.trajectories, sample.drawn, sample.metrics()
-        else:
-            trajectories = drawn = draw()
+    # With max_staleness > 0, the next steps' episodes generate with these weights while the learner updates.
+    run.pipeline.submit_ahead(step)
     with timer.phase("learn"):
         learned = run.learner.step(trajectories)
     with timer.phase("weight_sync"):
         run.rollout.sync_weights(run.learner)
+        run.pipeline.weights_version = step
     # Every episode sampled counts in the rollout's means, also those dynamic sampling left out.
     metrics = {f"rollout/{name}": value for name, value in episode_means(drawn).items()}
+    metrics |= {"rollout/staleness": float(trajectories[0].staleness) if trajectories else 0.0}
     metrics |= sampling_metrics | learned.metrics
     report = run.guards.check(learned.health)
     for warning in report.warnings:
@@ -284,7 +358,7 @@ def _training_step(run: _Run, step: int, tracker: Tracker) -> dict[str, float]:
         metrics |= {"guards/rolled_back_to": float(_roll_back(run, tracker, step))}
     if config.logging.samples_every and step % config.logging.samples_every == 0:
         tracker.write_samples(step, render_samples(trajectories, run.tokenizer, config.logging.num_samples))
-    of_group = {default_group_id(example): example for example in drawn_examples}
+    of_group = {default_group_id(example): example for example in run.pipeline.collected}
     tracker.write_episodes(step, trajectories, [of_group[t.group_id] for t in trajectories], run.tokenizer)
     return metrics | timer.metrics() | rollout_timings(trajectories)
 
@@ -365,6 +439,7 @@ def _roll_back(run: _Run, tracker: Tracker, step: int) -> int:
 
 
 def _save_checkpoint(run: _Run, step: int) -> None:
+    assert not run.pipeline.in_flight  # checkpoint steps drain the pipeline (RequestPipeline)
     run.learner.save(
         TrainerState(
             step=step,
@@ -387,6 +462,13 @@ def _finish(run: _Run, tracker: Tracker) -> Path | None:
 def _log(tracker: Tracker, step: int, metrics: dict[str, float]) -> dict[str, float]:
     tracker.log(step, metrics)
     return {"step": float(step)} | metrics
+
+
+def _drains(config: TrainConfig, step: int, *, evaluates: bool) -> bool:
+    """Whether ``step`` ends with no request in flight: it checkpoints, or it evaluates (``evaluates``)."""
+    if evaluates and _due(step, config.dev.every, config.total_steps):
+        return True
+    return _due(step, config.checkpoint.every, config.total_steps)
 
 
 def _due(step: int, every: int, total_steps: int) -> bool:

@@ -40,7 +40,13 @@ def run_training(config: TrainConfig) -> TrainResult:
     policy, make_env = starting_policy(config, train_examples, dev_examples)
     learner = LocalLearner(config, policy)
     rollout = SearchRollout(
-        policy=policy, make_env=make_env, budgets=config.token_budgets, engine=make_engine(config)
+        policy=policy,
+        make_env=make_env,
+        budgets=config.token_budgets,
+        engine=make_engine(config),
+        mode=config.rollout.mode,
+        search_wait_s=config.rollout.search_wait_s,
+        overlap=config.rollout.max_staleness > 0,
     )
     return train(
         config,

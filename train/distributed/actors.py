@@ -212,6 +212,8 @@ class RolloutWorker:
             make_env=vector_envs(config, retriever, tokenizer),
             budgets=config.token_budgets,
             engine=engine,
+            mode=config.rollout.mode,
+            search_wait_s=config.rollout.search_wait_s,
         )
 
     def whereabouts(self) -> Whereabouts:

@@ -7,6 +7,7 @@ The error names the actor, where it ran and why it died; the trainer then stops 
 
 import itertools
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +245,10 @@ class BroadcastStarted:
 class RolloutWorkerGroup:
     """The rollout workers, as one :class:`~searchgym.train.loop.Rollout`: each runs a slice of every request.
 
-    A submitted request starts on every worker at once; :meth:`collect` waits for their episodes.
+    A submitted request starts on every worker at once; :meth:`collect` waits for their episodes. Requests
+    queue on each worker in submission order, and so do weight loads (a worker's calls run one at a
+    time): with ``rollout.max_staleness`` > 0, the requests submitted before an update generate with the
+    weights they were submitted with while the learners update, and new weights load after them.
 
     Args:
         roster: the run's actors.
@@ -254,7 +258,7 @@ class RolloutWorkerGroup:
     def __init__(self, roster: Roster, members: Sequence[Member]) -> None:
         self.roster = roster
         self.members = list(members)
-        self._calls: list[tuple[Member, Any]] = []
+        self._calls: deque[list[tuple[Member, Any]]] = deque()
 
     @classmethod
     def start(
@@ -300,15 +304,17 @@ class RolloutWorkerGroup:
     ) -> None:
         """Split ``examples`` into contiguous slices, one per worker, and start them."""
         parts = split_evenly(list(examples), len(self.members))
-        self._calls = [
-            (member, member.handle.run.remote(part, sampling=sampling, step=step, batch_size=batch_size))
-            for member, part in zip(self.members, parts, strict=False)
-            if part
-        ]
+        self._calls.append(
+            [
+                (member, member.handle.run.remote(part, sampling=sampling, step=step, batch_size=batch_size))
+                for member, part in zip(self.members, parts, strict=False)
+                if part
+            ]
+        )
 
     def collect(self) -> list[Trajectory]:
-        """The workers' episodes, in the order of the submitted examples."""
-        calls, self._calls = self._calls, []
+        """The workers' episodes of the oldest request not yet collected, in the order of its examples."""
+        calls = self._calls.popleft()
         return [trajectory for result in self.roster.gather(calls) for trajectory in result]
 
 
