@@ -47,13 +47,12 @@ def test_past_max_inflight_a_request_gets_429_at_once_and_health_still_answers(s
     with ThreadPoolExecutor(2) as pool:
         admitted = [pool.submit(requests.post, f"{url}/retrieve", json={"queries": [q]}) for q in "ab"]
         assert blocking.entered.wait(10)
-        # Both admitted requests are inside (one in the backend, one queued); wait until the gate counts both.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            refused = requests.post(f"{url}/retrieve", json={"queries": ["c"]}, timeout=10)
-            if refused.status_code == 429:
-                break
+        # Both admitted requests are inside once the second is queued behind the first (in the backend).
+        deadline = time.monotonic() + 30
+        while requests.get(f"{url}/stats", timeout=10).json()["queue"]["pending"] < 1:
+            assert time.monotonic() < deadline, "the second request never reached the queue"
             time.sleep(0.01)
+        refused = requests.post(f"{url}/retrieve", json={"queries": ["c"]}, timeout=10)
         assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
         assert "2 requests are being served" in refused.json()["error"]
         assert requests.get(f"{url}/health", timeout=10).status_code == 200
