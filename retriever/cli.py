@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import logging
 import os
@@ -108,13 +109,16 @@ def _run_index(args: argparse.Namespace) -> int:
 
 
 def _use_threads(threads: int) -> None:
+    """Give torch (the encoder) and FAISS, when the dense extra installed it, ``threads`` threads."""
     if threads < 1:
         raise SearchgymError(f"--threads must be at least 1, got {threads}")
-    import faiss
     import torch
 
     torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
+    if importlib.util.find_spec("faiss") is not None:  # BM25 indexes need no FAISS (the dense extra)
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
 
 
 def _run_import(args: argparse.Namespace) -> int:
