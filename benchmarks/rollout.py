@@ -34,7 +34,13 @@ from transformers import PreTrainedTokenizerBase
 
 from searchgym import paths
 from searchgym.env import EnvConfig, SearchVectorEnv, load_dataset
-from searchgym.policy.generation import Generation, Generator, SamplingParams, TransformersGenerator
+from searchgym.policy.generation import (
+    Generation,
+    Generator,
+    SamplingParams,
+    TransformersGenerator,
+    token_limits,
+)
 from searchgym.policy.models import default_policy_path, load_policy, tiny_random_model
 from searchgym.policy.rollout import RolloutMode, TokenBudgets, run_episodes
 from searchgym.policy.trajectory import Trajectory
@@ -81,7 +87,7 @@ class MixedTurnBudgets:
         max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
         """The backend's turns, each cut at its question's turn budget (or the room it has left)."""
-        rooms = max_new_tokens or [params.max_new_tokens] * len(prompts)
+        rooms = token_limits(len(prompts), params, max_new_tokens)
         limits = [min(room, self._limit(prompt)) for prompt, room in zip(prompts, rooms, strict=True)]
         return self.generator.generate(prompts, params, max_new_tokens=limits)
 

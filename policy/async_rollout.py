@@ -283,19 +283,16 @@ async def _run_one(
         request = env.begin_step(text)
         result = None if request is None else await searches.call(request)
         observation, _, terminated, truncated, info = env.finish_step(result)
-        if terminated or truncated:
-            episode.add_turn(generation, text, info, [])
-            episode.outcome = info["outcome"]
-        else:
-            episode.continue_with(
-                generation,
-                text,
-                observation,
-                info,
-                tokenizer=engine.tokenizer,
-                budgets=settings.budgets,
-                env_config=settings.env_config,
-            )
+        episode.record_step(
+            generation,
+            text,
+            observation,
+            info,
+            ended=terminated or truncated,
+            tokenizer=engine.tokenizer,
+            budgets=settings.budgets,
+            env_config=settings.env_config,
+        )
     return episode
 
 

@@ -114,6 +114,33 @@ class EpisodeState:
         if info.get("action_type") in ("search", "tool") and info.get("tool"):
             self.tool_calls[info["tool"]] = self.tool_calls.get(info["tool"], 0) + 1
 
+    def record_step(
+        self,
+        generation: Generation,
+        text: str,
+        observation: str,
+        info: Mapping[str, Any],
+        *,
+        ended: bool,
+        tokenizer: PreTrainedTokenizerBase,
+        budgets: TokenBudgets,
+        env_config: EnvConfig,
+    ) -> None:
+        """Record what the env made of a turn: the end of the episode, or the turn and its observation."""
+        if ended:
+            self.add_turn(generation, text, info, [])
+            self.outcome = info["outcome"]
+        else:
+            self.continue_with(
+                generation,
+                text,
+                observation,
+                info,
+                tokenizer=tokenizer,
+                budgets=budgets,
+                env_config=env_config,
+            )
+
     def continue_with(
         self,
         generation: Generation,

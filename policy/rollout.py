@@ -162,20 +162,17 @@ def _run_batch(
         observations, _, terminated, truncated, infos = vector_env.step(actions)
         retrieval_s += _retrieval_seconds(infos)
         for episode, generation, text in zip(running, generations, texts, strict=True):
-            if terminated[episode.slot] or truncated[episode.slot]:
-                final_info = dict(vector_env.final_infos[episode.slot] or {})
-                episode.add_turn(generation, text, final_info, [])
-                episode.outcome = final_info["outcome"]
-            else:
-                episode.continue_with(
-                    generation,
-                    text,
-                    observations[episode.slot],
-                    _info_at(infos, episode.slot),
-                    tokenizer=generator.tokenizer,
-                    budgets=run.budgets,
-                    env_config=run.env_config,
-                )
+            ended = bool(terminated[episode.slot] or truncated[episode.slot])
+            episode.record_step(
+                generation,
+                text,
+                observations[episode.slot],
+                dict(vector_env.final_infos[episode.slot] or {}) if ended else _info_at(infos, episode.slot),
+                ended=ended,
+                tokenizer=generator.tokenizer,
+                budgets=run.budgets,
+                env_config=run.env_config,
+            )
     total_s = time.perf_counter() - started
     timings = Timings(
         generation=generation_s, retrieval=retrieval_s, bookkeeping=total_s - generation_s - retrieval_s

@@ -9,7 +9,7 @@ the tokens the policy generated and 0 on observation tokens and padding; masked 
 result here (they are skipped in the GAE recursion and excluded from every mean and loss).
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -191,13 +191,8 @@ def grpo_advantages(
 
     A group with fewer than two valid members carries no relative signal; its advantages are 0.
     """
-    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.bool()
     advantages = torch.zeros_like(scores)
-    for rows in _valid_rows_of_groups(group_ids, valid).values():
-        if len(rows) < 2:
-            continue
-        index = torch.tensor(rows, device=scores.device)
-        group = scores[index]
+    for index, group in _groups_with_a_baseline(scores, group_ids, valid):
         centred = group - group.mean()
         advantages[index] = centred / (group.std() + eps) if normalize_std else centred
     return advantages
@@ -217,14 +212,9 @@ def rloo_advantages(scores: Tensor, group_ids: Sequence[str], *, valid: Tensor |
 
     A group with fewer than two valid members has no baseline; its advantages are 0.
     """
-    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.bool()
     advantages = torch.zeros_like(scores)
-    for rows in _valid_rows_of_groups(group_ids, valid).values():
-        if len(rows) < 2:
-            continue
-        index = torch.tensor(rows, device=scores.device)
-        group = scores[index]
-        others_mean = (group.sum() - group) / (len(rows) - 1)
+    for index, group in _groups_with_a_baseline(scores, group_ids, valid):
+        others_mean = (group.sum() - group) / (len(group) - 1)
         advantages[index] = group - others_mean
     return advantages
 
@@ -287,6 +277,17 @@ def informative_groups(scores: Tensor, group_ids: Sequence[str], *, valid: Tenso
         if len(rows) >= 2 and bool((group != group[0]).any()):
             keep |= torch.tensor([g == group_id for g in group_ids], device=scores.device)
     return keep
+
+
+def _groups_with_a_baseline(
+    scores: Tensor, group_ids: Sequence[str], valid: Tensor | None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(rows, scores)`` of each group of two or more valid members (the others carry no signal)."""
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.bool()
+    for rows in _valid_rows_of_groups(group_ids, valid).values():
+        if len(rows) >= 2:
+            index = torch.tensor(rows, device=scores.device)
+            yield index, scores[index]
 
 
 def _valid_rows_of_groups(group_ids: Sequence[str], valid: Tensor) -> dict[str, list[int]]:
