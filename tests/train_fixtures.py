@@ -31,7 +31,7 @@ from searchgym.policy.generation import SamplingParams
 from searchgym.policy.models import Policy
 from searchgym.policy.trajectory import Trajectory, TurnRecord
 from searchgym.train.config import TrainConfig, load_config
-from searchgym.train.learner import LocalLearner
+from searchgym.train.learner import LocalLearner, single_process_learner
 from searchgym.train.loop import TrainResult, train
 
 WORDS = [f"w{i}" for i in range(21)]
@@ -263,7 +263,7 @@ def run_toy(
     tokenizer = tiny_tokenizer()
     return train(
         config,
-        learner=LocalLearner(config, Policy(model, tokenizer, name="tiny")),
+        learner=single_process_learner(config, Policy(model, tokenizer, name="tiny")),
         rollout=rollout or TargetTokenRollout(),
         tokenizer=tokenizer,
         train_examples=toy_examples(6),

@@ -24,16 +24,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from searchgym.errors import SearchgymError
 from searchgym.train.lora import has_lora, load_trainable_state, merged_state, trainable_state
 from searchgym.train.models import TrainModels
 from searchgym.train.optim import Optimizers
+from searchgym.train.sharding import SHARDED_STATE_DIR, is_sharded, load_sharded, save_sharded
 
 logger = logging.getLogger(__name__)
 _PREFIX = "step_"
 _MODELS, _OPTIMIZERS, _TORCH_RNG, _STATE = "models.pt", "optimizers.pt", "torch_rng.pt", "state.json"
+_SCHEDULES = "schedules.pt"  # beside sharded/: the learning-rate schedules of sharded learners
 MANIFEST = "manifest.json"  # {"files": {name: {"bytes": n, "sha256": hex}}}, written last
 
 
@@ -122,13 +125,42 @@ class CheckpointManager:
         return False
 
     def save(self, *, models: TrainModels, optimizers: Optimizers, state: TrainerState) -> Path:
-        """Write a checkpoint of the current run atomically, then prune old ones."""
+        """Write a checkpoint of the current run atomically, then prune old ones.
+
+        Sharded learners all call it (a collective): each writes its shards into ``sharded/``, and rank 0
+        writes the rest and publishes the folder.
+        """
         target = self.directory / step_dir_name(state.step)
         staging = self.directory / f".{target.name}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        torch.save(_model_states(models), staging / _MODELS)
-        torch.save(_optimizer_states(optimizers), staging / _OPTIMIZERS)
+        sharded = is_sharded(models.policy)
+        lead = not sharded or dist.get_rank() == 0
+        if sharded:
+            agreed = [staging]
+            dist.broadcast_object_list(agreed, src=0)  # every rank writes into rank 0's staging folder
+            staging = agreed[0]
+        if lead:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        if sharded:
+            dist.barrier()
+            save_sharded(staging, models=models, optimizers=_trained_optimizers(optimizers))
+            if lead:
+                torch.save(_schedule_states(optimizers), staging / _SCHEDULES)
+        else:
+            torch.save(_model_states(models), staging / _MODELS)
+            torch.save(_optimizer_states(optimizers), staging / _OPTIMIZERS)
+        if lead:
+            self._publish(staging, target, state)
+        if sharded:
+            dist.barrier()  # no rank goes on (and may load it) before rank 0 has renamed it into place
+        self._verified.add(target)  # its checksums were just taken from the files on disk
+        self.skipped.pop(target, None)
+        if lead:
+            self._prune()
+        return target
+
+    def _publish(self, staging: Path, target: Path, state: TrainerState) -> None:
+        """Add the random and trainer states and the manifest to ``staging``, then rename it to ``target``."""
         torch.save(_torch_rng_state(), staging / _TORCH_RNG)
         state_record = {
             "trainer": asdict(state),
@@ -142,10 +174,6 @@ class CheckpointManager:
             shutil.rmtree(target)
         staging.rename(target)
         _fsync_dir(self.directory)
-        self._verified.add(target)  # its checksums were just taken from the files on disk
-        self.skipped.pop(target, None)
-        self._prune()
-        return target
 
     def load(
         self, path: Path, *, models: TrainModels, optimizers: Optimizers, restore_rng: bool = True
@@ -157,18 +185,17 @@ class CheckpointManager:
         """
         if not self.is_intact(path):
             raise CheckpointError(f"checkpoint {path} is damaged: {self.skipped[path]}")
-        device = next(models.policy.parameters()).device
-        model_states = _load_tensors(path / _MODELS, device)
-        if ("critic" in model_states) != (models.critic is not None):
+        sharded = is_sharded(models.policy)
+        if sharded != (path / SHARDED_STATE_DIR).is_dir():
+            written, asked = ("shard", "replicate") if not sharded else ("replicate", "shard")
             raise CheckpointError(
-                f"{path} was written by a run {'with' if 'critic' in model_states else 'without'} a critic; "
-                "resume with the same algorithm.name, or start afresh with checkpoint.resume=false or "
-                "another logging.run_dir"
+                f"{path} was written by learners with learner.strategy={written}: resume with it (this run "
+                f"has {asked}), or `searchgym export` the checkpoint and start a new run from the export"
             )
-        _load_weights(models.policy, model_states["policy"])
-        if models.critic is not None:
-            _load_weights(models.critic, model_states["critic"])
-        _load_optimizer_states(optimizers, _load_tensors(path / _OPTIMIZERS, device))
+        if sharded:
+            _load_sharded(path, models, optimizers)
+        else:
+            _load_whole(path, models, optimizers)
         record = json.loads((path / _STATE).read_text())
         if restore_rng:
             random.setstate(_as_tuple(record["python_rng"]))
@@ -187,6 +214,35 @@ class CheckpointManager:
                 shutil.rmtree(path)
                 self._verified.discard(path)
                 self.skipped.pop(path, None)
+
+
+_CRITIC_MISMATCH = (
+    "{path} was written by a run {written} a critic; resume with the same algorithm.name, or start afresh "
+    "with checkpoint.resume=false or another logging.run_dir"
+)
+
+
+def _load_whole(path: Path, models: TrainModels, optimizers: Optimizers) -> None:
+    device = next(models.policy.parameters()).device
+    model_states = _load_tensors(path / _MODELS, device)
+    if ("critic" in model_states) != (models.critic is not None):
+        written = "with" if "critic" in model_states else "without"
+        raise CheckpointError(_CRITIC_MISMATCH.format(path=path, written=written))
+    _load_weights(models.policy, model_states["policy"])
+    if models.critic is not None:
+        _load_weights(models.critic, model_states["critic"])
+    _load_optimizer_states(optimizers, _load_tensors(path / _OPTIMIZERS, device))
+
+
+def _load_sharded(path: Path, models: TrainModels, optimizers: Optimizers) -> None:
+    schedules = _load_tensors(path / _SCHEDULES, torch.device("cpu"))
+    if ("critic_schedule" in schedules) != (models.critic is not None):
+        written = "with" if "critic_schedule" in schedules else "without"
+        raise CheckpointError(_CRITIC_MISMATCH.format(path=path, written=written))
+    load_sharded(path, models=models, optimizers=_trained_optimizers(optimizers))
+    optimizers.actor_schedule.load_state_dict(schedules["actor_schedule"])
+    if optimizers.critic_schedule is not None:
+        optimizers.critic_schedule.load_state_dict(schedules["critic_schedule"])
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -231,8 +287,8 @@ def _load_tensors(file: Path, device: torch.device) -> Any:
 
 def _write_manifest(folder: Path) -> None:
     files = {
-        file.name: {"bytes": file.stat().st_size, "sha256": _sha256(file)}
-        for file in sorted(folder.iterdir())
+        str(file.relative_to(folder)): {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        for file in sorted(folder.rglob("*"))
         if file.is_file() and file.name != MANIFEST
     }
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
@@ -248,18 +304,24 @@ def read_trainer_state(path: Path) -> TrainerState:
     return _state_from_json(json.loads((path / _STATE).read_text())["trainer"])
 
 
-def export_hf_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> Path:
+def export_hf_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    target: Path,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``model`` and ``tokenizer`` as a plain Hugging Face model folder, atomically.
 
     The folder loads with ``AutoModelForCausalLM.from_pretrained``, ``searchgym eval --model`` and vLLM;
-    LoRA adapters are merged into the weights they adapt (the folder holds no adapter).
+    LoRA adapters are merged into the weights they adapt (the folder holds no adapter). ``state_dict``
+    replaces the model's own weights (a sharded model's, gathered whole).
     """
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    if has_lora(model):
-        model.save_pretrained(staging, state_dict=merged_state(model))
-    else:
-        model.save_pretrained(staging)
+    if state_dict is None and has_lora(model):
+        state_dict = merged_state(model)
+    model.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     _fsync_tree(staging)
     if target.exists():
@@ -296,6 +358,21 @@ def _optimizer_states(optimizers: Optimizers) -> dict[str, Any]:
         states["critic"] = optimizers.critic.state_dict()
         states["critic_schedule"] = optimizers.critic_schedule.state_dict()
     return states
+
+
+def _schedule_states(optimizers: Optimizers) -> dict[str, Any]:
+    states = {"actor_schedule": optimizers.actor_schedule.state_dict()}
+    if optimizers.critic_schedule is not None:
+        states["critic_schedule"] = optimizers.critic_schedule.state_dict()
+    return states
+
+
+def _trained_optimizers(optimizers: Optimizers) -> dict[str, torch.optim.Optimizer]:
+    """The optimizers keyed by the role of the model they train, as the sharded checkpoint names them."""
+    trained = {"policy": optimizers.actor}
+    if optimizers.critic is not None:
+        trained["critic"] = optimizers.critic
+    return trained
 
 
 def _load_optimizer_states(optimizers: Optimizers, states: dict[str, Any]) -> None:

@@ -40,7 +40,17 @@ from searchgym.train.models import (
 )
 from searchgym.train.optim import Optimizers, build_optimizers
 from searchgym.train.parallel import SINGLE_PROCESS, DataParallel, TorchDataParallel
-from searchgym.train.sharding import is_sharded
+from searchgym.train.sharding import (
+    LearnerStrategy,
+    ShardedDataParallel,
+    ShardingOptions,
+    full_state_dict,
+    init_single_rank_group,
+    is_sharded,
+    learner_mesh,
+    resolve_strategy,
+    shard_models,
+)
 
 RecordT = TypeVar("RecordT", Batch, Experience)
 logger = logging.getLogger(__name__)
@@ -543,7 +553,8 @@ class LocalLearner:
     """Policy, critic and reference with their optimizers, in this process; saves and loads their checkpoints.
 
     Seeds the run before it builds the critic's head, so that a run, its resumption and each of its
-    data-parallel learners start from the same weights and random state.
+    data-parallel learners start from the same weights and random state. The models stay whole until
+    :meth:`join_data_parallel`, which shards them when ``learner.strategy`` resolves to ``shard``.
 
     Args:
         config: the run's settings.
@@ -555,6 +566,9 @@ class LocalLearner:
         self.config = config
         self.tokenizer = policy.tokenizer
         self.device = resolve_device(config.system.device)
+        self.strategy: LearnerStrategy = resolve_strategy(
+            config.learner.strategy, self.device, lora=config.model.lora.enabled
+        )
         # transformers wraps PreTrainedModel.to in functools.wraps, which mypy reads as an unbound function.
         policy.model.to(self.device)  # type: ignore[arg-type]
         self.models = build_train_models(
@@ -570,13 +584,30 @@ class LocalLearner:
         )
         self.data_parallel: DataParallel = SINGLE_PROCESS
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the models are FSDP units (saving, exporting and reading weights are then collectives)."""
+        return is_sharded(self.models.policy)
+
     def join_data_parallel(self) -> None:
-        """Become one of the learners of the initialised process group, starting from rank 0's weights."""
-        self.data_parallel = TorchDataParallel(device=self.device)
+        """Become one of the learners of the initialised process group, starting from rank 0's weights.
+
+        With the ``shard`` strategy the models are then sharded over the group and the optimizers rebuilt
+        on the shards (a group of one rank shards too: it brings FSDP's bf16 compute and CPU offload).
+        """
         for model in (self.models.policy, self.models.critic, self.models.reference):
             if model is not None:
                 for tensor in [*model.parameters(), *model.buffers()]:
                     dist.broadcast(tensor.data, src=0)
+        if self.strategy == "replicate":
+            self.data_parallel = TorchDataParallel(device=self.device)
+            return
+        options = ShardingOptions(
+            mixed_precision=self.config.system.dtype == "bfloat16", offload=self.config.learner.offload
+        )
+        shard_models(self.models, learner_mesh(self.device), options=options)
+        self.optimizers = build_optimizers(self.models, self.config)
+        self.data_parallel = ShardedDataParallel(device=self.device)
 
     def step(self, trajectories: Sequence[Trajectory]) -> LearnerStep:
         """Experience and update on the step's episodes (this learner's share of them, in a group)."""
@@ -596,11 +627,16 @@ class LocalLearner:
         return LearnerStep(metrics=metrics, health=step_health(batch, experience, stats, self.config))
 
     def policy_state(self) -> dict[str, Tensor]:
-        """The policy's weights under the base model's names, LoRA adapters merged in (read them only)."""
+        """The policy's weights under the base model's names, LoRA adapters merged in (read them only).
+
+        Sharded, every learner must call it: the whole weights are gathered from the shards.
+        """
+        if self.sharded:
+            return full_state_dict(self.models.policy)
         return merged_state(self.models.policy)
 
     def save(self, state: TrainerState) -> Path:
-        """Write a checkpoint of the models, optimizers and random state beside ``state``."""
+        """Write a checkpoint of models, optimizers and random state beside ``state`` (sharded: all call)."""
         return self.checkpoints.save(models=self.models, optimizers=self.optimizers, state=state)
 
     def load(self, path: Path, *, restore_rng: bool) -> TrainerState:
@@ -610,8 +646,23 @@ class LocalLearner:
         )
 
     def export(self, target: Path) -> Path:
-        """Write the policy as a plain Hugging Face model folder."""
-        return export_hf_model(self.models.policy, self.tokenizer, target)
+        """Write the policy as a Hugging Face model folder (sharded: every learner calls, rank 0 writes)."""
+        if not self.sharded:
+            return export_hf_model(self.models.policy, self.tokenizer, target)
+        state = full_state_dict(self.models.policy)
+        if dist.get_rank() == 0:
+            export_hf_model(self.models.policy, self.tokenizer, target, state_dict=state)
+        dist.barrier()
+        return target
+
+
+def single_process_learner(config: TrainConfig, policy: Policy) -> LocalLearner:
+    """The learner of a run without peers; with the ``shard`` strategy, sharded over a group of its own."""
+    learner = LocalLearner(config, policy)
+    if learner.strategy == "shard":
+        init_single_rank_group(learner.device)
+        learner.join_data_parallel()
+    return learner
 
 
 def experience_metrics(experience: Experience, config: TrainConfig) -> dict[str, float]:

@@ -51,9 +51,10 @@ class ValueModel(nn.Module):
         ).last_hidden_state
         # The loss reads the values in float32: the head runs outside autocast on float32 operands (a bf16
         # value would round a return of 0.75 to within 0.004, the size of a late-training advantage).
+        # A product with the head's one row, not a linear layer's (B, T, 1) squeezed: a sharded critic's
+        # output must not be a view (FSDP's backward hook would be lost to an in-place op on it).
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            values = nn.functional.linear(hidden.float(), self.value_head.weight.float())
-        return values.squeeze(-1)
+            return hidden.float() @ self.value_head.weight.float()[0]
 
 
 @dataclass(slots=True)

@@ -18,7 +18,7 @@ from searchgym.train.build import (
     vector_envs,
 )
 from searchgym.train.config import TrainConfig
-from searchgym.train.learner import LocalLearner
+from searchgym.train.learner import single_process_learner
 from searchgym.train.loop import TrainResult, evaluate, train
 from searchgym.train.search_rollout import SearchRollout
 from searchgym.train.warmstart import WARMSTART_DIR, warm_started_policy
@@ -38,7 +38,7 @@ def run_training(config: TrainConfig) -> TrainResult:
             config = dataclasses.replace(config, model=warm_started)
         return train_on_ray(config, train_examples=train_examples, dev_examples=dev_examples)
     policy, make_env = starting_policy(config, train_examples, dev_examples)
-    learner = LocalLearner(config, policy)
+    learner = single_process_learner(config, policy)
     rollout = SearchRollout(
         policy=policy,
         make_env=make_env,

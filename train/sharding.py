@@ -63,12 +63,30 @@ class ShardingOptions:
 
 
 def resolve_strategy(
-    strategy: Literal["auto", "replicate", "shard"], device: torch.device
+    strategy: Literal["auto", "replicate", "shard"], device: torch.device, *, lora: bool = False
 ) -> LearnerStrategy:
-    """``auto``: shard on CUDA (where memory binds), replicate on the CPU (tests, tiny runs)."""
+    """``auto``: shard on CUDA (where memory binds), replicate on the CPU (tests, tiny runs) and for LoRA.
+
+    LoRA trains a few adapter weights beside a frozen base: there is little to shard, and the adapters'
+    merging and checkpoints are written for whole models.
+
+    Raises:
+        ShardingError: ``shard`` asked for together with LoRA.
+    """
     if strategy == "auto":
-        return "shard" if device.type == "cuda" else "replicate"
+        return "shard" if device.type == "cuda" and not lora else "replicate"
+    if strategy == "shard" and lora:
+        raise ShardingError(
+            "learner.strategy=shard does not take LoRA adapters: set learner.strategy=replicate"
+        )
     return strategy
+
+
+def init_single_rank_group(device: torch.device) -> None:
+    """A process group of this process alone (in-memory store), for a sharded learner without peers."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def learner_mesh(device: torch.device) -> DeviceMesh:

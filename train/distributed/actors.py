@@ -165,8 +165,16 @@ class LearnerActor:
         """The policy's weights on the CPU, for the rollout workers (see :func:`shareable_weights`)."""
         return shareable_weights(self.learner.policy_state())
 
+    def strategy(self) -> str:
+        """How this learner holds its models: ``replicate`` or ``shard``."""
+        return self.learner.strategy
+
+    def gather_policy(self) -> None:
+        """Take part in gathering the sharded policy's whole weights, which learner 0 sends or serves."""
+        self.learner.policy_state()
+
     def save(self, state: TrainerState) -> Path:
-        """Write a checkpoint (rank 0; the other learners hold the same weights and optimizer states)."""
+        """Write a checkpoint: replicated, rank 0 alone (the others hold the same); sharded, every rank."""
         return self.learner.save(state)
 
     def load(self, path: Path, *, restore_rng: bool) -> TrainerState:
@@ -174,7 +182,7 @@ class LearnerActor:
         return self.learner.load(path, restore_rng=restore_rng)
 
     def export(self, target: Path) -> Path:
-        """Write the policy as a plain Hugging Face model folder."""
+        """Write the policy as a plain Hugging Face model folder (sharded: every rank takes part)."""
         return self.learner.export(target)
 
 

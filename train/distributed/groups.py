@@ -321,16 +321,20 @@ class RolloutWorkerGroup:
 class LearnerGroup:
     """The data-parallel learners, as one :class:`~searchgym.train.loop.Learner`.
 
-    Learner 0 writes checkpoints, exports and serves the weights.
+    Learner 0 writes checkpoints, exports and serves the weights. Sharded learners (FSDP2) hold only
+    parts of them, so every learner takes part in those: each writes its shards, and all gather the
+    whole weights that learner 0 writes or sends.
 
     Args:
         roster: the run's actors.
         members: the learners, in rank order.
+        sharded: whether the learners shard their models.
     """
 
-    def __init__(self, roster: Roster, members: Sequence[Member]) -> None:
+    def __init__(self, roster: Roster, members: Sequence[Member], *, sharded: bool = False) -> None:
         self.roster = roster
         self.members = list(members)
+        self.sharded = sharded
         self._broadcast_dtype: str | None = None
         self._broadcasts = False
 
@@ -342,8 +346,10 @@ class LearnerGroup:
             return {"config": config, "rank": place.index, "cpus": place.cpus}
 
         members = roster.start(LearnerActor, placement.plan.learners, placement, arguments)
-        if len(members) > 1:
-            lead = members[0]
+        lead = members[0]
+        sharded = roster.gather([(lead, lead.handle.strategy.remote())])[0] == "shard"
+        # A lone sharded learner still needs a process group: FSDP's units are collectives of one.
+        if len(members) > 1 or sharded:
             address, port = roster.gather([(lead, lead.handle.rendezvous.remote())])[0]
             roster.gather(
                 [
@@ -351,7 +357,7 @@ class LearnerGroup:
                     for member in members
                 ]
             )
-        return cls(roster, members)
+        return cls(roster, members, sharded=sharded)
 
     @property
     def lead(self) -> Member:
@@ -397,16 +403,25 @@ class LearnerGroup:
         broadcast, started (the workers receive it as they load).
         """
         if self._broadcasts:
-            return BroadcastStarted(
-                self.lead, self.lead.handle.broadcast_weights.remote(self._broadcast_dtype)
-            )
+            sent = self.lead.handle.broadcast_weights.remote(self._broadcast_dtype)
+            self._gather_on_the_others()
+            return BroadcastStarted(self.lead, sent)
         state: Any = self.lead.handle.policy_state.remote()
+        self._gather_on_the_others()
         ray.wait([state], fetch_local=False)
         return state
 
+    def _gather_on_the_others(self) -> None:
+        """Sharded: learners 1..N-1 take part in gathering the weights that learner 0 was just asked for."""
+        if self.sharded:
+            self.roster.gather(
+                [(member, member.handle.gather_policy.remote()) for member in self.members[1:]]
+            )
+
     def save(self, state: TrainerState) -> Path:
-        """Learner 0 writes a checkpoint."""
-        return self.roster.gather([(self.lead, self.lead.handle.save.remote(state))])[0]
+        """Learner 0 writes a checkpoint (sharded: every learner writes its shards)."""
+        writers = self.members if self.sharded else [self.lead]
+        return self.roster.gather([(member, member.handle.save.remote(state)) for member in writers])[0]
 
     def load(self, path: Path, *, restore_rng: bool) -> TrainerState:
         """Every learner loads the checkpoint at ``path``; returns the trainer's state from it."""
@@ -416,5 +431,6 @@ class LearnerGroup:
         return self.roster.gather(calls)[0]
 
     def export(self, target: Path) -> Path:
-        """Learner 0 writes the final policy as a Hugging Face folder."""
-        return self.roster.gather([(self.lead, self.lead.handle.export.remote(target))])[0]
+        """Learner 0 writes the final policy as a Hugging Face folder (sharded: gathered by every learner)."""
+        writers = self.members if self.sharded else [self.lead]
+        return self.roster.gather([(member, member.handle.export.remote(target)) for member in writers])[0]
