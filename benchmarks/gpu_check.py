@@ -426,6 +426,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     # Offload first: a row that runs out of GPU memory is the likelier one to leave a fragmented allocator.
     parser.add_argument("--strategies", default=",".join(reversed(STRATEGIES)))
+    parser.add_argument("--algorithms", default="grpo,ppo", help="grpo, ppo or both")
     parser.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward pass")
     parser.add_argument("--budget-s", type=float, default=360.0, help="skip table rows after this long")
     return parser.parse_args(argv)
@@ -451,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         Shape(rows=4, prompt=8, response=24, micro=2) if args.tiny else Shape(4, 512, 3584, args.micro_batch)
     )
     sizes = ["tiny"] if args.tiny else args.sizes.split(",")
-    run_table(sizes, ["grpo", "ppo"], args.strategies.split(","), shape, tiny=args.tiny, device=device,
-              deadline=deadline)  # fmt: skip
+    algorithms, strategies = args.algorithms.split(","), args.strategies.split(",")
+    run_table(sizes, algorithms, strategies, shape, tiny=args.tiny, device=device, deadline=deadline)
     logprob_model = (
         qwen_config(TINY, vocab_size=1000) if args.tiny else qwen_config(QWEN25["1.5B"], vocab_size=151936)
     )
