@@ -167,9 +167,10 @@ def gpu(shape: str, repeats: int) -> None:
 
 
 def print_rows(rows: list[tuple[str, float, int]]) -> None:
-    print(f"{'path':<24} {'MB moved':>9} {'seconds':>8} {'s / GB':>7}")
+    print(f"{'path':<24} {'MB moved':>9} {'seconds':>8} {'s / GB':>7} {'GB/s':>7}")
     for name, seconds, moved in rows:
-        print(f"{name:<24} {moved / 1e6:>9.0f} {seconds:>8.3f} {seconds / (moved / 1e9):>7.2f}")
+        per_gb = seconds / (moved / 1e9)
+        print(f"{name:<24} {moved / 1e6:>9.0f} {seconds:>8.3f} {per_gb:>7.3f} {1 / per_gb:>7.1f}")
 
 
 if __name__ == "__main__":

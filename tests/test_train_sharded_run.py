@@ -108,7 +108,7 @@ def test_a_replicated_run_refuses_a_sharded_checkpoint(sharded_run: Path, tmp_pa
         run_toy(run_dir)
 
 
-def test_lora_is_replicated_under_auto_and_refused_under_shard() -> None:
-    assert resolve_strategy("auto", torch.device("cuda"), lora=True) == "replicate"
-    with pytest.raises(ShardingError, match="LoRA"):
-        resolve_strategy("shard", torch.device("cpu"), lora=True)
+def test_lora_is_refused_under_shard_and_offload() -> None:
+    for asked in ({"strategy": "shard"}, {"strategy": "auto", "offload": True}):
+        with pytest.raises(ShardingError, match="LoRA"):
+            resolve_strategy(device=torch.device("cpu"), lora=True, **asked)  # type: ignore[arg-type]

@@ -170,10 +170,15 @@ def test_offloaded_sharded_learners_take_the_single_process_step(
     assert_same_update(spawn_sharded_update(trajectories, offload=True, out=tmp_path), single_process)
 
 
-def test_strategy_auto_shards_on_cuda_only() -> None:
-    assert resolve_strategy("auto", torch.device("cuda")) == "shard"
-    assert resolve_strategy("auto", torch.device("cpu")) == "replicate"
-    assert resolve_strategy("shard", torch.device("cpu")) == "shard"
+def test_strategy_auto_shards_several_cuda_learners_or_an_offloading_one() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_strategy("auto", cuda, learners=2) == "shard"
+    assert resolve_strategy("auto", cuda, learners=1) == "replicate"
+    assert resolve_strategy("auto", cuda, offload=True) == "shard"
+    assert resolve_strategy("auto", cpu, learners=2) == "replicate"
+    assert resolve_strategy("auto", cuda, learners=2, lora=True) == "replicate"
+    assert resolve_strategy("shard", cpu) == "shard"
+    assert resolve_strategy("replicate", cuda, learners=8) == "replicate"
 
 
 def test_blocks_are_the_decoder_layers_of_policy_and_critic() -> None:

@@ -17,6 +17,7 @@ from torch import Tensor
 from searchgym.errors import SearchgymError
 from searchgym.policy.logprobs import SequenceBatch
 from searchgym.policy.trajectory import Trajectory
+from searchgym.train.micro_batches import trim_padding
 
 
 class EmptyBatchError(SearchgymError):
@@ -67,6 +68,11 @@ class Batch:
     def select(self, rows: Tensor) -> "Batch":
         """The episodes at ``rows`` (a 1-D index tensor), every field sliced alike."""
         return _select(self, rows)
+
+    def trimmed(self) -> "Batch":
+        """The same episodes without the prompt and response columns that are padding in every row."""
+        sequences = trim_padding(self.sequences)
+        return _keep_response_columns(self, sequences.response_mask.shape[1], sequences=sequences)
 
 
 def collate(trajectories: Sequence[Trajectory], *, pad_token_id: int, device: torch.device | str) -> Batch:
@@ -142,6 +148,21 @@ class Experience:
     def select(self, rows: Tensor) -> "Experience":
         """The episodes at ``rows`` (a 1-D index tensor), every field sliced alike."""
         return _select(self, rows)
+
+    def trimmed(self) -> "Experience":
+        """The same episodes without the columns that are padding in every row (see :meth:`Batch.trimmed`)."""
+        batch = self.batch.trimmed()
+        return _keep_response_columns(self, batch.response_length, batch=batch)
+
+
+def _keep_response_columns(record: Any, width: int, **replaced: Any) -> Any:
+    """``record`` with its (B, R) tensor fields cut to their first ``width`` response columns."""
+    changes = dict(replaced)
+    for field in fields(record):
+        value = getattr(record, field.name)
+        if field.name not in changes and isinstance(value, Tensor) and value.dim() == 2:
+            changes[field.name] = value[:, :width]
+    return replace(record, **changes)
 
 
 def _select(record: Any, rows: Tensor) -> Any:

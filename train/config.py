@@ -102,7 +102,8 @@ class LearnerConfig:
     strategy: Literal["auto", "replicate", "shard"] = "auto"
     """`replicate`: every learner holds whole fp32 models and optimizer states, gradients all-reduced;
     `shard`: FSDP2 splits parameters, gradients and optimizer states over the learners (bf16 compute with
-    fp32 gradient reduction when system.dtype=bfloat16); `auto`: shard on CUDA, replicate on CPU."""
+    fp32 gradient reduction when system.dtype=bfloat16); `auto`: shard several CUDA learners or an
+    offloading one, replicate otherwise (one rank of shards holds as much and runs slower)."""
     offload: bool = False
     """With `shard`: keep parameter shards, gradients and optimizer states in CPU memory between uses (the
     optimizer steps on the CPU); what lets 3B GRPO train on one 80 GB GPU."""
@@ -362,10 +363,18 @@ class BatchConfig:
     """Questions (with all their samples) per optimizer step; prompts_per_step must be a multiple of it."""
     micro_batch_size: int = 64
     """Episodes per forward/backward pass; gradients accumulate over a mini-batch's micro-batches."""
+    micro_batch_tokens: int | None = None
+    """When set, the update's micro-batches are filled up to this many padded tokens instead (episodes
+    sorted by length, each micro-batch trimmed to its own widths; see train/micro_batches.py): the same
+    loss with far less padding when episode lengths vary. null: micro_batch_size episodes a pass."""
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "mini_batch_prompts", "micro_batch_size"):
             _require(getattr(self, name) >= 1, f"batch.{name} must be >= 1, got {getattr(self, name)}")
+        _require(
+            self.micro_batch_tokens is None or self.micro_batch_tokens >= 1,
+            f"batch.micro_batch_tokens must be >= 1 or null, got {self.micro_batch_tokens}",
+        )
         _require(
             self.prompts_per_step % self.mini_batch_prompts == 0,
             f"batch.prompts_per_step ({self.prompts_per_step}) must be a multiple of "

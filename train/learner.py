@@ -31,6 +31,7 @@ from searchgym.train.checkpoint import CheckpointManager, TrainerState, export_h
 from searchgym.train.config import TrainConfig
 from searchgym.train.guards import StepHealth
 from searchgym.train.lora import merged_state
+from searchgym.train.micro_batches import episode_lengths, plan_micro_batches
 from searchgym.train.models import (
     TrainModels,
     build_train_models,
@@ -499,7 +500,9 @@ def _accumulate_and_step(
     # A sharded model's forward and backward passes are collectives: every learner runs all of its own,
     # even after a non-finite loss (the step is then skipped by all, as without sharding).
     sharded = is_sharded(model)
-    for micro in _micro_batches(data_parallel.shard(mini_batch), config.batch.micro_batch_size):
+    for micro in _update_micro_batches(
+        data_parallel.shard(mini_batch), config, data_parallel, sharded=sharded
+    ):
         with compute_dtype_context(config, device):
             loss = micro_batch_loss(micro)
         if not torch.isfinite(loss):
@@ -523,6 +526,27 @@ def _accumulate_and_step(
     return _StepOutcome(
         loss=total_loss if finite else math.nan, grad_norm=grad_norm, stepped=stepped, non_finite=not finite
     )
+
+
+def _update_micro_batches(
+    share: Experience, config: TrainConfig, data_parallel: DataParallel, *, sharded: bool
+) -> Iterator[Experience]:
+    """This learner's micro-batches of a mini-batch: a fixed count of episodes, or filled to a token budget.
+
+    With ``batch.micro_batch_tokens`` the episodes are packed by length and each micro-batch is trimmed to
+    its own widths. Sharded learners' passes are collectives, so each runs as many micro-batches as the
+    learner that needs the most.
+    """
+    budget = config.batch.micro_batch_tokens
+    if budget is None:
+        yield from _micro_batches(share, config.batch.micro_batch_size)
+        return
+    lengths = episode_lengths(share.batch.sequences)
+    count = len(plan_micro_batches(lengths, max_tokens=budget))
+    if sharded:
+        count = int(data_parallel.maximum({"micro_batches": float(count)})["micro_batches"])
+    for group in plan_micro_batches(lengths, max_tokens=budget, min_micro_batches=count):
+        yield share.select(torch.tensor(group)).trimmed()
 
 
 def _record_outcome(role: str, outcome: _StepOutcome, means: _WeightedMeans) -> None:
@@ -567,7 +591,11 @@ class LocalLearner:
         self.tokenizer = policy.tokenizer
         self.device = resolve_device(config.system.device)
         self.strategy: LearnerStrategy = resolve_strategy(
-            config.learner.strategy, self.device, lora=config.model.lora.enabled
+            config.learner.strategy,
+            self.device,
+            learners=config.ray.num_learners if config.ray.enabled else 1,
+            offload=config.learner.offload,
+            lora=config.model.lora.enabled,
         )
         # transformers wraps PreTrainedModel.to in functools.wraps, which mypy reads as an unbound function.
         policy.model.to(self.device)  # type: ignore[arg-type]

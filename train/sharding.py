@@ -63,22 +63,30 @@ class ShardingOptions:
 
 
 def resolve_strategy(
-    strategy: Literal["auto", "replicate", "shard"], device: torch.device, *, lora: bool = False
+    strategy: Literal["auto", "replicate", "shard"],
+    device: torch.device,
+    *,
+    learners: int = 1,
+    offload: bool = False,
+    lora: bool = False,
 ) -> LearnerStrategy:
-    """``auto``: shard on CUDA (where memory binds), replicate on the CPU (tests, tiny runs) and for LoRA.
+    """What ``auto`` means for a run: shard where it saves memory, replicate where it would only cost.
 
-    LoRA trains a few adapter weights beside a frozen base: there is little to shard, and the adapters'
-    merging and checkpoints are written for whole models.
+    ``auto`` shards several CUDA learners (each then holds 1/N of the states) and any learner that offloads;
+    it replicates a lone learner, which sharding over one rank slows without saving memory (measured on an
+    H200: see docs/benchmarks.md), CPU runs, and LoRA, which trains a few adapter weights beside a frozen
+    base (little to shard; the adapters' merging and checkpoints are written for whole models).
 
     Raises:
-        ShardingError: ``shard`` asked for together with LoRA.
+        ShardingError: ``shard`` or offload asked for together with LoRA.
     """
-    if strategy == "auto":
-        return "shard" if device.type == "cuda" and not lora else "replicate"
-    if strategy == "shard" and lora:
+    if lora and (strategy == "shard" or offload):
         raise ShardingError(
-            "learner.strategy=shard does not take LoRA adapters: set learner.strategy=replicate"
+            "LoRA adapters are not sharded or offloaded: set learner.strategy=replicate learner.offload=false"
         )
+    if strategy == "auto":
+        shards = offload or (device.type == "cuda" and learners > 1 and not lora)
+        return "shard" if shards else "replicate"
     return strategy
 
 
