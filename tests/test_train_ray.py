@@ -19,6 +19,7 @@ import torch
 from env_fixtures import EXAMPLES
 from ray_fixtures import comparable, questions, ray_test_config, searching_model, tiny_index
 from train_fixtures import with_reward
+from transformers import AutoModelForCausalLM
 
 from searchgym.env import SearchVectorEnv
 from searchgym.policy.generation import TransformersGenerator
@@ -285,3 +286,35 @@ def test_searches_go_on_when_a_retrieval_replica_dies(parts: Parts) -> None:
             time.sleep(0.5)
     (passages,) = parts.replicas.client(0).search([EXAMPLES[0].question], 1)
     assert ray.get(victim.served.remote())[0] >= 1
+
+
+def test_two_sharded_learners_train_resume_and_export_as_replicated_ones(
+    cluster: None, workdir: Path, tmp_path: Path
+) -> None:
+    def run(name: str, *overrides: str) -> list[dict]:
+        config = ray_test_config(
+            workdir,
+            f"logging.run_dir={tmp_path / name}",
+            "ray.num_retriever_replicas=1",
+            "checkpoint.every=1",
+            "dev.every=0",
+            "dev.before_training=false",
+            *overrides,
+        )
+        run_training(config)
+        return read_metrics(tmp_path / name / "metrics.jsonl")
+
+    replicated = run("replicated", "total_steps=2")
+    run("sharded", "total_steps=1", "learner.strategy=shard")
+    checkpoint = CheckpointManager(tmp_path / "sharded" / "checkpoints", keep_last=1).latest()
+    assert checkpoint is not None
+    assert len(list((checkpoint / "sharded").glob("*.distcp"))) == 2  # each learner wrote its shards
+    sharded = run("sharded", "total_steps=2", "learner.strategy=shard")  # resumes from step 1
+    assert [row["step"] for row in sharded] == [1, 2]
+    for ours, theirs in zip(sharded, replicated, strict=True):
+        for name in ("rollout/reward", "actor/policy_loss", "actor/grad_norm", "critic/value_loss"):
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-4, abs=1e-6), (ours["step"], name)
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded" / "final")
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "replicated" / "final")
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(final.state_dict()[name], value, atol=1e-5, rtol=1e-4, msg=name)

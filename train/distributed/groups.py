@@ -403,7 +403,7 @@ class LearnerGroup:
         broadcast, started (the workers receive it as they load).
         """
         if self._broadcasts:
-            sent = self.lead.handle.broadcast_weights.remote(self._broadcast_dtype)
+            sent: Any = self.lead.handle.broadcast_weights.remote(self._broadcast_dtype)
             self._gather_on_the_others()
             return BroadcastStarted(self.lead, sent)
         state: Any = self.lead.handle.policy_state.remote()
