@@ -248,8 +248,8 @@ MUTATIONS = (
         "value_head_under_autocast",
         MODELS,
         "        with torch.autocast(device_type=hidden.device.type, enabled=False):\n"
-        "            return self.value_head(hidden.float()).squeeze(-1)",
-        "        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)",
+        "            return hidden.float() @ self.value_head.weight.float()[0]",
+        "        return hidden @ self.value_head.weight[0].to(hidden.dtype)",
     ),
 )
 
