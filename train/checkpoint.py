@@ -240,9 +240,7 @@ def _load_sharded(path: Path, models: TrainModels, optimizers: Optimizers) -> No
         written = "with" if "critic_schedule" in schedules else "without"
         raise CheckpointError(_CRITIC_MISMATCH.format(path=path, written=written))
     load_sharded(path, models=models, optimizers=_trained_optimizers(optimizers))
-    optimizers.actor_schedule.load_state_dict(schedules["actor_schedule"])
-    if optimizers.critic_schedule is not None:
-        optimizers.critic_schedule.load_state_dict(schedules["critic_schedule"])
+    _load_schedule_states(optimizers, schedules)
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -350,13 +348,9 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
 
 
 def _optimizer_states(optimizers: Optimizers) -> dict[str, Any]:
-    states = {
-        "actor": optimizers.actor.state_dict(),
-        "actor_schedule": optimizers.actor_schedule.state_dict(),
-    }
-    if optimizers.critic is not None and optimizers.critic_schedule is not None:
+    states = {"actor": optimizers.actor.state_dict(), **_schedule_states(optimizers)}
+    if optimizers.critic is not None:
         states["critic"] = optimizers.critic.state_dict()
-        states["critic_schedule"] = optimizers.critic_schedule.state_dict()
     return states
 
 
@@ -377,9 +371,14 @@ def _trained_optimizers(optimizers: Optimizers) -> dict[str, torch.optim.Optimiz
 
 def _load_optimizer_states(optimizers: Optimizers, states: dict[str, Any]) -> None:
     optimizers.actor.load_state_dict(states["actor"])
-    optimizers.actor_schedule.load_state_dict(states["actor_schedule"])
-    if optimizers.critic is not None and optimizers.critic_schedule is not None:
+    if optimizers.critic is not None:
         optimizers.critic.load_state_dict(states["critic"])
+    _load_schedule_states(optimizers, states)
+
+
+def _load_schedule_states(optimizers: Optimizers, states: dict[str, Any]) -> None:
+    optimizers.actor_schedule.load_state_dict(states["actor_schedule"])
+    if optimizers.critic_schedule is not None:
         optimizers.critic_schedule.load_state_dict(states["critic_schedule"])
 
 

@@ -542,10 +542,11 @@ def _update_micro_batches(
         yield from _micro_batches(share, config.batch.micro_batch_size)
         return
     lengths = episode_lengths(share.batch.sequences)
-    count = len(plan_micro_batches(lengths, max_tokens=budget))
+    groups = plan_micro_batches(lengths, max_tokens=budget)
     if sharded:
-        count = int(data_parallel.maximum({"micro_batches": float(count)})["micro_batches"])
-    for group in plan_micro_batches(lengths, max_tokens=budget, min_micro_batches=count):
+        most = int(data_parallel.maximum({"micro_batches": float(len(groups))})["micro_batches"])
+        groups = plan_micro_batches(lengths, max_tokens=budget, min_micro_batches=most)
+    for group in groups:
         yield share.select(torch.tensor(group)).trimmed()
 
 
