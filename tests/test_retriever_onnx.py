@@ -1,0 +1,73 @@
+"""The ONNX Runtime encoder backend: the PyTorch encoder's vectors, served from the same index."""
+
+import copy
+
+import numpy as np
+import pytest
+from retriever_fixtures import QUERIES, TINY_CORPUS, tiny_index, tiny_random_encoder
+
+from searchgym.cli import build_parser
+from searchgym.retriever.encoder import PROBE_MIN_COSINE, Encoder, EncoderError
+from searchgym.retriever.index import load_retriever, open_index
+
+pytest.importorskip("onnxruntime")
+
+# Lengths from 1 to ~40 tokens in one call: batches are formed by length and must come back in order.
+TEXTS = [*QUERIES, "a", TINY_CORPUS[0]["contents"], "one two three four five six seven eight nine ten"]
+
+
+@pytest.fixture(scope="module")
+def random_encoder_dir(tmp_path_factory):
+    return tiny_random_encoder(tmp_path_factory.mktemp("encoder") / "bert", hidden_size=64)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_onnx_gives_the_torch_vectors_in_the_callers_order(random_encoder_dir, pooling):
+    options = {"device": "cpu", "pooling": pooling, "batch_size": 4}
+    torch_vectors = Encoder(str(random_encoder_dir), **options).encode_queries(TEXTS)
+    onnx_vectors = Encoder(str(random_encoder_dir), backend="onnx", **options).encode_queries(TEXTS)
+    np.testing.assert_allclose(onnx_vectors, torch_vectors, atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(onnx_vectors, axis=1), 1.0, rtol=1e-5)
+
+
+def test_int8_weights_stay_close_to_fp32_and_the_prefix_is_kept(random_encoder_dir):
+    options = {"device": "cpu", "query_prefix": "query: "}
+    fp32 = Encoder(str(random_encoder_dir), **options).encode_queries(TEXTS)
+    int8 = Encoder(str(random_encoder_dir), backend="onnx-int8", **options)
+    cosines = np.sum(int8.encode_queries(TEXTS) * fp32, axis=1)
+    assert cosines.min() > int8.probe_min_cosine and int8.probe_min_cosine < PROBE_MIN_COSINE
+    unprefixed = Encoder(str(random_encoder_dir), device="cpu").encode_queries(TEXTS)
+    assert np.sum(int8.encode_queries(TEXTS) * unprefixed, axis=1).min() < cosines.min()
+
+
+def test_no_text_gives_no_vector(random_encoder_dir):
+    encoder = Encoder(str(random_encoder_dir), device="cpu", backend="onnx")
+    assert encoder.encode_queries([]).shape == (0, encoder.dimension) == (0, 64)
+
+
+def test_a_torch_built_index_is_served_alike_with_onnx(tmp_path_factory):
+    index_dir = tiny_index(tmp_path_factory, "dense")
+    with_torch = load_retriever(index_dir, device="cpu").search(QUERIES, 3)
+    opened = open_index(index_dir, device="cpu", encoder_backend="onnx")
+    with_onnx = opened.retriever.search(QUERIES, 3)
+    assert [[p.id for p in ps] for ps in with_onnx] == [[p.id for p in ps] for ps in with_torch]
+    for ours, theirs in zip(with_onnx, with_torch, strict=True):
+        np.testing.assert_allclose([p.score for p in ours], [p.score for p in theirs], atol=1e-5)
+    reopened = copy.deepcopy(opened.retriever)  # reopened from its folder with the same backend
+    assert reopened._encoder.backend == "onnx"
+
+
+def test_backends_that_cannot_run_are_refused(random_encoder_dir):
+    with pytest.raises(EncoderError, match="must be one of torch, onnx, onnx-int8"):
+        Encoder(str(random_encoder_dir), device="cpu", backend="openvino")
+    with pytest.raises(EncoderError, match="runs on the CPU"):
+        Encoder(str(random_encoder_dir), device="cuda", backend="onnx")
+
+
+def test_serve_and_index_take_the_backend_flag():
+    parser = build_parser()
+    serve = parser.parse_args(["serve", "--index", "x", "--encoder-backend", "onnx-int8"])
+    index = parser.parse_args(["index", "--method", "dense", "--encoder-backend", "onnx"])
+    assert (serve.encoder_backend, index.encoder_backend) == ("onnx-int8", "onnx")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--index", "x", "--encoder-backend", "tensorrt"])
