@@ -8,8 +8,13 @@ For one index (built on first use for wiki-mini: ``--method bm25`` or ``--method
    p50 / p99 latency, mean batch size (from /stats), and the ratio to the raw rate.
 
 The result cache is off, and queries are the wiki-mini train + dev questions, so every query is searched.
+``--encoder-backend onnx`` / ``onnx-int8`` serve (and call in-process) the dense encoder in ONNX Runtime and
+first print how many questions get the same top 3 as with the PyTorch encoder. ``--url`` runs only the
+client loop, against a server already running there (another implementation of the same API).
 
     .venv/bin/python benchmarks/retrieval_server.py --method dense --clients 32 --seconds 12
+    .venv/bin/python benchmarks/retrieval_server.py --method dense --clients 1 --encoder-backend onnx
+    .venv/bin/python benchmarks/retrieval_server.py --clients 1 --url http://127.0.0.1:8001/retrieve
 """
 
 import argparse
@@ -28,7 +33,9 @@ import numpy as np
 import requests
 
 from searchgym.paths import QA_DIR, REPO_ROOT, WIKI_MINI_CORPUS
+from searchgym.retriever.config import ENCODER_BACKENDS
 from searchgym.retriever.index import IndexSpec, ensure_index, load_retriever
+from searchgym.retriever.manifest import Manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +54,28 @@ def questions() -> list[str]:
     return [row["question"] for row in rows]
 
 
-def raw_rate(index_dir: Path, queries: list[str], *, batch: int, seconds: float) -> float:
+def raw_rate(index_dir: Path, queries: list[str], *, batch: int, seconds: float, backend: str) -> float:
     """Queries/s of the backend called directly with batches of ``batch`` queries."""
-    retriever = load_retriever(index_dir, device="cpu")
+    retriever = load_retriever(index_dir, device="cpu", **backend_option(index_dir, backend))
     retriever.search(queries[:batch], 3)  # warm-up
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         retriever.search([queries[(done + i) % len(queries)] for i in range(batch)], 3)
         done += batch
     return done / (time.perf_counter() - start)
+
+
+def backend_option(index_dir: Path, backend: str) -> dict[str, str]:
+    """``load_retriever``'s encoder option for a dense index (a BM25 index has no encoder)."""
+    return {"encoder_backend": backend} if Manifest.load(index_dir).method == "dense" else {}
+
+
+def top3_agreement(index_dir: Path, queries: list[str], backend: str) -> float:
+    """The share of ``queries`` whose top 3 ids (in order) ``backend`` finds as the PyTorch encoder does."""
+    ours = load_retriever(index_dir, device="cpu", encoder_backend=backend).search(queries, 3)
+    reference = load_retriever(index_dir, device="cpu").search(queries, 3)
+    same = [[p.id for p in a] == [p.id for p in b] for a, b in zip(ours, reference, strict=True)]
+    return sum(same) / len(same)
 
 
 def start_server(index_dir: Path, server_args: list[str], threads: int) -> tuple[subprocess.Popen[str], str]:
@@ -152,6 +172,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batching wait")
     parser.add_argument("--repeats", type=int, default=1, help="run everything N times, keep each one's best")
+    parser.add_argument(
+        "--encoder-backend", choices=ENCODER_BACKENDS, default="torch", help="dense: what runs the encoder"
+    )
+    parser.add_argument("--url", help="only measure the /retrieve endpoint of a server already running here")
     return parser.parse_args()
 
 
@@ -161,23 +185,44 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.server_threads)
+    queries = questions()
+    if args.url is not None:
+        closed_loop(args.url, queries, clients=args.clients, seconds=2.0)  # warm-up
+        load = closed_loop(args.url, queries, clients=args.clients, seconds=args.seconds)
+        print(
+            f"{args.url}, {args.clients} clients: {load.queries_per_s:8.1f} q/s  p50 {load.p50_ms:6.1f} ms  ",
+            end="",
+        )
+        print(f"p99 {load.p99_ms:6.1f} ms  errors {load.errors}")
+        return
     index_dir = args.index or REPO_ROOT / "indexes" / f"wiki-mini-{args.method}"
     if args.index is None:
         ensure_index(IndexSpec(corpus=WIKI_MINI_CORPUS, out=index_dir, method=args.method, device="cpu"))
-    queries = questions()
+    if args.encoder_backend != "torch":
+        agreement = top3_agreement(index_dir, queries, args.encoder_backend)
+        print(
+            f"{args.encoder_backend}: the same top 3 as the PyTorch encoder for {agreement:.1%} of questions"
+        )
+    backend = (
+        ["--encoder-backend", args.encoder_backend] if backend_option(index_dir, args.encoder_backend) else []
+    )
     settings = {
-        "micro-batching on ": ["--max-wait-ms", str(args.max_wait_ms)],
-        "micro-batching off": ["--max-batch", "1", "--max-wait-ms", "0"],
+        "micro-batching on ": ["--max-wait-ms", str(args.max_wait_ms), *backend],
+        "micro-batching off": ["--max-batch", "1", "--max-wait-ms", "0", *backend],
     }
     raw = 0.0
     best: dict[str, Load] = {}
     for _ in range(args.repeats):
-        raw = max(raw, raw_rate(index_dir, queries, batch=args.clients, seconds=args.seconds))
+        rate = raw_rate(
+            index_dir, queries, batch=args.clients, seconds=args.seconds, backend=args.encoder_backend
+        )
+        raw = max(raw, rate)
         for name, server_args in settings.items():
             load = measure_server(index_dir, queries, args, server_args)
             if name not in best or load.queries_per_s > best[name].queries_per_s:
                 best[name] = load
-    print(f"index {index_dir.name}, {args.clients} clients, {args.server_threads} server thread(s)", end="")
+    print(f"index {index_dir.name}, encoder {args.encoder_backend}, {args.clients} clients, ", end="")
+    print(f"{args.server_threads} server thread(s)", end="")
     print(f", best of {args.repeats}")
     print(f"raw in-process, batches of {args.clients}: {raw:8.1f} q/s")
     for name, load in best.items():
