@@ -175,6 +175,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--encoder-backend", choices=ENCODER_BACKENDS, default="torch", help="dense: what runs the encoder"
     )
+    parser.add_argument("--search-workers", type=int, default=1, help="dense: the server's --search-workers")
     parser.add_argument("--url", help="only measure the /retrieve endpoint of a server already running here")
     return parser.parse_args()
 
@@ -203,9 +204,8 @@ def main() -> None:
         print(
             f"{args.encoder_backend}: the same top 3 as the PyTorch encoder for {agreement:.1%} of questions"
         )
-    backend = (
-        ["--encoder-backend", args.encoder_backend] if backend_option(index_dir, args.encoder_backend) else []
-    )
+    dense = ["--encoder-backend", args.encoder_backend, "--search-workers", str(args.search_workers)]
+    backend = dense if backend_option(index_dir, args.encoder_backend) else []
     settings = {
         "micro-batching on ": ["--max-wait-ms", str(args.max_wait_ms), *backend],
         "micro-batching off": ["--max-batch", "1", "--max-wait-ms", "0", *backend],
@@ -221,7 +221,10 @@ def main() -> None:
             load = measure_server(index_dir, queries, args, server_args)
             if name not in best or load.queries_per_s > best[name].queries_per_s:
                 best[name] = load
-    print(f"index {index_dir.name}, encoder {args.encoder_backend}, {args.clients} clients, ", end="")
+    print(
+        f"index {index_dir.name}, encoder {args.encoder_backend}, {args.search_workers} worker(s), ", end=""
+    )
+    print(f"{args.clients} clients, ", end="")
     print(f"{args.server_threads} server thread(s)", end="")
     print(f", best of {args.repeats}")
     print(f"raw in-process, batches of {args.clients}: {raw:8.1f} q/s")

@@ -1,9 +1,10 @@
 """Cross-request micro-batching, an LRU result cache and the server's running statistics.
 
-One worker thread owns the backend: queries from concurrent requests wait in a bounded queue until the
-worker gathers them (up to ``max_batch``, or for at most ``max_wait_s`` after the oldest arrived) into one
+Worker threads own the backend: queries from concurrent requests wait in a bounded queue until a worker
+gathers them (up to ``max_batch``, or for at most ``max_wait_s`` after the oldest arrived) into one
 ``search`` call, so the encoder and the index see batches even when every client sends one query. A
-query alone in the queue is searched at once, with no wait.
+query alone in the queue is searched at once, with no wait. With several workers, several batches are
+searched at once (the backend must then be thread-safe).
 """
 
 import logging
@@ -50,10 +51,18 @@ class MicroBatcher:
         max_wait_s: the longest the oldest waiting query is held back for a fuller batch.
         max_queue: most queries waiting; :meth:`submit` refuses more.
         stats: where batch sizes are recorded.
+        workers: threads calling the backend, each with its own batch.
     """
 
     def __init__(
-        self, retriever: Retriever, *, max_batch: int, max_wait_s: float, max_queue: int, stats: "ServerStats"
+        self,
+        retriever: Retriever,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        max_queue: int,
+        stats: "ServerStats",
+        workers: int = 1,
     ) -> None:
         self._retriever = retriever
         self._max_batch = max_batch
@@ -63,8 +72,12 @@ class MicroBatcher:
         self._pending: deque[_Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="searchgym-batcher", daemon=True)
-        self._worker.start()
+        self._workers = [
+            threading.Thread(target=self._run, name=f"searchgym-batcher-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     @property
     def pending(self) -> int:
@@ -97,11 +110,12 @@ class MicroBatcher:
                 self._pending = deque(job for job in self._pending if not job.future.cancelled())
 
     def close(self) -> None:
-        """Stop the worker after the batch in progress; queries still waiting fail."""
+        """Stop the workers after their batches in progress; queries still waiting fail."""
         with self._ready:
             self._closed = True
-            self._ready.notify()
-        self._worker.join()
+            self._ready.notify_all()
+        for worker in self._workers:
+            worker.join()
         for job in self._pending:
             job.future.set_exception(RuntimeError("the retrieval server is shutting down"))
 
@@ -122,6 +136,8 @@ class MicroBatcher:
             while 1 < len(self._pending) < self._max_batch and (remaining := deadline - time.monotonic()) > 0:
                 self._ready.wait(remaining)
             taken = [self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))]
+            if self._pending:
+                self._ready.notify()  # what is left is another idle worker's batch
         # Running futures can no longer be cancelled; cancelled ones are skipped.
         return [job for job in taken if job.future.set_running_or_notify_cancel()]
 

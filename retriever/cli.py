@@ -238,6 +238,20 @@ def _run_serve(args: argparse.Namespace) -> int:
     check_port(args.port)  # before the index loads, which can take minutes
     if args.host not in LOOPBACK_HOSTS and config.api_key is None:
         logging.warning("serving on %s without an API key: anyone who can reach it can query it", args.host)
+    if config.search_workers > 1:
+        import torch
+
+        from searchgym.retriever.manifest import Manifest
+
+        method = Manifest.load(args.index).method
+        if method != "dense":
+            raise SearchgymError(
+                f"--search-workers {config.search_workers} needs a dense index, not {method}: its searches "
+                "are not thread-safe (PyStemmer, Lucene), and one worker keeps up with them"
+            )
+
+        # Each worker encodes and searches its own batch on its share of the cores.
+        _use_threads(max(1, torch.get_num_threads() // config.search_workers))
     logging.info("opening %s", args.index)
     opened = open_index(
         args.index,

@@ -294,7 +294,9 @@ class CpuFaissSearch:
 
     FAISS chooses between the two by ``distance_compute_blas_threshold``, whose meaning has changed across
     versions (faiss-cpu 1.15's default of 128000 keeps even 128-query batches off BLAS, 5x slower); setting
-    it for each call from the batch size works with any version. Only the server's worker thread searches.
+    it for each call from the batch size works with any version. The setting is process-wide: server workers
+    searching batches of different sizes at once may score one with the other's method (the same
+    neighbours, scores equal to rounding).
     """
 
     def __init__(self, index: "faiss.Index") -> None:

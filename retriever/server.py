@@ -115,6 +115,7 @@ class RetrievalService:
             max_wait_s=config.max_wait_ms / 1000.0,
             max_queue=config.max_queue,
             stats=self.stats,
+            workers=config.search_workers,
         )
 
     def retrieve(self, queries: list[str], k: int) -> list[list[Passage]]:

@@ -114,6 +114,7 @@ def test_every_server_limit_is_a_documented_flag():
         (("--threads", "0"), "--max-inflight must be at least 1"),
         (("--max-inflight", "0"), "--max-inflight must be at least 1"),
         (("--port", "70000"), "--port must be from 0 to 65535"),
+        (("--search-workers", "2"), "--search-workers 2 needs a dense index, not bm25"),
     ],
 )
 def test_serve_refuses_settings_that_could_never_answer_in_one_line(indexed, flags, message):

@@ -245,6 +245,29 @@ def test_the_batcher_refuses_more_than_its_queue(echo):
     batcher.close()
 
 
+class MeetingRetriever:
+    """Answers only once ``parties`` calls are in the backend at the same time (else times out)."""
+
+    def __init__(self, parties: int) -> None:
+        self.meeting = threading.Barrier(parties, timeout=10)
+
+    def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        self.meeting.wait()
+        return [[Passage(f"{query}#0", query, 1.0)] for query in queries]
+
+
+def test_several_workers_search_several_batches_at_once():
+    # Batches of one query: the first worker leaves the second query to another, which must be woken.
+    batcher = MicroBatcher(
+        MeetingRetriever(2), max_batch=1, max_wait_s=0.0, max_queue=10, stats=ServerStats(), workers=2
+    )
+    try:
+        futures = batcher.submit(["a", "b"], 1)
+        assert [future.result(timeout=20)[0].id for future in futures] == ["a#0", "b#0"]
+    finally:
+        batcher.close()
+
+
 def test_lru_cache_evicts_the_least_recently_used():
     cache = LruCache(2)
     cache.put("a", 1)
@@ -261,6 +284,7 @@ def test_lru_cache_evicts_the_least_recently_used():
     "changes",
     [
         {"max_batch": 0},
+        {"search_workers": 0},
         {"max_wait_ms": -1},
         {"max_queue": 10, "max_queries_per_request": 20},
         {"max_inflight": 0},
