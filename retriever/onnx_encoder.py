@@ -10,7 +10,7 @@ Why not sentence-transformers' own ``backend="onnx"``: it goes through optimum, 
 transformers below 5.
 
 ``onnx-int8`` quantises the weights of every MatMul to int8 per output channel (ONNX Runtime's dynamic
-quantisation): about 1.7x the fp32 speed on a CPU, at a cosine of about 0.99 to the fp32 vectors.
+quantisation): about 1.5x the fp32 speed on a CPU, at a cosine of about 0.99 to the fp32 vectors.
 """
 
 import tempfile
