@@ -60,15 +60,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         positive = (
-            *(
-                "max_batch",
-                "search_workers",
-                "max_queue",
-                "max_topk",
-                "max_queries_per_request",
-                "max_query_chars",
-            ),
-            *("max_body_bytes", "max_inflight", "max_connections", "idle_timeout_s"),
+            *("max_batch", "max_queue", "max_topk", "max_queries_per_request", "max_query_chars"),
+            *("search_workers", "max_body_bytes", "max_inflight", "max_connections", "idle_timeout_s"),
         )
         for name in positive:
             if getattr(self, name) < 1:

@@ -133,6 +133,8 @@ class Encoder:
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         if self._onnx is not None:
+            if not texts:  # only after __init__, whose probe text is not empty
+                return np.zeros((0, self.dimension), dtype=np.float32)
             return self._onnx.encode(texts, batch_size=self.batch_size)
         vectors = self._model.encode(
             texts,

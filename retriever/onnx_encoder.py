@@ -64,14 +64,11 @@ class OnnxTransformer:
             self._session: onnxruntime.InferenceSession = onnxruntime.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"]
             )
-        self.dimension = self.encode(["a text"], batch_size=1).shape[1]
 
     def encode(self, texts: list[str], *, batch_size: int) -> np.ndarray:
         """(N, D) float32 unit vectors, encoded in batches of texts of similar length."""
         import torch
 
-        if not texts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
         order = np.argsort([-len(text) for text in texts], kind="stable")
         vectors: list[np.ndarray] = []
         for start in range(0, len(texts), batch_size):
