@@ -1,4 +1,4 @@
-"""BM25 with bm25s (numba backend): the default sparse retriever, pure Python, no Java.
+"""BM25 with bm25s: the default sparse retriever, pure Python, no Java.
 
 Analysis matches Lucene's English analyzer in spirit (lower-case, English stop words, Snowball stemmer) and
 the scoring uses Anserini's defaults (k1=0.9, b=0.4), so results are close to a pyserini index of the same
@@ -19,6 +19,15 @@ from searchgym.retriever.manifest import Bm25Params
 from searchgym.retriever.reopen import ReopensOnPickle
 
 BM25_SUBDIR = "bm25s"
+
+NUMBA_MIN_DOCUMENTS = 100_000
+"""Indexes of at least this many documents are searched with bm25s's numba scorer, smaller ones with numpy's.
+
+numba compiles its scorer in every process that opens an index (15 s on the 2-core box), which pays off only
+on large corpora: on wiki-mini (16,335 passages) numpy answers a query in 0.9 ms against numba's 0.04 ms,
+so a process would have to search 16,000 times to win the compile back (``docs/retriever.md``). The two
+score alike; they may order exact ties differently.
+"""
 
 
 def build_bm25_index(documents: Iterable[Document], index_dir: Path, params: Bm25Params) -> int:
@@ -52,7 +61,8 @@ class Bm25Retriever(ReopensOnPickle):
         self._params = params
         self._store = store
         self._stemmer = Stemmer.Stemmer(params.stemmer)
-        self._model = bm25s.BM25.load(str(index_dir / BM25_SUBDIR), mmap=True, backend="numba")
+        backend = "numba" if len(store) >= NUMBA_MIN_DOCUMENTS else "numpy"
+        self._model = bm25s.BM25.load(str(index_dir / BM25_SUBDIR), mmap=True, backend=backend)
         # The numba scorer compiles on first use (and Arrow loads its kernels): pay that here, not on the
         # first request, with a query that surely matches: the first document's own text.
         self.search([store.passages(np.array([[0]]), np.array([[0.0]]))[0][0].contents], 1)

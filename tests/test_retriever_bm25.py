@@ -5,6 +5,7 @@ import pytest
 import Stemmer
 from retriever_fixtures import QUERIES, TINY_CORPUS, tiny_index
 
+from searchgym.retriever import bm25 as bm25_module
 from searchgym.retriever.base import Retriever
 from searchgym.retriever.index import load_retriever
 
@@ -80,3 +81,15 @@ def test_a_batch_answers_like_single_queries(bm25):
 def test_empty_batch_and_protocol(bm25):
     assert bm25.search([], 3) == []
     assert isinstance(bm25, Retriever)
+
+
+def test_small_indexes_score_with_numpy_and_large_ones_with_numba(bm25, tmp_path_factory, monkeypatch):
+    """The tiny corpus is far below the numba threshold; forced onto numba, it returns the same results."""
+    assert bm25._model.backend == "numpy"
+    monkeypatch.setattr(bm25_module, "NUMBA_MIN_DOCUMENTS", len(TINY_CORPUS))
+    compiled = load_retriever(tiny_index(tmp_path_factory, "bm25"))
+    assert compiled._model.backend == "numba"
+    queries = [query for query, _ in PINNED] + list(QUERIES)
+    for numpy_hits, numba_hits in zip(bm25.search(queries, 4), compiled.search(queries, 4), strict=True):
+        assert [p.id for p in numpy_hits] == [p.id for p in numba_hits]
+        assert [p.score for p in numpy_hits] == pytest.approx([p.score for p in numba_hits])
