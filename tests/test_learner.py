@@ -13,7 +13,13 @@ from searchgym.policy.trajectory import Trajectory
 from searchgym.train.algorithms import kl_estimate
 from searchgym.train.batch import Batch, EmptyBatchError, Experience, collate
 from searchgym.train.config import TrainConfig
-from searchgym.train.learner import compute_advantages, make_experience, shaped_scores, update
+from searchgym.train.learner import (
+    _episodes_with_gradient,
+    compute_advantages,
+    make_experience,
+    shaped_scores,
+    update,
+)
 from searchgym.train.models import (
     TrainModels,
     ValueModel,
@@ -459,3 +465,90 @@ def test_token_budget_micro_batches_take_the_fixed_count_step(name: str, budget:
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0, msg=parameter)
     initial = tiny_model().parameters()
     assert any(not torch.equal(a, b) for a, b in zip(fixed.parameters(), initial, strict=True))
+
+
+def rows_through_policy(models: TrainModels) -> list[int]:
+    """Records the batch size of every forward pass of the policy (hook stays for the test)."""
+    rows: list[int] = []
+    models.policy.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    return rows
+
+
+def grpo_step_with_two_flat_groups(*overrides: str) -> tuple[torch.nn.Module, list[int], float]:
+    """A GRPO step on 4 groups of 2 whose first two groups scored alike (advantage 0 on every token)."""
+    config = learner_config(
+        "algorithm.name=grpo", "kl.coef=0", "algorithm.entropy_coef=0", "optim.weight_decay=0", *overrides
+    )
+    episodes = [
+        with_reward(t, reward) for t, reward in zip(toy_episodes_8(), [1, 1, 0, 0, 1, 0, 0, 1], strict=True)
+    ]
+    torch.manual_seed(0)
+    models = build_train_models(tiny_model(), with_reference=False, with_critic=False)
+    experience = make_experience(models, collate(episodes, pad_token_id=0, device="cpu"), config)
+    rows = rows_through_policy(models)
+    stats = update(models, build_optimizers(models, config), experience, config)
+    return models.policy, rows, stats.policy_loss
+
+
+def toy_episodes_8() -> list[Trajectory]:
+    """4 questions x 2 samples, in groups."""
+    torch.manual_seed(1)
+    return toy_episodes(tiny_model(), [example for example in toy_examples(4) for _ in range(2)])
+
+
+def test_zero_advantage_episodes_skip_the_passes_and_leave_the_step_unchanged() -> None:
+    skipped, skipped_rows, skipped_loss = grpo_step_with_two_flat_groups()
+    full, full_rows, full_loss = grpo_step_with_two_flat_groups("algorithm.skip_zero_advantage=false")
+    assert sum(full_rows) == 8 and sum(skipped_rows) == 4
+    for (name, a), b in zip(full.named_parameters(), skipped.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0, msg=name)  # trimmed widths: float32 sum order
+    assert skipped_loss == pytest.approx(full_loss, abs=1e-6)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(full.parameters(), tiny_model().parameters(), strict=True)
+    )
+
+
+def test_an_entropy_bonus_reads_every_episode() -> None:
+    _, rows, _ = grpo_step_with_two_flat_groups("algorithm.entropy_coef=0.01")
+    assert sum(rows) == 8
+
+
+def test_a_batch_whose_groups_all_scored_alike_runs_no_pass_and_no_step() -> None:
+    config = learner_config("algorithm.name=grpo", "kl.coef=0", "algorithm.entropy_coef=0")
+    episodes = [with_reward(t, 1.0) for t in toy_episodes_8()]
+    models = build_train_models(tiny_model(), with_reference=False, with_critic=False)
+    experience = make_experience(models, collate(episodes, pad_token_id=0, device="cpu"), config)
+    rows = rows_through_policy(models)
+    before = [p.detach().clone() for p in models.policy.parameters()]
+    stats = update(models, build_optimizers(models, config), experience, config)
+    assert rows == [] and (stats.actor_steps, stats.actor_skipped_steps) == (0, 0)
+    assert stats.policy_loss == 0 and stats.actor_grad_norm == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, models.policy.parameters(), strict=True))
+
+
+@dataclasses.dataclass
+class Learners:
+    world_size: int
+
+
+@pytest.mark.parametrize(
+    ("world_size", "sharded", "expected"),
+    [(1, False, [1, 2, 4, 5, 6]), (2, False, [0, 1, 2, 4, 5, 6]), (2, True, list(range(8)))],
+)
+def test_data_parallel_learners_get_equal_shares_of_the_kept_episodes(
+    world_size: int, sharded: bool, expected: list[int]
+) -> None:
+    """Rows 1, 2, 4, 5, 6 have an advantage; zero-advantage rows, the lowest first, top them up to a multiple
+    of the learners (and, sharded, of their micro-batches of 2)."""
+    config = learner_config("algorithm.name=grpo", "kl.coef=0", "batch.micro_batch_size=2")
+    episodes = [with_reward(t, row / 10) for row, t in enumerate(toy_episodes_8())]  # scores name the rows
+    models = build_train_models(tiny_model(), with_reference=False, with_critic=False)
+    experience = make_experience(models, collate(episodes, pad_token_id=0, device="cpu"), config)
+    advantages = experience.advantages.clone()
+    advantages[[0, 3, 7]] = 0
+    experience = dataclasses.replace(experience, advantages=advantages)
+    kept = _episodes_with_gradient(experience, config, Learners(world_size), sharded=sharded)
+    assert kept is not None
+    assert [round(float(score) * 10) for score in kept.batch.scores] == expected

@@ -96,7 +96,11 @@ def collate(trajectories: Sequence[Trajectory], *, pad_token_id: int, device: to
         sequences=sequences,
         loss_mask=policy_mask * reward_valid.unsqueeze(-1),
         policy_mask=policy_mask,
-        scores=torch.tensor([t.reward if _is_usable(t.reward) else 0.0 for t in trajectories], device=device),
+        scores=torch.tensor(  # float32 even when a reward function returns integers
+            [t.reward if _is_usable(t.reward) else 0.0 for t in trajectories],
+            dtype=torch.float32,
+            device=device,
+        ),
         reward_valid=reward_valid,
         sampler_logprobs=sampler_logprobs,
         group_ids=tuple(t.group_id for t in trajectories),

@@ -228,6 +228,12 @@ class AlgorithmConfig:
     """Weight of the entropy bonus (subtracted from the policy loss); 0 turns it off."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
+    skip_zero_advantage: bool = True
+    """Leave out of the actor's forward and backward passes the episodes whose advantage is 0 on every token
+    (GRPO groups that all scored alike) when nothing else in the loss reads them (`entropy_coef` 0, no KL
+    loss): their gradient is exactly 0, and their tokens still count in the loss denominator, so the step
+    is the same, minus their cost. The actor's entropy, clip fraction and sampler-gap metrics then cover
+    the episodes that ran."""
     whiten_advantages: bool = True
     """PPO: normalise advantages to zero mean and unit variance over the batch's policy tokens."""
     loss_aggregation: LossAggregation | None = None

@@ -408,10 +408,41 @@ def _actor_step(
             loss = loss + config.kl.coef * kl_term
         return loss
 
-    outcome = _accumulate_and_step(
-        models.policy, optimizer, mini_batch, micro_batch_loss, config, data_parallel
-    )
+    trained: Experience | None = mini_batch
+    surrogate_only = algorithm.entropy_coef == 0 and not kl_as_loss
+    if algorithm.skip_zero_advantage and surrogate_only and mini_batch.batch.loss_mask.sum() > 0:
+        trained = _episodes_with_gradient(
+            mini_batch, config, data_parallel, sharded=is_sharded(models.policy)
+        )
+    if trained is None:
+        # Every episode's advantage is 0: the zero gradient whose step _accumulate_and_step would skip.
+        outcome = _StepOutcome(loss=0.0, grad_norm=0.0, stepped=False, non_finite=False)
+    else:
+        outcome = _accumulate_and_step(
+            models.policy, optimizer, trained, micro_batch_loss, config, data_parallel
+        )
     _record_outcome("actor", outcome, means)
+
+
+def _episodes_with_gradient(
+    mini_batch: Experience, config: TrainConfig, data_parallel: DataParallel, *, sharded: bool
+) -> Experience | None:
+    """The episodes of ``mini_batch`` whose clipped surrogate has a gradient; None when none has.
+
+    An episode whose advantage is 0 on every policy token adds exactly 0 to that loss and to its gradient,
+    whatever its probability ratio. Data-parallel learners each need a non-empty share of equal size (and
+    sharded ones with fixed-count micro-batches whole micro-batches, their passes being collectives), so
+    zero-advantage episodes top the kept ones up to that multiple.
+    """
+    signal = ((mini_batch.advantages != 0) & mini_batch.batch.loss_mask.bool()).any(dim=-1)
+    kept = signal.nonzero().squeeze(-1)
+    if kept.numel() == 0:
+        return None
+    quantum = data_parallel.world_size
+    if sharded and config.batch.micro_batch_tokens is None:
+        quantum *= config.batch.micro_batch_size
+    top_up = (~signal).nonzero().squeeze(-1)[: -kept.numel() % quantum]
+    return mini_batch.select(torch.cat([kept, top_up]).sort().values).trimmed()
 
 
 def _sampler_correction(

@@ -33,6 +33,9 @@ _BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default bucket of 25 MiB, in float32
 class DataParallel(Protocol):
     """What the learner asks of its data-parallel group at the few points where learners must agree."""
 
+    world_size: int
+    """How many learners share each update."""
+
     def shard(self, record: RecordT) -> RecordT:
         """This learner's contiguous share of the episodes of a batch or mini-batch."""
         ...
@@ -63,6 +66,8 @@ class DataParallel(Protocol):
 
 class SingleProcess:
     """One learner alone: every method is the identity (the shuffle is torch's global generator's)."""
+
+    world_size = 1
 
     def shard(self, record: RecordT) -> RecordT:
         """The whole record."""
