@@ -7,6 +7,7 @@ the end, ``results.json`` and ``results.md``. Tables put datasets in columns, li
 """
 
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -327,6 +328,9 @@ def compare_runs(
 ) -> str:
     """The comparison table of finished runs, with the chosen paper rows below them (EM only).
 
+    Two runs of the same questions are also paired question by question (EM, cover-EM or F1), with a
+    sign test of the questions each got right that the other did not.
+
     Raises:
         SearchgymError: a directory is not a finished run, a metric is unknown, or paper rows are asked
             for another metric than EM (the paper reports EM only).
@@ -341,4 +345,75 @@ def compare_runs(
     for run_dir in run_dirs:
         results = load_results(Path(run_dir))
         rows.append(run_row(f"{Path(run_dir).name} ({results.config.mode})", results, metric))
-    return format_comparison([*rows, *paper_rows], metric=metric)
+    table = format_comparison([*rows, *paper_rows], metric=metric)
+    if len(run_dirs) != 2 or metric not in PAIRED_METRICS:
+        return table
+    before, after = run_dirs
+    paired = paired_comparison(before, after, metric=metric)
+    if paired is None:
+        return table
+    return table + "\n\n" + format_paired(paired, str(before), str(after), metric=metric)
+
+
+# ---------------------------------------------------------------------------------------------- paired
+PAIRED_METRICS = ("exact_match", "cover_exact_match", "f1")
+"""Per-question scores: these can be compared question by question."""
+
+
+@dataclass(frozen=True, slots=True)
+class PairedComparison:
+    """Two runs on the same questions, question by question.
+
+    Attributes:
+        questions: questions both runs answered.
+        gained: questions the second run scored higher on.
+        lost: questions it scored lower on.
+        p_value: two-sided exact sign test of ``gained`` against ``lost`` (ties dropped): how likely so
+            lopsided a split is when neither run is better.
+    """
+
+    questions: int
+    gained: int
+    lost: int
+    p_value: float
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: P(a split at least this uneven) under Binomial(wins + losses, 1/2)."""
+    trials = wins + losses
+    tail = sum(math.comb(trials, k) for k in range(min(wins, losses) + 1)) / 2**trials
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(before: Path, after: Path, *, metric: str = "exact_match") -> PairedComparison | None:
+    """Score changes from run ``before`` to run ``after`` on the questions both answered (None: none).
+
+    Raises:
+        SearchgymError: the metric has no per-question score.
+    """
+    if metric not in PAIRED_METRICS:
+        raise SearchgymError(
+            f"{metric} has no per-question score: pair on one of {', '.join(PAIRED_METRICS)}"
+        )
+
+    def scores(run_dir: Path) -> dict[tuple[str, str], float]:
+        predictions = read_predictions(Path(run_dir) / PREDICTIONS_FILE)
+        return {(p.dataset, p.example_id): getattr(p, metric) for p in predictions}
+
+    first, second = scores(before), scores(after)
+    shared = first.keys() & second.keys()
+    if not shared:
+        return None
+    gained = sum(second[key] > first[key] for key in shared)
+    lost = sum(second[key] < first[key] for key in shared)
+    return PairedComparison(len(shared), gained, lost, sign_test(gained, lost))
+
+
+def format_paired(comparison: PairedComparison, before: str, after: str, *, metric: str) -> str:
+    """One line: how many questions each run won over the other, and the sign test."""
+    label = METRIC_BY_NAME[metric].label
+    return (
+        f"paired {label}, {after} against {before}, {comparison.questions} questions: "
+        f"{comparison.gained} better, {comparison.lost} worse "
+        f"(two-sided sign test p = {comparison.p_value:.2g})"
+    )

@@ -9,6 +9,7 @@ from searchgym.eval.report import (
     PREDICTIONS_FILE,
     RESULTS_FILE,
     TABLE_FILE,
+    PairedComparison,
     PredictionsWriter,
     RunResults,
     TableRow,
@@ -16,7 +17,9 @@ from searchgym.eval.report import (
     format_comparison,
     format_run_table,
     load_results,
+    paired_comparison,
     read_predictions,
+    sign_test,
     write_run_files,
 )
 
@@ -29,6 +32,8 @@ def finished_run(run_dir, *, mode="direct", scores=None):
     ]
     results = RunResults.from_predictions(config, rows, seconds=2.0, num_new=len(rows))
     run_dir.mkdir(parents=True, exist_ok=True)
+    with PredictionsWriter(run_dir / PREDICTIONS_FILE) as writer:
+        writer.write(rows)
     write_run_files(run_dir, results)
     return results
 
@@ -131,7 +136,29 @@ def test_compare_runs_with_the_paper(tmp_path):
         "| base (direct) | 0.500 | 0.500 |",
         "| trained (agent) | 1.000 | 1.000 |",
         "| paper: qwen2.5-7b/rag | 0.349 | 0.349 |",
+        "",
+        f"paired EM, {tmp_path / 'trained'} against {tmp_path / 'base'}, 2 questions: 1 better, 0 worse "
+        "(two-sided sign test p = 1)",
     ]
+
+
+def test_sign_test_is_the_exact_two_sided_binomial_tail():
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(5, 0) == sign_test(0, 5) == pytest.approx(2 / 32)
+    assert sign_test(3, 3) == 1.0
+    assert sign_test(28, 9) == pytest.approx(0.0025632, rel=1e-4)  # scipy.stats.binomtest(9, 37)
+
+
+def test_paired_comparison_matches_questions_by_dataset_and_id(tmp_path):
+    finished_run(tmp_path / "a", scores={"nq": [0.0, 1.0, 0.0, 1.0], "popqa": [0.0]})
+    finished_run(tmp_path / "b", scores={"nq": [1.0, 1.0, 1.0, 0.0], "bamboogle": [1.0]})
+    paired = paired_comparison(tmp_path / "a", tmp_path / "b")
+    assert paired == PairedComparison(questions=4, gained=2, lost=1, p_value=1.0)
+    finished_run(tmp_path / "c", scores={"hotpotqa": [1.0]})
+    assert paired_comparison(tmp_path / "a", tmp_path / "c") is None
+    assert "paired" not in compare_runs([tmp_path / "a", tmp_path / "c"])
+    with pytest.raises(SearchgymError, match="per-question"):
+        paired_comparison(tmp_path / "a", tmp_path / "b", metric="mean_searches")
 
 
 def test_compare_other_metrics_without_the_paper(tmp_path):
