@@ -189,14 +189,61 @@ def continue_each(generator, prompts, first_outputs, params):
     return follow_ups, generator.generate(follow_ups, params)
 
 
+def common_prefix(prompts):
+    """How many leading tokens all prompts share."""
+    columns = zip(*prompts, strict=False)  # as long as the shortest
+    return next((i for i, column in enumerate(columns) if len(set(column)) > 1), min(map(len, prompts)))
+
+
+def shared_prefill(prompts):
+    """Prompt tokens run once their common prefix (the chat template's, here) is computed only once."""
+    common = common_prefix(prompts)
+    return common + sum(len(prompt) - common for prompt in prompts)
+
+
+def test_the_prompts_common_prefix_is_computed_once_with_the_same_results(tiny, prompts, greedy_outputs):
+    sharing = TransformersGenerator(tiny)
+    shared = sharing.generate(prompts, GREEDY)
+    assert 0 < common_prefix(prompts) < min(map(len, prompts))
+    assert sharing.prefilled_tokens == shared_prefill(prompts) < sum(map(len, prompts))
+    unshared = TransformersGenerator(tiny, reuse_kv=False)
+    separate = unshared.generate(prompts, GREEDY)
+    assert unshared.prefilled_tokens == sum(map(len, prompts))
+    assert (
+        [g.token_ids for g in shared]
+        == [g.token_ids for g in separate]
+        == [g.token_ids for g in greedy_outputs]
+    )
+    for one, other in zip(shared, separate, strict=True):
+        assert one.logprobs == pytest.approx(other.logprobs, abs=1e-4)
+
+
+def test_repeated_prompts_are_prefilled_once_and_sample_apart(tiny, prompts):
+    """A GRPO group: the same prompt 4 times, prefilled once, then each copy samples its own tokens."""
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, stop=())
+    groups = [prompts[0]] * 4 + [prompts[2]] * 4
+    generator = TransformersGenerator(tiny)
+    together = generator.generate(groups, params)
+    assert generator.prefilled_tokens == shared_prefill([prompts[0], prompts[2]])
+    assert len({tuple(g.token_ids) for g in together[:4]}) > 1
+    for prompt, generation in zip(groups, together, strict=True):
+        logprobs = sequence_logprobs(
+            tiny.model,
+            SequenceBatch.from_ids([prompt], [generation.token_ids], pad_token_id=0),
+            temperature=1.0,
+        ).logprobs[0]
+        assert generation.logprobs == pytest.approx(logprobs.tolist(), abs=1e-4)
+
+
 def test_prompts_extending_the_last_call_reuse_its_kv_cache_with_the_same_results(tiny, prompts):
     params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=1, stop=())
     reusing = TransformersGenerator(tiny)
     first = reusing.generate(prompts, params)
-    assert reusing.prefilled_tokens == sum(len(p) for p in prompts)
+    first_turn = shared_prefill(prompts)
+    assert reusing.prefilled_tokens == first_turn
     follow_ups, continued = continue_each(reusing, prompts, first, params)
     # Only each first turn's last token (not yet fed) and the observation were prefilled again.
-    assert reusing.prefilled_tokens == sum(len(p) for p in prompts) + len(prompts) * (1 + 5)
+    assert reusing.prefilled_tokens == first_turn + len(prompts) * (1 + 5)
     fresh = TransformersGenerator(tiny, reuse_kv=False).generate(follow_ups, params)
     assert [o.token_ids for o in continued] == [o.token_ids for o in fresh]
     for kept, recomputed in zip(continued, fresh, strict=True):
@@ -213,4 +260,6 @@ def test_kept_kv_caches_are_dropped_when_the_weights_change(prompts):
     follow_ups, continued = continue_each(generator, prompts, first, GREEDY)
     fresh = TransformersGenerator(policy, reuse_kv=False).generate(follow_ups, GREEDY)
     assert [o.token_ids for o in continued] == [o.token_ids for o in fresh]
-    assert [o.logprobs for o in continued] == [o.logprobs for o in fresh]
+    # Stale caches would be off by the whole weight change; the shared prompt prefix, by float32 rounding.
+    for kept, recomputed in zip(continued, fresh, strict=True):
+        assert kept.logprobs == pytest.approx(recomputed.logprobs, abs=1e-4)
