@@ -232,6 +232,13 @@ def test_run_folder_holds_logs_samples_checkpoints_and_an_hf_export(tmp_path: Pa
     assert exported.config.vocab_size == len(tiny_tokenizer())
 
 
+def test_dev_every_0_evaluates_nothing_not_even_after_the_last_step(tmp_path: Path) -> None:
+    result = run_toy(tmp_path, "dev.every=0", "dev.before_training=false")
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert not any(key.startswith("dev/") or key == "time/dev_eval" for row in rows for key in row)
+
+
 def test_missing_rewards_are_counted_and_do_not_stop_training(tmp_path: Path) -> None:
     rollout = TargetTokenRollout(missing_reward_ids=["q0", "q1"])
     result = run_toy(tmp_path, "total_steps=2", "dev.every=0", rollout=rollout)

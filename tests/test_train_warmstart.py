@@ -5,10 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from searchgym.cli import build_parser
-from searchgym.demo import dev_scores_by_stage, eval_command, summary_table
+from searchgym.demo import evaluate_stages, summary_table
 from searchgym.env import SearchVectorEnv, load_dataset
-from searchgym.eval.cli import config_from_args
 from searchgym.paths import CONFIGS_DIR
 from searchgym.train.build import load_training_policy, open_retriever
 from searchgym.train.config import RetrieverConfig, WarmStartConfig, load_config
@@ -66,7 +64,7 @@ def test_warm_start_lowers_the_policy_token_loss(traces_and_policy) -> None:
     assert result.losses[-1] < 0.7 * result.losses[0]
 
 
-def test_a_run_records_the_warm_start_reuses_it_and_the_demo_table_shows_three_stages(tmp_path: Path) -> None:
+def test_a_run_records_the_warm_start_reuses_it_and_the_demo_pairs_it_with_the_final_policy(tmp_path: Path) -> None:
     overrides = [f"logging.run_dir={tmp_path}", "warmstart.examples=4", "warmstart.batch_size=4"]
     overrides += ["logging.plots=false", "logging.tensorboard=false"]
     run_training(load_config(TINY, [*overrides, "total_steps=1"]))
@@ -75,17 +73,17 @@ def test_a_run_records_the_warm_start_reuses_it_and_the_demo_table_shows_three_s
     assert set(report["dev_untrained"]) >= {"em", "f1", "answered", "searches"}
     assert (tmp_path / WARMSTART_DIR / "config.json").exists()
 
-    stages = dev_scores_by_stage(tmp_path)
-    assert list(stages) == ["untrained", "after warm-start", "after RL (step 1)"]
-    assert "train reward per RL step:" in summary_table(tmp_path)
-
-    # The demo's closing hint evaluates the final policy with the protocol it was trained on.
+    # The demo then scores the warm-started and the final policy on the same dev questions and pairs them.
     config = load_config(TINY, [*overrides, "total_steps=1"])
-    hint = build_parser().parse_args(eval_command(config).split()[1:])
-    evaluated = config_from_args(hint, "agent")
-    assert evaluated.model == str(tmp_path / "final") and evaluated.benchmarks == (config.data.dev,)
-    assert evaluated.env == config.env and evaluated.budgets == config.token_budgets
-    assert evaluated.max_new_tokens == config.rollout.max_new_tokens
+    demo = evaluate_stages(config)
+    assert demo.paired.questions == config.data.dev_limit
+    assert demo.paired.gained + demo.paired.lost <= demo.paired.questions
+    assert demo.warm_start.config.model == str(tmp_path / WARMSTART_DIR)
+    assert demo.final.config.model == str(tmp_path / "final")
+    for results in (demo.warm_start, demo.final):
+        assert results.config.env == config.env and results.config.budgets == config.token_budgets
+    table = summary_table(demo)
+    assert "| EM |" in table and "sign test p =" in table and "train reward per RL step:" in table
 
     # A second run in the same folder resumes: the saved warm-start is loaded, not trained again.
     (tmp_path / WARMSTART_REPORT).write_text(json.dumps(report | {"losses": ["marker"]}))

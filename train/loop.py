@@ -311,7 +311,7 @@ def train(
             history.append(_log(tracker, 0, _dev_metrics(run, 0)))
         for step in range(start_step + 1, config.total_steps + 1):
             metrics = _training_step(run, step, tracker)
-            if dev_examples and _due(step, config.dev.every, config.total_steps):
+            if dev_examples and _dev_due(step, config):
                 metrics |= _dev_metrics(run, step)
             history.append(_log(tracker, step, metrics))
             if _due(step, config.checkpoint.every, config.total_steps):
@@ -466,9 +466,14 @@ def _log(tracker: Tracker, step: int, metrics: dict[str, float]) -> dict[str, fl
 
 def _drains(config: TrainConfig, step: int, *, evaluates: bool) -> bool:
     """Whether ``step`` ends with no request in flight: it checkpoints, or it evaluates (``evaluates``)."""
-    if evaluates and _due(step, config.dev.every, config.total_steps):
+    if evaluates and _dev_due(step, config):
         return True
     return _due(step, config.checkpoint.every, config.total_steps)
+
+
+def _dev_due(step: int, config: TrainConfig) -> bool:
+    """Dev evaluations run every ``dev.every`` steps and after the last one; ``dev.every`` 0 runs none."""
+    return config.dev.every > 0 and _due(step, config.dev.every, config.total_steps)
 
 
 def _due(step: int, every: int, total_steps: int) -> bool:
