@@ -82,6 +82,7 @@ def sequence_logprobs(
     micro_batch_size: int = 8,
     with_entropy: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    scored: torch.Tensor | None = None,
 ) -> TokenLogprobs:
     """Log-probs (and optionally entropies) of the response tokens, micro-batched, with gradients.
 
@@ -99,6 +100,9 @@ def sequence_logprobs(
         micro_batch_size: rows per forward pass (memory bound).
         with_entropy: also return the entropy at each response position.
         chunk_tokens: response positions per LM-head chunk (memory bound; the result does not depend on it).
+        scored: (B, R) 1 at the positions the caller reads (its policy tokens): the LM head runs only there
+            and every other position reads 0. A search episode's response is mostly observation tokens
+            (122 of 153 in the demo), whose scores no loss reads. None scores every response position.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
@@ -110,19 +114,42 @@ def sequence_logprobs(
         hidden = _response_hidden_states(model, batch, rows)
         targets = batch.input_ids[rows, batch.prompt_width :]
         mask = batch.response_mask[rows]
-        scores = [
-            _score_chunk(head, hidden[:, cols], targets[:, cols], scale, with_entropy)
-            for cols in _chunks(hidden.shape[1], chunk_tokens)
-        ]
-        logprob_chunks.append(torch.cat([logprobs for logprobs, _ in scores], dim=1) * mask)
-        if with_entropy:
-            entropy_chunks.append(
-                torch.cat([entropy for _, entropy in scores if entropy is not None], 1) * mask
-            )
+        if scored is None:
+            logprobs, entropy = _score_positions(head, hidden, targets, scale, with_entropy, chunk_tokens)
+            logprob_chunks.append(logprobs * mask)
+            if entropy is not None:
+                entropy_chunks.append(entropy * mask)
+            continue
+        # The scored positions of the micro-batch, flattened into one row, then put back in place.
+        where = (scored[rows] * mask).bool()
+        logprobs, entropy = _score_positions(
+            head, hidden[where][None], targets[where][None], scale, with_entropy, chunk_tokens
+        )
+        zeros = torch.zeros(where.shape, dtype=torch.float32, device=where.device)
+        logprob_chunks.append(zeros.masked_scatter(where, logprobs[0]))
+        if entropy is not None:
+            entropy_chunks.append(zeros.masked_scatter(where, entropy[0]))
     return TokenLogprobs(
         logprobs=torch.cat(logprob_chunks),
         entropy=torch.cat(entropy_chunks) if with_entropy else None,
     )
+
+
+def _score_positions(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float, with_entropy: bool, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs and entropies ``(b, c)`` of hidden states ``(b, c, H)``, ``chunk`` positions at a time."""
+    if hidden.shape[1] == 0:
+        empty = hidden.new_zeros(hidden.shape[:2], dtype=torch.float32)
+        return empty, empty if with_entropy else None
+    scores = [
+        _score_chunk(head, hidden[:, cols], targets[:, cols], scale, with_entropy)
+        for cols in _chunks(hidden.shape[1], chunk)
+    ]
+    logprobs = torch.cat([logprobs for logprobs, _ in scores], dim=1)
+    if not with_entropy:
+        return logprobs, None
+    return logprobs, torch.cat([entropy for _, entropy in scores if entropy is not None], dim=1)
 
 
 def _chunks(length: int, size: int) -> list[slice]:

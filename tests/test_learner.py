@@ -430,8 +430,9 @@ def test_bfloat16_autocast_leaves_log_softmax_and_value_head_in_float32() -> Non
     # The same bf16 logits, divided by the temperature and normalised in float32.
     targets = batch.sequences.input_ids[:, batch.sequences.prompt_width :]
     expected = torch.log_softmax(logits.float() / 0.7, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    mask = batch.sequences.response_mask.bool()
+    mask = batch.policy_mask.bool()  # the trainer scores policy tokens only
     torch.testing.assert_close(logprobs[mask], expected[mask], atol=1e-6, rtol=1e-6)
+    assert not logprobs[~mask].any()
     # The value head on the bf16 hidden states, in float32.
     head = (hidden.float() @ critic.value_head.weight.T).squeeze(-1)[:, -batch.response_length - 1 : -1]
     torch.testing.assert_close(values, head, atol=1e-6, rtol=1e-6)

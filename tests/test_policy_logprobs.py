@@ -146,6 +146,27 @@ def test_chunked_scores_and_gradients_equal_the_full_logits_ones(qwen_like, chun
     assert any(grad.abs().sum() > 0 for grad in grads.values())
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 2, 1024])
+def test_scoring_only_the_read_positions_gives_their_scores_and_gradients(qwen_like, chunk_tokens):
+    """The head runs on the ``scored`` positions alone: the same values and gradients there, 0 elsewhere."""
+    batch = SequenceBatch.from_ids(PROMPTS, RESPONSES, pad_token_id=0)
+    scored = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 0, 1, 1], [0, 0, 0, 0, 0]])
+    weights = torch.linspace(0.5, 1.5, scored.numel()).view_as(scored) * scored
+    expected_logprobs, expected_entropy = full_logits_scores(qwen_like, batch, temperature=0.7)
+    expected_grads = loss_gradients(qwen_like, (weights * (expected_logprobs + expected_entropy)).sum())
+    some = sequence_logprobs(
+        qwen_like, batch, temperature=0.7, with_entropy=True, chunk_tokens=chunk_tokens, scored=scored
+    )
+    torch.testing.assert_close(some.logprobs, expected_logprobs * scored, atol=1e-6, rtol=0)
+    torch.testing.assert_close(some.entropy, expected_entropy * scored, atol=1e-6, rtol=0)
+    grads = loss_gradients(qwen_like, (weights * (some.logprobs + some.entropy)).sum())
+    for name, grad in grads.items():
+        scale = float(expected_grads[name].abs().max())
+        torch.testing.assert_close(grad, expected_grads[name], atol=3e-6 * scale, rtol=1e-5, msg=name)
+    nothing = sequence_logprobs(qwen_like, batch, with_entropy=True, scored=torch.zeros_like(scored))
+    assert not nothing.logprobs.any() and not nothing.entropy.any()
+
+
 def saved_logits_shapes(compute, vocabulary):
     """Shapes of the (b, r, V) tensors that autograd keeps for the backward pass while ``compute`` runs."""
     saved: list[torch.Size] = []

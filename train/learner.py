@@ -90,14 +90,22 @@ def make_experience(
         elif not config.update_is_on_policy:
             # Scores only: no entropy here, it would cost a pass over (B, R, V) probabilities for nothing.
             old_logprobs = sequence_logprobs(
-                models.policy, share.sequences, temperature=temperature, micro_batch_size=size
+                models.policy,
+                share.sequences,
+                temperature=temperature,
+                micro_batch_size=size,
+                scored=share.policy_mask,
             ).logprobs
             old_logprobs = data_parallel.gather(old_logprobs, size=batch.size)
         ref_logprobs = None
         with reference_policy(models) as reference:
             if reference is not None:
                 ref_logprobs = sequence_logprobs(
-                    reference, share.sequences, temperature=temperature, micro_batch_size=size
+                    reference,
+                    share.sequences,
+                    temperature=temperature,
+                    micro_batch_size=size,
+                    scored=share.policy_mask,
                 ).logprobs
                 ref_logprobs = data_parallel.gather(ref_logprobs, size=batch.size)
         values = None

@@ -131,13 +131,18 @@ def _add_adapters(model: PreTrainedModel, lora: LoraConfig) -> None:
 
 
 def response_logprobs(model: PreTrainedModel, batch: Batch, *, temperature: float) -> tuple[Tensor, Tensor]:
-    """Log-probs and entropies of the response tokens under ``model`` at sampling ``temperature``.
+    """Log-probs and entropies of the policy tokens under ``model`` at sampling ``temperature``.
 
     Returns:
-        ``(logprobs, entropy)``, both (B, R) in float32 and 0 on padding.
+        ``(logprobs, entropy)``, both (B, R) in float32 and 0 off the policy tokens (observations, padding).
     """
     scores = sequence_logprobs(
-        model, batch.sequences, temperature=temperature, micro_batch_size=batch.size, with_entropy=True
+        model,
+        batch.sequences,
+        temperature=temperature,
+        micro_batch_size=batch.size,
+        with_entropy=True,
+        scored=batch.policy_mask,
     )
     assert scores.entropy is not None  # asked for with_entropy
     return scores.logprobs, scores.entropy

@@ -133,7 +133,9 @@ def supervised_warm_start(
         for start in range(0, len(order), config.batch_size):
             chunk = [traces[index] for index in order[start : start + config.batch_size]]
             batch = collate(chunk, pad_token_id=pad_token_id, device=device)
-            scores = sequence_logprobs(model, batch.sequences, micro_batch_size=batch.size)
+            scores = sequence_logprobs(
+                model, batch.sequences, micro_batch_size=batch.size, scored=batch.loss_mask
+            )
             loss = -algorithms.masked_mean(scores.logprobs, batch.loss_mask)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
