@@ -64,7 +64,7 @@ def test_warm_start_lowers_the_policy_token_loss(traces_and_policy) -> None:
     assert result.losses[-1] < 0.7 * result.losses[0]
 
 
-def test_a_run_records_the_warm_start_reuses_it_and_the_demo_pairs_it_with_the_final_policy(tmp_path: Path) -> None:
+def test_a_run_records_and_reuses_its_warm_start_and_the_demo_pairs_it_with_the_final(tmp_path: Path) -> None:
     overrides = [f"logging.run_dir={tmp_path}", "warmstart.examples=4", "warmstart.batch_size=4"]
     overrides += ["logging.plots=false", "logging.tensorboard=false"]
     run_training(load_config(TINY, [*overrides, "total_steps=1"]))
