@@ -215,15 +215,6 @@ class TransformersGenerator:
             pasts = [_longest_prefix(previous, prompt) for prompt in prompts[chunk]]
             if self.reuse_kv:
                 pasts = self._share_common_prefix(prompts[chunk], pasts)
-            # Identical prompts (a GRPO group) are prefilled once: count each distinct one.
-            keys = _prefill_keys(prompts[chunk], pasts)
-            distinct = {
-                key: (prompt, past) for key, prompt, past in zip(keys, prompts[chunk], pasts, strict=True)
-            }
-            self.prefilled_tokens += sum(
-                len(prompt) - (0 if past is None else len(past.token_ids))
-                for prompt, past in distinct.values()
-            )
             results.extend(self._generate_batch(prompts[chunk], pasts, limits[chunk], params, rng))
         return results
 
@@ -270,11 +261,15 @@ class TransformersGenerator:
             raise SamplingError("cannot generate from an empty prompt")
         # Each distinct (prompt, cache) is prefilled once, then its cache and logits are copied to the
         # rows that repeat it (the samples of a GRPO group), which sample on their own from there.
-        keys = _prefill_keys(prompts, pasts)
+        # Two rows prefill alike when they have the same prompt and the same kept cache.
+        keys = [(tuple(prompt), id(past)) for prompt, past in zip(prompts, pasts, strict=True)]
         first_row: dict[tuple[tuple[int, ...], int], int] = {}
         for row, key in enumerate(keys):
             first_row.setdefault(key, row)
         leaders = list(first_row.values())
+        for row in leaders:  # a repeated prompt is prefilled once, from its kept prefix if it has one
+            past = pasts[row]
+            self.prefilled_tokens += len(prompts[row]) - (0 if past is None else len(past.token_ids))
         state = _DecodeState.prefill(
             self.policy, [prompts[row] for row in leaders], [pasts[row] for row in leaders]
         )
@@ -451,13 +446,6 @@ def _cache_row(
         keys.append(layer.keys[row][:, columns])
         values.append(layer.values[row][:, columns])
     return tuple(keys), tuple(values)
-
-
-def _prefill_keys(
-    prompts: Sequence[Sequence[int]], pasts: Sequence["_KVPrefix | None"]
-) -> list[tuple[tuple[int, ...], int]]:
-    """What makes two rows' prefills identical: the same prompt from the same kept cache."""
-    return [(tuple(prompt), id(past)) for prompt, past in zip(prompts, pasts, strict=True)]
 
 
 def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

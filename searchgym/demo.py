@@ -47,7 +47,7 @@ class DemoReport:
     final: "RunResults"
     paired: "PairedComparison"
     rewards: list[float]
-    steps: int
+    """The mean training reward of each RL step."""
 
 
 def stage_eval_config(config: TrainConfig, stage: str) -> "EvalConfig":
@@ -93,13 +93,12 @@ def evaluate_stages(config: TrainConfig) -> DemoReport:
     results = {stage: run_evaluation(stage_eval_config(config, stage), runs[stage]) for stage in STAGES}
     paired = paired_comparison(runs["warmstart"], runs["final"])
     assert paired is not None  # the same questions, by construction
-    rewards = train_rewards(config.run_dir)
-    return DemoReport(results["warmstart"], results["final"], paired, rewards, steps=len(rewards))
+    return DemoReport(results["warmstart"], results["final"], paired, train_rewards(config.run_dir))
 
 
 def summary_table(report: DemoReport) -> str:
     """The two policies' dev scores as a markdown table, the paired EM split, and the reward curve."""
-    stages = {"after warm-start": report.warm_start, f"after RL ({report.steps} steps)": report.final}
+    stages = {"after warm-start": report.warm_start, f"after RL ({len(report.rewards)} steps)": report.final}
     lines = ["| | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
     for label, field, form in COLUMNS:
         cells = [form.format(getattr(results.average, field)) for results in stages.values()]
