@@ -25,12 +25,14 @@ An update that does not fit prints OOM. Every figure is measured on this machine
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib.abc
+import itertools
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,11 +111,14 @@ class Models:
     critic_optimizer: torch.optim.Optimizer | None
 
 
-def build_models(config: Qwen2Config, *, algorithm: str, strategy: str, device: torch.device) -> Models:
+def build_models(
+    config: Qwen2Config, *, algorithm: str, strategy: str, checkpointing: bool, device: torch.device
+) -> Models:
     """Policy, reference and (PPO) critic on ``device``, sharded as ``strategy`` says, with AdamW."""
     with torch.device(device):
         policy = Qwen2ForCausalLM(config).float()
-    checkpoint_activations(policy)
+    if checkpointing:
+        checkpoint_activations(policy)
     with torch.device(device):
         reference = Qwen2ForCausalLM(config).float().eval().requires_grad_(False)
     critic = ValueModel.from_causal_lm(policy) if algorithm == "ppo" else None
@@ -258,12 +263,19 @@ class UpdateResult:
 
 
 def measure_update(
-    config: Qwen2Config, *, algorithm: str, strategy: str, shape: Shape, device: torch.device
-) -> UpdateResult:
-    """Build, warm up with one update, then time a second one; peak memory covers both updates."""
+    config: Qwen2Config, *, algorithm: str, strategy: str, checkpointing: bool, shape: Shape,
+    device: torch.device, profile: bool = False,
+) -> UpdateResult:  # fmt: skip
+    """Build, warm up with one update, then time a second one; peak memory covers both updates.
+
+    With ``profile``, a third update runs under the torch profiler (after the timing, which it would slow)
+    and the operators that took the most device time are printed.
+    """
     models = None
     try:
-        models = build_models(config, algorithm=algorithm, strategy=strategy, device=device)
+        models = build_models(
+            config, algorithm=algorithm, strategy=strategy, checkpointing=checkpointing, device=device
+        )
         batch = random_batch(shape, config.vocab_size, device)
         reset_peak(device)
         one_update(models, batch, shape, strategy=strategy, device=device)
@@ -273,6 +285,10 @@ def measure_update(
         synchronize(device)
         elapsed = time.perf_counter() - start
         peak = peak_gib(device)
+        if profile:
+            print_profile(
+                functools.partial(one_update, models, batch, shape, strategy=strategy, device=device), device
+            )
         peak_flops = card_peak_flops(device)
         mfu = update_flops(config, shape, algorithm) / elapsed / peak_flops if peak_flops else None
         return UpdateResult(peak, shape.tokens / elapsed, mfu)
@@ -281,6 +297,18 @@ def measure_update(
     finally:
         del models
         release(device)
+
+
+def print_profile(update: Callable[[], None], device: torch.device) -> None:
+    """Run ``update`` under the torch profiler; print the 20 operators with the most self device time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        update()
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=60), flush=True)
 
 
 def measure_logprobs_memory(
@@ -383,24 +411,36 @@ def fmt(value: float | None, pattern: str) -> str:
 
 
 def run_table(
-    sizes: list[str], algorithms: list[str], strategies: list[str], shape: Shape, *, tiny: bool,
-    device: torch.device, deadline: float,
+    sizes: list[str], algorithms: list[str], strategies: list[str], shapes: list[Shape],
+    checkpointing: list[bool], *, tiny: bool, device: torch.device, deadline: float, profile: bool,
 ) -> None:  # fmt: skip
-    """Print one row per model size, algorithm and strategy, skipping rows once past ``deadline``."""
-    print(f"| model | algorithm | strategy | peak GPU GiB | tokens/s | MFU |   ({shape.rows} x "
-          f"{shape.prompt + shape.response} tokens, micro-batches of {shape.micro})")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    """Print one row per model size, algorithm, strategy, micro-batch and checkpointing setting.
+
+    Rows are skipped once past ``deadline``; with ``profile``, the first measured row is also profiled.
+    """
+    columns = (
+        "model | algorithm | strategy | micro-batch | act. checkpointing | peak GPU GiB | tokens/s | MFU"
+    )
+    print(f"| {columns} |   ({shapes[0].rows} x {shapes[0].prompt + shapes[0].response} tokens)")
+    print("|---|---|---|---|---|---|---|---|")
     for size in sizes:
         config = qwen_config(TINY if tiny else QWEN25[size], vocab_size=1000 if tiny else 151936)
-        for algorithm in algorithms:
-            for strategy in strategies:
-                cells = table_cells(config, algorithm, strategy, shape, device=device, deadline=deadline)
-                print(f"| {size} | {algorithm} | {strategy} | {cells} |", flush=True)
+        for algorithm, strategy, shape, recompute in itertools.product(
+            algorithms, strategies, shapes, checkpointing
+        ):
+            cells = table_cells(
+                config, algorithm, strategy, shape, checkpointing=recompute, device=device,
+                deadline=deadline, profile=profile,
+            )  # fmt: skip
+            profile = profile and cells.startswith("skipped")
+            setting = f"{shape.micro} | {'on' if recompute else 'off'}"
+            print(f"| {size} | {algorithm} | {strategy} | {setting} | {cells} |", flush=True)
 
 
 def table_cells(
-    config: Qwen2Config, algorithm: str, strategy: str, shape: Shape, *, device: torch.device, deadline: float
-) -> str:
+    config: Qwen2Config, algorithm: str, strategy: str, shape: Shape, *, checkpointing: bool,
+    device: torch.device, deadline: float, profile: bool,
+) -> str:  # fmt: skip
     """The measured cells of one row, or why the row was skipped."""
     if time.monotonic() > deadline:
         return "skipped: time budget spent | |"
@@ -409,7 +449,10 @@ def table_cells(
         # Running out of host memory would kill the whole check, not just this row.
         have = host_memory_bytes() / 1e9
         return f"skipped: needs {needed / 1e9:.0f} GB of host RAM (arithmetic), has {have:.0f} | |"
-    result = measure_update(config, algorithm=algorithm, strategy=strategy, shape=shape, device=device)
+    result = measure_update(
+        config, algorithm=algorithm, strategy=strategy, checkpointing=checkpointing, shape=shape,
+        device=device, profile=profile,
+    )  # fmt: skip
     mfu = fmt(None if result.mfu is None else 100 * result.mfu, "{:.0f}%")
     peak = result.note or fmt(result.peak_gib, "{:.1f}")
     return f"{peak} | {fmt(result.tokens_per_s, '{:,.0f}')} | {mfu}"
@@ -427,7 +470,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Offload first: a row that runs out of GPU memory is the likelier one to leave a fragmented allocator.
     parser.add_argument("--strategies", default=",".join(reversed(STRATEGIES)))
     parser.add_argument("--algorithms", default="grpo,ppo", help="grpo, ppo or both")
-    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward pass")
+    parser.add_argument(
+        "--micro-batch", default="1", help="sequences per forward/backward pass; a list runs each"
+    )
+    parser.add_argument(
+        "--checkpointing", default="on", help="activation checkpointing of the policy: on, off or on,off"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile the first row's update: top operators"
+    )
     parser.add_argument("--budget-s", type=float, default=360.0, help="skip table rows after this long")
     return parser.parse_args(argv)
 
@@ -448,12 +499,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(0)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run: no GPU figure)"
     print(f"gpu_check on {name}; torch {torch.__version__}")
-    shape = (
-        Shape(rows=4, prompt=8, response=24, micro=2) if args.tiny else Shape(4, 512, 3584, args.micro_batch)
-    )
+    micros = [int(size) for size in args.micro_batch.split(",")]
+    shapes = [
+        Shape(rows=4, prompt=8, response=24, micro=micro) if args.tiny else Shape(4, 512, 3584, micro)
+        for micro in micros
+    ]
+    shape = shapes[0]
+    checkpointing = [{"on": True, "off": False}[setting] for setting in args.checkpointing.split(",")]
     sizes = ["tiny"] if args.tiny else args.sizes.split(",")
     algorithms, strategies = args.algorithms.split(","), args.strategies.split(",")
-    run_table(sizes, algorithms, strategies, shape, tiny=args.tiny, device=device, deadline=deadline)
+    run_table(
+        sizes, algorithms, strategies, shapes, checkpointing, tiny=args.tiny, device=device,
+        deadline=deadline, profile=args.profile,
+    )  # fmt: skip
     logprob_model = (
         qwen_config(TINY, vocab_size=1000) if args.tiny else qwen_config(QWEN25["1.5B"], vocab_size=151936)
     )
