@@ -112,8 +112,9 @@ class Models:
 
 
 def build_models(
-    config: Qwen2Config, *, algorithm: str, strategy: str, checkpointing: bool, device: torch.device
-) -> Models:
+    config: Qwen2Config, *, algorithm: str, strategy: str, checkpointing: bool, compiled: bool,
+    device: torch.device,
+) -> Models:  # fmt: skip
     """Policy, reference and (PPO) critic on ``device``, sharded as ``strategy`` says, with AdamW."""
     with torch.device(device):
         policy = Qwen2ForCausalLM(config).float()
@@ -122,6 +123,10 @@ def build_models(
     with torch.device(device):
         reference = Qwen2ForCausalLM(config).float().eval().requires_grad_(False)
     critic = ValueModel.from_causal_lm(policy) if algorithm == "ppo" else None
+    if compiled:
+        for model in (policy, reference, critic):
+            if model is not None:
+                compile_blocks(model)
     if strategy != "replicate":
         options = ShardingOptions(mixed_precision=device.type == "cuda", offload=strategy == "shard+offload")
         mesh = learner_mesh(device)
@@ -141,6 +146,13 @@ def build_models(
         actor_optimizer=adamw(policy),
         critic_optimizer=adamw(critic) if critic is not None else None,
     )
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each decoder block in place: fuses the norms, activations and casts between matmuls."""
+    decoder = model.body if isinstance(model, ValueModel) else model.get_decoder()
+    for block in decoder.layers:
+        block.compile()
 
 
 def checkpoint_activations(model: nn.Module) -> None:
@@ -263,8 +275,8 @@ class UpdateResult:
 
 
 def measure_update(
-    config: Qwen2Config, *, algorithm: str, strategy: str, checkpointing: bool, shape: Shape,
-    device: torch.device, profile: bool = False,
+    config: Qwen2Config, *, algorithm: str, strategy: str, checkpointing: bool, compiled: bool,
+    shape: Shape, device: torch.device, profile: bool = False,
 ) -> UpdateResult:  # fmt: skip
     """Build, warm up with one update, then time a second one; peak memory covers both updates.
 
@@ -274,8 +286,9 @@ def measure_update(
     models = None
     try:
         models = build_models(
-            config, algorithm=algorithm, strategy=strategy, checkpointing=checkpointing, device=device
-        )
+            config, algorithm=algorithm, strategy=strategy, checkpointing=checkpointing, compiled=compiled,
+            device=device,
+        )  # fmt: skip
         batch = random_batch(shape, config.vocab_size, device)
         reset_peak(device)
         one_update(models, batch, shape, strategy=strategy, device=device)
@@ -412,33 +425,37 @@ def fmt(value: float | None, pattern: str) -> str:
 
 def run_table(
     sizes: list[str], algorithms: list[str], strategies: list[str], shapes: list[Shape],
-    checkpointing: list[bool], *, tiny: bool, device: torch.device, deadline: float, profile: bool,
+    checkpointing: list[bool], compiled: list[bool], *, tiny: bool, device: torch.device, deadline: float,
+    profile: bool,
 ) -> None:  # fmt: skip
     """Print one row per model size, algorithm, strategy, micro-batch and checkpointing setting.
 
-    Rows are skipped once past ``deadline``; with ``profile``, the first measured row is also profiled.
+    With compilation on, each decoder block runs through torch.compile (the first update of a row, the
+    warm-up, pays for compiling). Rows are skipped once past ``deadline``; with ``profile``, the first
+    measured row is also profiled.
     """
     columns = (
-        "model | algorithm | strategy | micro-batch | act. checkpointing | peak GPU GiB | tokens/s | MFU"
+        "model | algorithm | strategy | micro-batch | act. checkpointing | compiled | peak GPU GiB | tokens/s"
+        " | MFU"
     )
     print(f"| {columns} |   ({shapes[0].rows} x {shapes[0].prompt + shapes[0].response} tokens)")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         config = qwen_config(TINY if tiny else QWEN25[size], vocab_size=1000 if tiny else 151936)
-        for algorithm, strategy, shape, recompute in itertools.product(
-            algorithms, strategies, shapes, checkpointing
+        for algorithm, strategy, shape, recompute, compile_ in itertools.product(
+            algorithms, strategies, shapes, checkpointing, compiled
         ):
             cells = table_cells(
-                config, algorithm, strategy, shape, checkpointing=recompute, device=device,
+                config, algorithm, strategy, shape, checkpointing=recompute, compiled=compile_, device=device,
                 deadline=deadline, profile=profile,
             )  # fmt: skip
             profile = profile and cells.startswith("skipped")
-            setting = f"{shape.micro} | {'on' if recompute else 'off'}"
+            setting = f"{shape.micro} | {'on' if recompute else 'off'} | {'yes' if compile_ else 'no'}"
             print(f"| {size} | {algorithm} | {strategy} | {setting} | {cells} |", flush=True)
 
 
 def table_cells(
-    config: Qwen2Config, algorithm: str, strategy: str, shape: Shape, *, checkpointing: bool,
+    config: Qwen2Config, algorithm: str, strategy: str, shape: Shape, *, checkpointing: bool, compiled: bool,
     device: torch.device, deadline: float, profile: bool,
 ) -> str:  # fmt: skip
     """The measured cells of one row, or why the row was skipped."""
@@ -450,8 +467,8 @@ def table_cells(
         have = host_memory_bytes() / 1e9
         return f"skipped: needs {needed / 1e9:.0f} GB of host RAM (arithmetic), has {have:.0f} | |"
     result = measure_update(
-        config, algorithm=algorithm, strategy=strategy, checkpointing=checkpointing, shape=shape,
-        device=device, profile=profile,
+        config, algorithm=algorithm, strategy=strategy, checkpointing=checkpointing, compiled=compiled,
+        shape=shape, device=device, profile=profile,
     )  # fmt: skip
     mfu = fmt(None if result.mfu is None else 100 * result.mfu, "{:.0f}%")
     peak = result.note or fmt(result.peak_gib, "{:.1f}")
@@ -476,6 +493,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpointing", default="on", help="activation checkpointing of the policy: on, off or on,off"
     )
+    parser.add_argument("--compile", default="no", help="torch.compile each decoder block: no, yes or no,yes")
     parser.add_argument(
         "--profile", action="store_true", help="also profile the first row's update: top operators"
     )
@@ -506,10 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     shape = shapes[0]
     checkpointing = [{"on": True, "off": False}[setting] for setting in args.checkpointing.split(",")]
+    compiled = [{"yes": True, "no": False}[setting] for setting in args.compile.split(",")]
     sizes = ["tiny"] if args.tiny else args.sizes.split(",")
     algorithms, strategies = args.algorithms.split(","), args.strategies.split(",")
     run_table(
-        sizes, algorithms, strategies, shapes, checkpointing, tiny=args.tiny, device=device,
+        sizes, algorithms, strategies, shapes, checkpointing, compiled, tiny=args.tiny, device=device,
         deadline=deadline, profile=args.profile,
     )  # fmt: skip
     logprob_model = (
