@@ -109,6 +109,7 @@ class Models:
     critic: nn.Module | None
     actor_optimizer: torch.optim.Optimizer
     critic_optimizer: torch.optim.Optimizer | None
+    compiled: bool
 
 
 def build_models(
@@ -135,8 +136,10 @@ def build_models(
                 shard_model(model, mesh, options=options)
 
     def adamw(model: nn.Module) -> torch.optim.Optimizer:
+        # One fused kernel over GPU-resident states, as the learner does; offloaded states stay on the host.
+        fused = device.type == "cuda" and strategy != "shard+offload"
         return torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.01
+            [p for p in model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.01, fused=fused
         )
 
     return Models(
@@ -145,11 +148,18 @@ def build_models(
         critic=critic,
         actor_optimizer=adamw(policy),
         critic_optimizer=adamw(critic) if critic is not None else None,
+        compiled=compiled,
     )
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each decoder block in place: fuses the norms, activations and casts between matmuls."""
+    """torch.compile each decoder block in place: fuses the norms, activations and casts between matmuls.
+
+    The log-probs' float32 softmax is compiled too (``sequence_logprobs(compiled=True)``).
+    """
+    # One block's code serves every layer, but each variant (grad on or off, recomputation, dtype, the
+    # rows of one table) is another graph; past the default limit of 8, torch runs the block eagerly.
+    torch._dynamo.config.recompile_limit = 64
     decoder = model.body if isinstance(model, ValueModel) else model.get_decoder()
     for block in decoder.layers:
         block.compile()
@@ -202,8 +212,12 @@ def one_update(
     """Rollout-time scores, then one PPO/GRPO optimizer step (clipped surrogate, low-var KL, value loss)."""
     tokens = float(batch.response_mask.sum())
     with torch.no_grad(), autocast(strategy, device):
-        old = sequence_logprobs(models.policy, batch, micro_batch_size=shape.micro).logprobs
-        reference = sequence_logprobs(models.reference, batch, micro_batch_size=shape.micro).logprobs
+        old = sequence_logprobs(
+            models.policy, batch, micro_batch_size=shape.micro, compiled=models.compiled
+        ).logprobs
+        reference = sequence_logprobs(
+            models.reference, batch, micro_batch_size=shape.micro, compiled=models.compiled
+        ).logprobs
         values = None
         if models.critic is not None:
             values = torch.cat(
@@ -216,7 +230,13 @@ def one_update(
     ):
         rows = slice(start, start + shape.micro)
         with autocast(strategy, device):
-            scored = sequence_logprobs(models.policy, micro, micro_batch_size=shape.micro, with_entropy=True)
+            scored = sequence_logprobs(
+                models.policy,
+                micro,
+                micro_batch_size=shape.micro,
+                with_entropy=True,
+                compiled=models.compiled,
+            )
             ratio = torch.exp(scored.logprobs - old[rows])
             surrogate = -torch.minimum(ratio * advantages[rows], ratio.clamp(0.8, 1.2) * advantages[rows])
             log_ratio = reference[rows] - scored.logprobs
@@ -493,7 +513,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpointing", default="on", help="activation checkpointing of the policy: on, off or on,off"
     )
-    parser.add_argument("--compile", default="no", help="torch.compile each decoder block: no, yes or no,yes")
+    parser.add_argument(
+        "--compile",
+        default="no",
+        help="torch.compile each decoder block and the log-softmax: no, yes or no,yes",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="also profile the first row's update: top operators"
     )
