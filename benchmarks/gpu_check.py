@@ -58,7 +58,7 @@ from torch import Tensor, nn  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from searchgym.policy.logprobs import SequenceBatch, sequence_logprobs  # noqa: E402
-from searchgym.train.models import ValueModel  # noqa: E402
+from searchgym.train.models import ValueModel, compile_transformer_blocks  # noqa: E402
 from searchgym.train.sharding import ShardingOptions, learner_mesh, shard_model  # noqa: E402
 
 # Qwen2.5 architectures (the models' config.json values); random weights.
@@ -127,7 +127,7 @@ def build_models(
     if compiled:
         for model in (policy, reference, critic):
             if model is not None:
-                compile_blocks(model)
+                compile_transformer_blocks(model)
     if strategy != "replicate":
         options = ShardingOptions(mixed_precision=device.type == "cuda", offload=strategy == "shard+offload")
         mesh = learner_mesh(device)
@@ -150,19 +150,6 @@ def build_models(
         critic_optimizer=adamw(critic) if critic is not None else None,
         compiled=compiled,
     )
-
-
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each decoder block in place: fuses the norms, activations and casts between matmuls.
-
-    The log-probs' float32 softmax is compiled too (``sequence_logprobs(compiled=True)``).
-    """
-    # One block's code serves every layer, but each variant (grad on or off, recomputation, dtype, the
-    # rows of one table) is another graph; past the default limit of 8, torch runs the block eagerly.
-    torch._dynamo.config.recompile_limit = 64
-    decoder = model.body if isinstance(model, ValueModel) else model.get_decoder()
-    for block in decoder.layers:
-        block.compile()
 
 
 def checkpoint_activations(model: nn.Module) -> None:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from train_fixtures import learner_config, tiny_model, toy_episodes, toy_examples, with_reward
 
 from searchgym.env.outcome import EpisodeOutcome
@@ -24,6 +25,7 @@ from searchgym.train.models import (
     TrainModels,
     ValueModel,
     build_train_models,
+    compile_transformer_blocks,
     response_logprobs,
     response_values,
 )
@@ -63,10 +65,15 @@ def test_collate_masks_observations_and_missing_rewards(trajectories: list[Traje
         collate([], pad_token_id=0, device="cpu")
 
 
-def updated_policy(trajectories: list[Trajectory], config: TrainConfig) -> torch.nn.Module:
+def updated_policy(
+    trajectories: list[Trajectory], config: TrainConfig, *, compile_blocks: bool = False
+) -> torch.nn.Module:
     torch.manual_seed(0)
     models = build_train_models(
-        tiny_model(), with_reference=config.uses_reference, with_critic=config.uses_critic
+        tiny_model(),
+        with_reference=config.uses_reference,
+        with_critic=config.uses_critic,
+        compile_blocks=compile_blocks,
     )
     experience = make_experience(models, collate(trajectories, pad_token_id=0, device="cpu"), config)
     update(models, build_optimizers(models, config), experience, config)
@@ -553,3 +560,17 @@ def test_data_parallel_learners_get_equal_shares_of_the_kept_episodes(
     kept = _episodes_with_gradient(experience, config, Learners(world_size), sharded=sharded)
     assert kept is not None
     assert [round(float(score) * 10) for score in kept.batch.scores] == expected
+
+
+def test_compiled_blocks_take_the_eager_step(trajectories: list[Trajectory]) -> None:
+    """``model.compile``: every block of policy, reference and critic runs compiled, with the eager update."""
+    config = learner_config("optim.weight_decay=0")
+    assert config.uses_reference and config.uses_critic
+    eager = updated_policy(trajectories, config)
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = updated_policy(trajectories, config, compile_blocks=True)
+    assert counters["stats"]["unique_graphs"] > graphs_before
+    for (name, a), b in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(SearchgymError, match=r"model\.compile=false"):
+        compile_transformer_blocks(torch.nn.Linear(2, 2))

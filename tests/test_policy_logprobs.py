@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from searchgym.policy.logprobs import SequenceBatch, logprob_mismatch, sequence_logprobs
@@ -201,3 +202,31 @@ def test_value_head_outputs_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         values = critic(ids, torch.ones_like(ids), torch.arange(4)[None])
     assert values.dtype == torch.float32
+
+
+def test_the_compiled_softmax_gives_the_eager_scores_and_gradients(qwen_like):
+    """``compiled=True`` fuses the float32 passes; the numbers stay those of the eager ones."""
+    batch = SequenceBatch.from_ids(PROMPTS, RESPONSES, pad_token_id=0)
+    scored = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    weights = torch.linspace(0.5, 1.5, scored.numel()).view_as(scored)
+    graphs_before = counters["stats"]["unique_graphs"]
+    runs = []
+    for compiled in (False, True):
+        scores = sequence_logprobs(
+            qwen_like,
+            batch,
+            temperature=0.7,
+            with_entropy=True,
+            chunk_tokens=2,
+            scored=scored,
+            compiled=compiled,
+        )
+        grads = loss_gradients(qwen_like, (weights * (scores.logprobs + scores.entropy)).sum())
+        runs.append((scores, grads))
+    (eager, eager_grads), (fused, fused_grads) = runs
+    assert counters["stats"]["unique_graphs"] > graphs_before  # it did run compiled
+    torch.testing.assert_close(fused.logprobs, eager.logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fused.entropy, eager.entropy, atol=1e-6, rtol=0)
+    for name, grad in fused_grads.items():
+        scale = float(eager_grads[name].abs().max())
+        torch.testing.assert_close(grad, eager_grads[name], atol=3e-6 * scale, rtol=1e-5, msg=name)

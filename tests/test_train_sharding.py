@@ -13,7 +13,7 @@ from train_fixtures import TargetTokenRollout, learner_config, tiny_model, tiny_
 from searchgym.policy.trajectory import Trajectory
 from searchgym.train.batch import collate
 from searchgym.train.learner import build_optimizers, make_experience, update
-from searchgym.train.models import build_train_models
+from searchgym.train.models import build_train_models, transformer_blocks
 from searchgym.train.sharding import (
     ShardedDataParallel,
     ShardingError,
@@ -25,8 +25,8 @@ from searchgym.train.sharding import (
     optimizer_state_tensors,
     resolve_strategy,
     save_sharded,
+    shard_model,
     shard_models,
-    transformer_blocks,
 )
 
 WORLD_SIZE = 2
@@ -185,8 +185,17 @@ def test_blocks_are_the_decoder_layers_of_policy_and_critic() -> None:
     models = build_train_models(tiny_model(), with_reference=False, with_critic=True)
     assert [type(block).__name__ for block in transformer_blocks(models.policy)] == ["LlamaDecoderLayer"] * 2
     assert models.critic is not None and len(transformer_blocks(models.critic)) == 2
-    with pytest.raises(ShardingError, match=r"learner\.strategy=replicate"):
-        transformer_blocks(torch.nn.Linear(2, 2))
+    assert transformer_blocks(torch.nn.Linear(2, 2)) == []
+
+
+def test_a_model_without_blocks_cannot_be_sharded() -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        mesh = learner_mesh(torch.device("cpu"))
+        with pytest.raises(ShardingError, match=r"learner\.strategy=replicate"):
+            shard_model(torch.nn.Linear(2, 2), mesh, options=ShardingOptions())
+    finally:
+        dist.destroy_process_group()
 
 
 def test_the_learner_section_defaults_to_auto_and_checks_offload() -> None:

@@ -95,6 +95,7 @@ def make_experience(
                 temperature=temperature,
                 micro_batch_size=size,
                 scored=share.policy_mask,
+                compiled=models.compiled,
             ).logprobs
             old_logprobs = data_parallel.gather(old_logprobs, size=batch.size)
         ref_logprobs = None
@@ -106,6 +107,7 @@ def make_experience(
                     temperature=temperature,
                     micro_batch_size=size,
                     scored=share.policy_mask,
+                    compiled=models.compiled,
                 ).logprobs
                 ref_logprobs = data_parallel.gather(ref_logprobs, size=batch.size)
         values = None
@@ -380,7 +382,7 @@ def _actor_step(
     def micro_batch_loss(micro: Experience) -> Tensor:
         mask = micro.batch.loss_mask
         logprobs, entropy = response_logprobs(
-            models.policy, micro.batch, temperature=config.rollout.temperature
+            models.policy, micro.batch, temperature=config.rollout.temperature, compiled=models.compiled
         )
         # On-policy (one optimizer step on this batch): the sampling policy is the one being updated.
         old_logprobs = logprobs.detach() if micro.old_logprobs is None else micro.old_logprobs
@@ -645,6 +647,7 @@ class LocalLearner:
             with_critic=config.uses_critic,
             gradient_checkpointing=config.model.gradient_checkpointing,
             lora=config.model.lora,
+            compile_blocks=config.model.compile,
         )
         self.optimizers = build_optimizers(self.models, config)
         self.checkpoints = CheckpointManager(

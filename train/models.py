@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from searchgym.errors import SearchgymError
 from searchgym.policy.logprobs import sequence_logprobs
 from searchgym.train.batch import Batch
 from searchgym.train.config import LoraConfig
@@ -67,12 +68,15 @@ class TrainModels:
             reference is the policy with its adapters switched off (``reference_is_base``).
         critic: the value model (PPO), or None (GRPO).
         reference_is_base: the KL reference is the LoRA policy's base model (no second copy in memory).
+        compiled: the models' transformer blocks run through ``torch.compile``, and so do the log-probs'
+            float32 softmax passes (``sequence_logprobs(compiled=True)``).
     """
 
     policy: PreTrainedModel
     reference: PreTrainedModel | None
     critic: ValueModel | None
     reference_is_base: bool = False
+    compiled: bool = False
 
 
 @contextlib.contextmanager
@@ -92,6 +96,7 @@ def build_train_models(
     with_critic: bool,
     gradient_checkpointing: bool = False,
     lora: LoraConfig | None = None,
+    compile_blocks: bool = False,
 ) -> TrainModels:
     """Wrap the initial ``policy`` with the reference copy and the critic the algorithm needs.
 
@@ -121,16 +126,68 @@ def build_train_models(
             policy.enable_input_require_grads()
             if critic is not None:
                 critic.body.enable_input_require_grads()
+    if compile_blocks:
+        for model in (policy, reference, critic):
+            if model is not None:
+                compile_transformer_blocks(model)
     return TrainModels(
-        policy=policy, reference=reference, critic=critic, reference_is_base=use_lora and with_reference
+        policy=policy,
+        reference=reference,
+        critic=critic,
+        reference_is_base=use_lora and with_reference,
+        compiled=compile_blocks,
     )
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of every Hugging Face model inside ``model`` (decoder layers of policy or critic).
+
+    Found by the class names the models declare unsplittable (``_no_split_modules``); empty if none.
+    """
+    names = {
+        name
+        for module in model.modules()
+        if isinstance(module, PreTrainedModel)
+        for name in (getattr(module, "_no_split_modules", None) or ())
+    }
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+COMPILE_VARIANT_LIMIT = 32
+"""Graphs torch.compile may keep per block's code before running it eagerly (its default is 8)."""
+
+
+def compile_transformer_blocks(model: nn.Module) -> None:
+    """Run each transformer block of ``model`` through ``torch.compile``, in place.
+
+    Between its matmuls a block is a chain of memory-bound elementwise kernels (norms in float32, the
+    activation, rotary embeddings, casts, residual adds) that compilation fuses: on an H100 they took more
+    GPU time than the matmuls in a 1.5B update. Compiled per block, not per model: one block's code serves
+    every layer, the compile stays short, and FSDP still wraps each block.
+
+    Raises:
+        SearchgymError: ``model`` declares no transformer block.
+    """
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise SearchgymError(
+            f"{type(model).__name__} names no transformer block class (_no_split_modules): set "
+            "model.compile=false for it"
+        )
+    # Each variant of a block (gradients on or off, recomputation, the policy and its frozen reference)
+    # is a graph of its own; past the limit torch would silently run the block uncompiled.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_VARIANT_LIMIT)
+    for block in blocks:
+        block.compile()
 
 
 def _add_adapters(model: PreTrainedModel, lora: LoraConfig) -> None:
     apply_lora(model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dropout=lora.dropout)
 
 
-def response_logprobs(model: PreTrainedModel, batch: Batch, *, temperature: float) -> tuple[Tensor, Tensor]:
+def response_logprobs(
+    model: PreTrainedModel, batch: Batch, *, temperature: float, compiled: bool = False
+) -> tuple[Tensor, Tensor]:
     """Log-probs and entropies of the policy tokens under ``model`` at sampling ``temperature``.
 
     Returns:
@@ -143,6 +200,7 @@ def response_logprobs(model: PreTrainedModel, batch: Batch, *, temperature: floa
         micro_batch_size=batch.size,
         with_entropy=True,
         scored=batch.policy_mask,
+        compiled=compiled,
     )
     assert scores.entropy is not None  # asked for with_entropy
     return scores.logprobs, scores.entropy

@@ -34,10 +34,9 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from transformers import PreTrainedModel
 
 from searchgym.errors import SearchgymError
-from searchgym.train.models import TrainModels
+from searchgym.train.models import TrainModels, transformer_blocks
 from searchgym.train.parallel import TorchDataParallel
 
 LearnerStrategy = Literal["replicate", "shard"]
@@ -132,7 +131,13 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, options: ShardingOptions)
         settings["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if options.offload:
         settings["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")
-    for block in transformer_blocks(model):
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ShardingError(
+            f"{type(model).__name__} names no transformer block class (_no_split_modules): set "
+            "learner.strategy=replicate for it"
+        )
+    for block in blocks:
         fully_shard(block, **settings)
     root = fully_shard(model, **settings)
     # The learner's losses are divided by the whole mini-batch's token count, so the ranks' gradients must
@@ -145,27 +150,6 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, options: ShardingOptions)
                 # gloo has no pre-multiplied sum (NCCL's PREMUL_SUM): ask for plain sums.
                 module.set_force_sum_reduction_for_comms(True)
     return root
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of every Hugging Face model inside ``model`` (decoder layers of policy or critic).
-
-    Raises:
-        ShardingError: none found.
-    """
-    names = {
-        name
-        for module in model.modules()
-        if isinstance(module, PreTrainedModel)
-        for name in (getattr(module, "_no_split_modules", None) or ())
-    }
-    blocks = [module for module in model.modules() if type(module).__name__ in names]
-    if not blocks:
-        raise ShardingError(
-            f"{type(model).__name__} names no transformer block class (_no_split_modules): set "
-            "learner.strategy=replicate for it"
-        )
-    return blocks
 
 
 def is_sharded(model: nn.Module) -> bool:
