@@ -16,7 +16,12 @@ Lock-step against asynchronous (per-trajectory) episodes on a mix of short and l
 (the model's own samples, cut at that many tokens as a turn budget cuts them), so that a lock-step batch
 waits for its long episodes; ``--episodes`` runs that many questions through ``batch`` sub-envs.
 ``--model tiny`` uses the tiny random model of the tests instead of SmolLM2 (fast, not representative
-of a real model's cost per token).
+of a real model's cost per token); ``--model DIR`` a trained policy's folder (``runs/demo/final``: the
+demo's policy, which searches).
+
+With ``--backend vllm`` both modes run on vLLM's async engine (``VLLMAsyncEngine``): lock-step sends each
+turn of the batch as requests in flight together; async sends every episode's turn the moment its
+search returns, and vLLM's scheduler batches them token by token.
 
 The vLLM run needs the retriever's packages in the vllm environment as well:
 ``.venv-vllm/bin/pip install bm25s numba PyStemmer pyarrow tqdm``. The BM25 index is built once under
@@ -34,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from searchgym import paths
 from searchgym.env import EnvConfig, SearchVectorEnv, load_dataset
+from searchgym.policy.async_rollout import TurnEngine
 from searchgym.policy.generation import (
     Generation,
     Generator,
@@ -97,14 +103,36 @@ class MixedTurnBudgets:
         return self.short if any(question in head for question in self.short_questions) else self.long
 
 
+class MixedTurnBudgetsEngine(MixedTurnBudgets):
+    """The same cut for an engine that also takes single turns (vLLM's async engine), turn by turn."""
+
+    async def generate_turn(
+        self, prompt: Sequence[int], params: SamplingParams, *, max_new_tokens: int
+    ) -> Generation:
+        """One turn of an async rollout, cut at its question's turn budget."""
+        limit = min(max_new_tokens, self._limit(prompt))
+        return await cast(TurnEngine, self.generator).generate_turn(prompt, params, max_new_tokens=limit)
+
+    @property
+    def busy_s(self) -> float:
+        """The engine's generation seconds."""
+        return cast(TurnEngine, self.generator).busy_s
+
+
 def make_generator(backend: str, kv_cache_gib: float, max_context: int, model: str = "smollm2") -> Generator:
     if backend == "transformers":
-        policy = tiny_random_model() if model == "tiny" else load_policy()
+        policy = (
+            tiny_random_model() if model == "tiny" else load_policy(None if model == "smollm2" else model)
+        )
         return TransformersGenerator(policy, max_batch_size=64)
-    from searchgym.policy.vllm_backend import VLLMGenerator
+    from searchgym.policy.vllm_backend import VLLMAsyncEngine
 
-    return VLLMGenerator(
-        default_policy_path(), dtype="float32", max_model_len=max_context, kv_cache_gib=kv_cache_gib
+    return VLLMAsyncEngine(
+        default_policy_path() if model == "smollm2" else model,
+        dtype="float32",
+        max_model_len=max_context,
+        kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+        seed=0,
     )
 
 
@@ -128,7 +156,8 @@ def measure(
     examples = load_dataset("wiki-mini-dev")[: args.episodes or batch_size]
     if args.mixed:
         short, long = args.mixed
-        generator = MixedTurnBudgets(generator, {e.question for e in examples[::2]}, short, long)
+        mixed = MixedTurnBudgetsEngine if hasattr(generator, "generate_turn") else MixedTurnBudgets
+        generator = mixed(generator, {e.question for e in examples[::2]}, short, long)
     sampling = SamplingParams(max_new_tokens=args.max_turn_tokens, temperature=args.temperature, seed=0)
     budgets = TokenBudgets(max_turn_tokens=args.max_turn_tokens, max_context_tokens=args.max_context)
     started = time.perf_counter()
@@ -184,7 +213,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=["lockstep", "async"], default=["lockstep"])
     parser.add_argument("--mixed", type=int, nargs=2, metavar=("SHORT", "LONG"), help="turn budgets")
     parser.add_argument("--episodes", type=int, default=0, help="questions per run (0: one batch)")
-    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--model", default="smollm2", help="smollm2, tiny or a model folder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # The generator first: vLLM 0.32's CPU start-up fails once numba (BM25's backend) has been imported.
@@ -201,6 +230,8 @@ def main() -> None:
         for mode in args.modes:
             figures = measure(generator, retriever, batch_size, args, cast(RolloutMode, mode))
             print(report(f"{args.backend} {mode}", batch_size, figures), flush=True)
+    if hasattr(generator, "close"):  # vLLM's async engine: stop its core process before exiting
+        generator.close()
 
 
 if __name__ == "__main__":

@@ -46,7 +46,14 @@ DEFAULT_SEARCH_WAIT_S = 0.005
 
 
 class TurnEngine(Protocol):
-    """Generates one episode's next turn; many may be awaited at once, and the engine batches them."""
+    """Generates one episode's next turn; many may be awaited at once, and the engine batches them.
+
+    Attributes:
+        busy_s: seconds, since the engine was made, during which it was generating (a rollout's
+            generation time is the difference over the rollout).
+    """
+
+    busy_s: float
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -210,10 +217,10 @@ def run_episodes_async(
     """
     searches = ToolCallBatcher(vector_env.envs[0].tools, wait_s=search_wait_s)
     settings = _Settings(sampling, budgets, vector_env.config)
-    started = time.perf_counter()
+    started, busy_before = time.perf_counter(), engine.busy_s
     episodes = _run_coroutine(_run_all(engine, searches, vector_env.envs, examples, group_ids, settings))
     total = time.perf_counter() - started
-    generation = getattr(engine, "busy_s", 0.0)
+    generation = engine.busy_s - busy_before
     timings = Timings(
         generation=generation,
         retrieval=searches.busy_s,

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import os
 import threading
+import time
 from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -146,6 +147,10 @@ class VLLMAsyncEngine:
         engine_options: further ``AsyncEngineArgs`` (``dtype``, ``max_model_len``, ``seed``,
             ``gpu_memory_utilization``, ``kv_cache_memory_bytes``, ``enforce_eager``, ...).
 
+    Attributes:
+        busy_s: seconds during which at least one request was in flight: the engine's generation time,
+            however many requests shared it.
+
     Raises:
         VLLMUnavailableError: vLLM is not installed.
     """
@@ -161,6 +166,7 @@ class VLLMAsyncEngine:
         self._vllm = vllm
         self._tokenizer = load_tokenizer(model)
         self._requests = itertools.count()
+        self.busy_s, self._in_flight, self._busy_since = 0.0, 0, 0.0
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="vllm-async-engine", daemon=True).start()
         args = AsyncEngineArgs(model=str(model), logprobs_mode="processed_logprobs", **engine_options)
@@ -216,13 +222,29 @@ class VLLMAsyncEngine:
         # The engine's output handler binds to the loop it is created on: create it on the engine's loop.
         return vllm.AsyncLLMEngine.from_engine_args(args)
 
+    def close(self) -> None:
+        """Shut the engine down (its core process and the loop thread); the object is unusable after."""
+        self.engine.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
     async def _request(self, prompt: Sequence[int], sampling: Any) -> Generation:
-        final = None
-        request_id = f"turn-{next(self._requests)}"
-        async for output in self.engine.generate({"prompt_token_ids": list(prompt)}, sampling, request_id):
-            final = output
-        assert final is not None  # vLLM yields the finished request last
-        return _to_generation(final.outputs[0])
+        # Runs on the engine's loop alone, so the in-flight count needs no lock.
+        if self._in_flight == 0:
+            self._busy_since = time.perf_counter()
+        self._in_flight += 1
+        try:
+            final = None
+            request_id = f"turn-{next(self._requests)}"
+            async for output in self.engine.generate(
+                {"prompt_token_ids": list(prompt)}, sampling, request_id
+            ):
+                final = output
+            assert final is not None  # vLLM yields the finished request last
+            return _to_generation(final.outputs[0])
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self.busy_s += time.perf_counter() - self._busy_since
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
