@@ -6,6 +6,10 @@ Qwen2.5 architectures with random weights, built from the configs written below)
     python benchmarks/gpu_check.py                       # the full table, under 8 minutes on an H100
     python benchmarks/gpu_check.py --device cpu --tiny   # a dry run of every code path on a CPU, seconds
 
+    # the settings that decide MFU: sequences per micro-batch, recomputation, torch.compile, a profile
+    python benchmarks/gpu_check.py --sizes 1.5B --algorithms grpo --strategies replicate \
+        --micro-batch 2,4 --checkpointing on,off --compile yes,no --profile
+
 It needs torch, transformers and gymnasium (a pure-Python wheel of half a megabyte, which the learner's
 config types pull in through ``searchgym.env``; carry it where the GPU box lacks it): it imports the
 learner's building blocks (chunked log-probs, the critic, FSDP2 sharding) and refuses to import faiss, vllm,
