@@ -17,7 +17,7 @@ Lock-step against asynchronous (per-trajectory) episodes on a mix of short and l
 waits for its long episodes; ``--episodes`` runs that many questions through ``batch`` sub-envs.
 ``--model tiny`` uses the tiny random model of the tests instead of SmolLM2 (fast, not representative
 of a real model's cost per token); ``--model DIR`` a trained policy's folder (``runs/demo/final``: the
-demo's policy, which searches).
+demo's policy, which searches, with ``--train-config runs/demo`` for the protocol it was trained with).
 
 With ``--backend vllm`` both modes run on vLLM's async engine (``VLLMAsyncEngine``): lock-step sends each
 turn of the batch as requests in flight together; async sends every episode's turn the moment its
@@ -39,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from searchgym import paths
 from searchgym.env import EnvConfig, SearchVectorEnv, load_dataset
+from searchgym.eval.config import training_protocol
 from searchgym.policy.async_rollout import TurnEngine
 from searchgym.policy.generation import (
     Generation,
@@ -150,6 +151,9 @@ def measure(
     mode: RolloutMode = "lockstep",
 ) -> Figures:
     config = EnvConfig(max_turns=args.max_turns, max_searches=args.max_turns - 1, topk=3)
+    budgets = TokenBudgets(max_turn_tokens=args.max_turn_tokens, max_context_tokens=args.max_context)
+    if args.train_config:
+        config, budgets = training_protocol(args.train_config)
     vector_env = SearchVectorEnv(
         num_envs=batch_size, dataset=None, retriever=retriever, config=config, tokenizer=generator.tokenizer
     )
@@ -158,8 +162,7 @@ def measure(
         short, long = args.mixed
         mixed = MixedTurnBudgetsEngine if hasattr(generator, "generate_turn") else MixedTurnBudgets
         generator = mixed(generator, {e.question for e in examples[::2]}, short, long)
-    sampling = SamplingParams(max_new_tokens=args.max_turn_tokens, temperature=args.temperature, seed=0)
-    budgets = TokenBudgets(max_turn_tokens=args.max_turn_tokens, max_context_tokens=args.max_context)
+    sampling = SamplingParams(max_new_tokens=budgets.max_turn_tokens, temperature=args.temperature, seed=0)
     started = time.perf_counter()
     trajectories = run_episodes(
         generator,
@@ -214,6 +217,11 @@ def main() -> None:
     parser.add_argument("--mixed", type=int, nargs=2, metavar=("SHORT", "LONG"), help="turn budgets")
     parser.add_argument("--episodes", type=int, default=0, help="questions per run (0: one batch)")
     parser.add_argument("--model", default="smollm2", help="smollm2, tiny or a model folder")
+    parser.add_argument(
+        "--train-config",
+        help="a run folder or preset: its episode protocol (prompt, turns, budgets) replaces --max-turns "
+        "and --max-turn-tokens, as `searchgym eval --train-config` does",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # The generator first: vLLM 0.32's CPU start-up fails once numba (BM25's backend) has been imported.

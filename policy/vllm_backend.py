@@ -224,8 +224,12 @@ class VLLMAsyncEngine:
 
     def close(self) -> None:
         """Shut the engine down (its core process and the loop thread); the object is unusable after."""
-        self.engine.shutdown()
+        self._call(self._shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+    async def _shutdown(self) -> None:
+        # On the engine's loop, where its output handler runs: cancelled there before the core stops.
+        self.engine.shutdown()
 
     async def _request(self, prompt: Sequence[int], sampling: Any) -> Generation:
         # Runs on the engine's loop alone, so the in-flight count needs no lock.
