@@ -139,8 +139,7 @@ class VLLMAsyncEngine:
     samples do not depend on how requests happen to be batched.
 
     It is also a synchronous ``Generator`` (lock-step rollouts and evaluation) and takes new weights in
-    place, like :class:`VLLMGenerator`. Not exercised by the test suite (vLLM's async engine needs the
-    ``.venv-vllm`` environment; see docs/train.md "Asynchronous rollouts").
+    place, like :class:`VLLMGenerator`. Tested in the ``.venv-vllm`` environment (``make test-vllm``).
 
     Args:
         model: as for :class:`VLLMGenerator`.

