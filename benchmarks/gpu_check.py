@@ -10,10 +10,9 @@ Qwen2.5 architectures with random weights, built from the configs written below)
     python benchmarks/gpu_check.py --sizes 1.5B --algorithms grpo --strategies replicate \
         --micro-batch 2,4 --checkpointing on,off --compile yes,no --profile
 
-It needs torch, transformers and gymnasium (a pure-Python wheel of half a megabyte, which the learner's
-config types pull in through ``searchgym.env``; carry it where the GPU box lacks it): it imports the
-learner's building blocks (chunked log-probs, the critic, FSDP2 sharding) and refuses to import faiss, vllm,
-flask and ray, so that a dry run here proves it runs on a GPU box that lacks them. It prints:
+It needs torch and transformers alone: it imports the learner's building blocks (chunked log-probs, the
+critic, compilation, FSDP2 sharding) and refuses to import faiss, vllm, flask, ray and gymnasium, so that a
+dry run here proves it runs on a GPU box that lacks them. It prints:
 
 1. per model, algorithm and learner strategy (replicate: fp32 weights + bf16 autocast; shard: FSDP2 with
    bf16 compute and fp32 master weights, over this one rank; shard+offload: the same with parameters,
@@ -40,7 +39,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BLOCKED = ("faiss", "vllm", "flask", "ray")
+BLOCKED = ("faiss", "vllm", "flask", "ray", "gymnasium")
 
 
 class _Blocker(importlib.abc.MetaPathFinder):

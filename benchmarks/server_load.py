@@ -102,7 +102,8 @@ def run_clients(port: int, queries: list[str], *, clients: int, seconds: float, 
                     connection.request("POST", "/retrieve", body, {"Content-Type": "application/json"})
                     response = connection.getresponse()
                     response.read()
-                except OSError:  # refused or reset while the server is down; also http.client errors
+                # Refused or reset while the server is down, or a reply cut off by the kill.
+                except (OSError, http.client.HTTPException):
                     tally.connection_errors += 1
                     connection.close()
                     down_s = min(2 * down_s, 2.0)  # back off as HttpRetriever does, not to slow a restart

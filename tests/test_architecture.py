@@ -7,6 +7,8 @@ inside functions (the lazy ones that keep heavy packages out of ``searchgym --he
 
 import ast
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +130,17 @@ def test_no_module_takes_part_in_an_import_cycle() -> None:
 )
 def test_the_layer_rule_reads_the_layers_as_documented(module: str, target: str, allowed: bool) -> None:
     assert (layer(target) <= layer(module)) is allowed
+
+
+def test_the_learners_gpu_building_blocks_import_only_torch_and_transformers() -> None:
+    """benchmarks/gpu_check.py runs on GPU boxes that have torch and transformers and none of these."""
+    absent = ("gymnasium", "faiss", "vllm", "flask", "ray")
+    script = (
+        "import sys\n"
+        "import searchgym.policy.logprobs, searchgym.train.models, searchgym.train.sharding\n"
+        f"print(','.join(name for name in {absent!r} if name in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == ""

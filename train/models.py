@@ -9,6 +9,7 @@ import contextlib
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -16,9 +17,11 @@ from transformers import PreTrainedModel
 
 from searchgym.errors import SearchgymError
 from searchgym.policy.logprobs import sequence_logprobs
-from searchgym.train.batch import Batch
-from searchgym.train.config import LoraConfig
 from searchgym.train.lora import adapters_disabled, apply_lora
+
+if TYPE_CHECKING:  # for the type checker only: the models import no env code (benchmarks/gpu_check.py)
+    from searchgym.train.batch import Batch
+    from searchgym.train.config import LoraConfig
 
 
 class ValueModel(nn.Module):
@@ -95,7 +98,7 @@ def build_train_models(
     with_reference: bool,
     with_critic: bool,
     gradient_checkpointing: bool = False,
-    lora: LoraConfig | None = None,
+    lora: "LoraConfig | None" = None,
     compile_blocks: bool = False,
 ) -> TrainModels:
     """Wrap the initial ``policy`` with the reference copy and the critic the algorithm needs.
@@ -181,12 +184,12 @@ def compile_transformer_blocks(model: nn.Module) -> None:
         block.compile()
 
 
-def _add_adapters(model: PreTrainedModel, lora: LoraConfig) -> None:
+def _add_adapters(model: PreTrainedModel, lora: "LoraConfig") -> None:
     apply_lora(model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets, dropout=lora.dropout)
 
 
 def response_logprobs(
-    model: PreTrainedModel, batch: Batch, *, temperature: float, compiled: bool = False
+    model: PreTrainedModel, batch: "Batch", *, temperature: float, compiled: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Log-probs and entropies of the policy tokens under ``model`` at sampling ``temperature``.
 
@@ -206,7 +209,7 @@ def response_logprobs(
     return scores.logprobs, scores.entropy
 
 
-def response_values(critic: ValueModel, batch: Batch) -> Tensor:
+def response_values(critic: ValueModel, batch: "Batch") -> Tensor:
     """(B, R) the critic's value of the state before each response token, in float32."""
     values = critic(batch.sequences.input_ids, batch.sequences.attention_mask, batch.position_ids)
     return values[:, -batch.response_length - 1 : -1].float()

@@ -18,15 +18,16 @@ reduce, where DDP reduces inside ``backward``.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from searchgym.train.batch import Batch, Experience
+if TYPE_CHECKING:  # for the type checker only: the learner's GPU building blocks import no env code
+    from searchgym.train.batch import Batch, Experience
 
-RecordT = TypeVar("RecordT", Batch, Experience)
+RecordT = TypeVar("RecordT", "Batch", "Experience")
 _BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default bucket of 25 MiB, in float32 elements
 
 
