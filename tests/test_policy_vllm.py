@@ -85,19 +85,26 @@ def test_a_weight_update_changes_the_output_without_a_restart(engine, tiny, prom
     assert [o.token_ids for o in restored] == [o.token_ids for o in reference]
 
 
-def test_rollout_with_vllm_keeps_exact_tokens_and_its_logprobs_match_the_trainer(engine, tiny):
+def sampled_rollout(engine, tiny, *, num_envs, mode="lockstep"):
+    """Episodes of the example questions, checked to keep exactly the sampled ids on the policy tokens."""
     env = SearchVectorEnv(
-        num_envs=4,
+        num_envs=num_envs,
         dataset=None,
         retriever=FakeRetriever(),
         config=EnvConfig(max_turns=3, max_searches=2),
         tokenizer=tiny.tokenizer,
     )
     sampling = SamplingParams(max_new_tokens=16, temperature=1.0, seed=0)
-    trajectories = run_episodes(engine, env, list(EXAMPLES), sampling=sampling)
+    trajectories = run_episodes(engine, env, list(EXAMPLES), sampling=sampling, mode=mode)
+    assert len(trajectories) == len(EXAMPLES)
     for trajectory in trajectories:
         policy_ids = [i for i, m in zip(trajectory.response_ids, trajectory.loss_mask, strict=True) if m]
         assert tiny.tokenizer.decode(policy_ids) == "".join(turn.text for turn in trajectory.turns)
+    return trajectories
+
+
+def test_rollout_with_vllm_keeps_exact_tokens_and_its_logprobs_match_the_trainer(engine, tiny):
+    trajectories = sampled_rollout(engine, tiny, num_envs=4)
     batch = SequenceBatch.from_ids(
         [t.prompt_ids for t in trajectories],
         [t.response_ids for t in trajectories],
@@ -137,18 +144,6 @@ def test_the_async_engine_turns_match_the_transformers_backend(async_engine, pro
 
 
 def test_async_rollouts_on_the_async_engine_report_their_generation_time(async_engine, tiny):
-    env = SearchVectorEnv(
-        num_envs=2,
-        dataset=None,
-        retriever=FakeRetriever(),
-        config=EnvConfig(max_turns=3, max_searches=2),
-        tokenizer=tiny.tokenizer,
-    )
-    sampling = SamplingParams(max_new_tokens=16, temperature=1.0, seed=0)
-    trajectories = run_episodes(async_engine, env, list(EXAMPLES), sampling=sampling, mode="async")
-    assert len(trajectories) == len(EXAMPLES)
-    for trajectory in trajectories:
-        policy_ids = [i for i, m in zip(trajectory.response_ids, trajectory.loss_mask, strict=True) if m]
-        assert tiny.tokenizer.decode(policy_ids) == "".join(turn.text for turn in trajectory.turns)
+    trajectories = sampled_rollout(async_engine, tiny, num_envs=2, mode="async")
     timings = trajectories[0].timings
     assert 0 < timings.generation <= timings.generation + timings.retrieval + timings.bookkeeping
