@@ -62,6 +62,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from searchgym.policy.logprobs import SequenceBatch, sequence_logprobs  # noqa: E402
 from searchgym.train.models import ValueModel, compile_transformer_blocks  # noqa: E402
+from searchgym.train.optim import adamw  # noqa: E402
 from searchgym.train.sharding import ShardingOptions, learner_mesh, shard_model  # noqa: E402
 
 # Qwen2.5 architectures (the models' config.json values); random weights.
@@ -138,19 +139,12 @@ def build_models(
             if model is not None:
                 shard_model(model, mesh, options=options)
 
-    def adamw(model: nn.Module) -> torch.optim.Optimizer:
-        # One fused kernel over GPU-resident states, as the learner does; offloaded states stay on the host.
-        fused = device.type == "cuda" and strategy != "shard+offload"
-        return torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.01, fused=fused
-        )
-
     return Models(
         policy=policy,
         reference=reference,
         critic=critic,
-        actor_optimizer=adamw(policy),
-        critic_optimizer=adamw(critic) if critic is not None else None,
+        actor_optimizer=adamw(policy, lr=1e-6, weight_decay=0.01),
+        critic_optimizer=adamw(critic, lr=1e-6, weight_decay=0.01) if critic is not None else None,
         compiled=compiled,
     )
 

@@ -137,7 +137,8 @@ def test_the_learners_gpu_building_blocks_import_only_torch_and_transformers() -
     absent = ("gymnasium", "faiss", "vllm", "flask", "ray")
     script = (
         "import sys\n"
-        "import searchgym.policy.logprobs, searchgym.train.models, searchgym.train.sharding\n"
+        "import searchgym.policy.logprobs, searchgym.train.models\n"
+        "import searchgym.train.optim, searchgym.train.sharding\n"
         f"print(','.join(name for name in {absent!r} if name in sys.modules))\n"
     )
     result = subprocess.run(
