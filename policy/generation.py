@@ -335,6 +335,63 @@ class _DecodeState:
     ) -> "_DecodeState":
         """Run the prompts through the model, from their kept KV prefix when they have one.
 
+        A padded token costs a prefill as much as a real one, so prompts whose new parts differ much in
+        length are prefilled in groups of similar length, whose caches are then joined into one batch.
+        """
+        new_lengths = [
+            len(prompt) - (0 if past is None else len(past.token_ids))
+            for prompt, past in zip(prompts, pasts, strict=True)
+        ]
+        groups = length_groups(new_lengths, PREFILL_CALL_TOKENS)
+        if len(groups) == 1:
+            return cls._prefill_padded(policy, prompts, pasts)
+        parts = [
+            cls._prefill_padded(policy, [prompts[i] for i in group], [pasts[i] for i in group])
+            for group in groups
+        ]
+        return cls._join(parts, groups, prompts, policy)
+
+    @classmethod
+    def _join(
+        cls,
+        parts: "Sequence[_DecodeState]",
+        groups: Sequence[Sequence[int]],
+        prompts: Sequence[Sequence[int]],
+        policy: Policy,
+    ) -> "_DecodeState":
+        """One state of all prompts, in their order, from the states of ``groups`` of them.
+
+        Each row keeps only its real tokens' keys and values, right-aligned; the keys carry their
+        positions already (rotary embeddings are applied before caching), so the columns they move to
+        do not matter.
+        """
+        joined = [row for group in groups for row in group]
+        kept = [
+            _KVPrefix(tuple(prompts[row]), *part.kv_of(local))
+            for part, group in zip(parts, groups, strict=True)
+            for local, row in enumerate(group)
+        ]
+        position_of = {row: position for position, row in enumerate(joined)}
+        order = [position_of[row] for row in range(len(prompts))]
+        width = max(len(prompt) for prompt in prompts)
+        cache = DynamicCache(config=policy.model.config)
+        _fill_cache(cache, [kept[position] for position in order], width)
+        lengths = torch.tensor([len(prompt) for prompt in prompts], device=policy.device)
+        columns = torch.arange(width, device=policy.device)
+        return cls(
+            rows=list(range(len(prompts))),
+            cache=cache,
+            attention_mask=(columns[None, :] >= width - lengths[:, None]).long(),
+            positions=lengths - 1,
+            logits=torch.cat([part.logits for part in parts])[order],
+        )
+
+    @classmethod
+    def _prefill_padded(
+        cls, policy: Policy, prompts: Sequence[Sequence[int]], pasts: "Sequence[_KVPrefix | None]"
+    ) -> "_DecodeState":
+        """Prefill the prompts as one left-padded batch.
+
         Row ``i`` is laid out as ``[pad, past_i, pad, new_i]`` (``P`` past columns, ``N`` new ones); the
         attention mask hides the padding, and position ids count real tokens only.
         """
@@ -446,6 +503,33 @@ def _cache_row(
         keys.append(layer.keys[row][:, columns])
         values.append(layer.values[row][:, columns])
     return tuple(keys), tuple(values)
+
+
+PREFILL_CALL_TOKENS = 32
+"""What one more prefill call costs, in padded prompt tokens: the price of splitting a batch by length."""
+
+
+def length_groups(lengths: Sequence[int], call_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` split into groups of similar length whose padded prefill costs least.
+
+    A group costs its rows times its longest length, plus ``call_tokens``; the split of the sorted
+    lengths into consecutive runs with the least total cost is found by dynamic programming.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ordered = [lengths[i] for i in order]
+    best: list[float] = [0.0] + [math.inf] * len(order)  # best[end]: cheapest split of the first ``end`` rows
+    start_of = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end):
+            cost = best[start] + (end - start) * ordered[end - 1] + call_tokens
+            if cost < best[end]:
+                best[end], start_of[end] = cost, start
+    groups: list[list[int]] = []
+    end = len(order)
+    while end:
+        groups.append(sorted(order[start_of[end] : end]))
+        end = start_of[end]
+    return groups[::-1]
 
 
 def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

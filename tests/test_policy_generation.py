@@ -1,9 +1,18 @@
+import itertools
+import random
 from dataclasses import replace
 
 import pytest
 import torch
 
-from searchgym.policy.generation import SamplingError, SamplingParams, StopMatcher, TransformersGenerator
+from searchgym.policy.generation import (
+    PREFILL_CALL_TOKENS,
+    SamplingError,
+    SamplingParams,
+    StopMatcher,
+    TransformersGenerator,
+    length_groups,
+)
 from searchgym.policy.logprobs import SequenceBatch, sequence_logprobs
 from searchgym.policy.models import tiny_random_model
 
@@ -263,3 +272,73 @@ def test_kept_kv_caches_are_dropped_when_the_weights_change(prompts):
     # Stale caches would be off by the whole weight change; the shared prompt prefix, by float32 rounding.
     for kept, recomputed in zip(continued, fresh, strict=True):
         assert kept.logprobs == pytest.approx(recomputed.logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_prefill_length_groups_are_the_cheapest_split(seed):
+    """The dynamic programme against every split of the sorted lengths into consecutive runs."""
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(1, 8), rng.randint(40, 120)]) for _ in range(rng.randint(1, 8))]
+    call_tokens = rng.choice([0, 8, 32, 200])
+
+    def cost(groups):
+        return sum(len(group) * max(lengths[i] for i in group) + call_tokens for group in groups)
+
+    groups = length_groups(lengths, call_tokens)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    splits = itertools.product([False, True], repeat=len(lengths) - 1)
+    cheapest = min(
+        cost(
+            [
+                order[a:b]
+                for a, b in itertools.pairwise([0, *(i + 1 for i, cut in enumerate(s) if cut), len(order)])
+            ]
+        )
+        for s in splits
+    )
+    assert cost(groups) == cheapest
+
+
+def test_prefill_groups_split_only_when_padding_costs_more_than_a_call():
+    assert length_groups([10, 11, 12], 32) == [[0, 1, 2]]
+    assert length_groups([3, 100, 4, 98], 32) == [[0, 2], [1, 3]]
+
+
+def long_and_short_prompts(tiny):
+    """Prompts whose lengths differ enough that the prefill splits them into groups."""
+    long_question = " ".join(["Which of the following rivers is the longest in Europe?"] * 8)
+    prompts = [
+        tiny.encode_prompt(q) for q in ("hi", long_question, "Who wrote Hamlet?", long_question + " No?")
+    ]
+    lengths = [len(prompt) for prompt in prompts]
+    assert len(length_groups(lengths, PREFILL_CALL_TOKENS)) > 1
+    return prompts
+
+
+def test_prompts_prefilled_in_length_groups_give_the_one_by_one_results(tiny):
+    prompts = long_and_short_prompts(tiny)
+    generator = TransformersGenerator(tiny, reuse_kv=False)
+    together = generator.generate(prompts, GREEDY)
+    for prompt, batched in zip(prompts, together, strict=True):
+        alone = generator.generate([prompt], GREEDY)[0]
+        assert alone.token_ids == batched.token_ids
+        assert alone.logprobs == pytest.approx(batched.logprobs, abs=1e-4)
+
+
+def test_caches_joined_from_length_groups_serve_the_next_turn(tiny):
+    """Sampled rows keep their order after the join, and their kept caches continue exactly."""
+    prompts = long_and_short_prompts(tiny)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5, stop=())
+    reusing = TransformersGenerator(tiny)
+    first = reusing.generate(prompts, params)
+    for prompt, generation in zip(prompts, first, strict=True):
+        logprobs = sequence_logprobs(
+            tiny.model,
+            SequenceBatch.from_ids([prompt], [generation.token_ids], pad_token_id=0),
+            temperature=1.0,
+        ).logprobs[0]
+        assert generation.logprobs == pytest.approx(logprobs.tolist(), abs=1e-4)
+    follow_ups, continued = continue_each(reusing, prompts, first, params)
+    fresh = TransformersGenerator(tiny, reuse_kv=False).generate(follow_ups, params)
+    assert [o.token_ids for o in continued] == [o.token_ids for o in fresh]
