@@ -6,6 +6,8 @@ of those ids, and why generation ended. Nothing is decoded and re-tokenized, so 
 scores are the ids the policy produced.
 """
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -238,9 +240,9 @@ class TransformersGenerator:
         cache = DynamicCache(config=self.policy.model.config)
         self.policy.model(
             input_ids=torch.tensor([shared], device=self.policy.device),
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **_cache_argument(self.policy.model, cache),
         )
         prefix = _KVPrefix(shared, *_cache_row(cache, 0, slice(None)))
         self.prefilled_tokens += length
@@ -416,9 +418,9 @@ class _DecodeState:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **_cache_argument(policy.model, cache),
         )
         return cls(
             rows=list(range(len(prompts))),
@@ -457,8 +459,8 @@ class _DecodeState:
             input_ids=tokens[:, None],
             attention_mask=self.attention_mask,
             position_ids=self.positions[:, None],
-            past_key_values=self.cache,
             use_cache=True,
+            **_cache_argument(policy.model, self.cache),
         )
         self.logits = output.logits[:, -1, :].float()
 
@@ -476,6 +478,22 @@ class _KVPrefix:
     token_ids: tuple[int, ...]
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
+
+
+def _cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
+    """The keyword argument that hands ``model`` its KV cache.
+
+    transformers renamed ``past_key_values`` to ``cache`` within the 5.x range setup.cfg allows, and the old
+    name goes in 5.40: a model is given the name its ``forward`` declares.
+    """
+    return {cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """``cache`` or ``past_key_values``: the name under which ``model_class.forward`` takes its KV cache."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _weights_version(model: torch.nn.Module) -> int:

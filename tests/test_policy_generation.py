@@ -1,5 +1,6 @@
 import itertools
 import random
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -11,6 +12,7 @@ from searchgym.policy.generation import (
     SamplingParams,
     StopMatcher,
     TransformersGenerator,
+    cache_keyword,
     length_groups,
 )
 from searchgym.policy.logprobs import SequenceBatch, sequence_logprobs
@@ -342,3 +344,19 @@ def test_caches_joined_from_length_groups_serve_the_next_turn(tiny):
     follow_ups, continued = continue_each(reusing, prompts, first, params)
     fresh = TransformersGenerator(tiny, reuse_kv=False).generate(follow_ups, params)
     assert [o.token_ids for o in continued] == [o.token_ids for o in fresh]
+
+
+def test_generation_hands_the_cache_under_the_name_the_model_declares(tiny, prompts):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)."""
+
+    class Renamed(torch.nn.Module):
+        def forward(self, input_ids, cache=None): ...
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None): ...
+
+    assert cache_keyword(Renamed) == "cache"
+    assert cache_keyword(Older) == "past_key_values"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        TransformersGenerator(tiny).generate(prompts, GREEDY)
