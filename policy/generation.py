@@ -6,7 +6,6 @@ of those ids, and why generation ended. Nothing is decoded and re-tokenized, so 
 scores are the ids the policy produced.
 """
 
-import functools
 import inspect
 import math
 from collections.abc import Sequence
@@ -489,7 +488,6 @@ def _cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict[str, Dy
     return {cache_keyword(type(model)): cache}
 
 
-@functools.cache
 def cache_keyword(model_class: type) -> str:
     """``cache`` or ``past_key_values``: the name under which ``model_class.forward`` takes its KV cache."""
     parameters = inspect.signature(model_class.forward).parameters
