@@ -488,7 +488,7 @@ def _cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict[str, Dy
     return {cache_keyword(type(model)): cache}
 
 
-def cache_keyword(model_class: type) -> str:
+def cache_keyword(model_class: type[torch.nn.Module]) -> str:
     """``cache`` or ``past_key_values``: the name under which ``model_class.forward`` takes its KV cache."""
     parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
