@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import http.client
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -150,6 +151,37 @@ def run_clients(port: int, queries: list[str], *, clients: int, seconds: float, 
     return total
 
 
+def probe(port: int, seconds: float, results: "multiprocessing.Queue[dict[int, list[float]]]") -> None:
+    """One client in its own process: a new query every 20 ms, round trips in ms by status.
+
+    The load's 200 client threads share one interpreter, so each of their round trips also includes the
+    wait for that process's GIL; this client's do not, as for a client on another machine.
+    """
+    by_status: dict[int, list[float]] = {}
+    connection, sent_count = None, 0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        if connection is None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=GIVE_UP_S)
+        body = json.dumps({"queries": [f"probe {sent_count}: who wrote the probe?"], "topk": 3})
+        sent_count += 1
+        started = time.perf_counter()
+        try:
+            connection.request("POST", "/retrieve", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException):
+            connection.close()
+            connection = None
+        else:
+            by_status.setdefault(response.status, []).append((time.perf_counter() - started) * 1000.0)
+            if response.getheader("Connection", "").lower() == "close":
+                connection.close()
+                connection = None
+        time.sleep(0.02)
+    results.put(by_status)
+
+
 def percentiles(values: list[float]) -> str:
     if not values:
         return "-"
@@ -185,9 +217,22 @@ def phase_with_server(
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        spawn = multiprocessing.get_context("spawn")
+        probed: multiprocessing.Queue[dict[int, list[float]]] = spawn.Queue()
+        prober = spawn.Process(target=probe, args=(port, seconds, probed))
+        prober.start()
         tally = run_clients(port, queries, clients=args.clients, seconds=seconds, phase=phase)
+        by_status = probed.get(timeout=GIVE_UP_S)
+        prober.join()
         sampler_done.set()
         report(phase, tally, seconds, (before, rss_mb(server.pid)))
+        print(
+            "  one more client in its own process: "
+            + "; ".join(
+                f"HTTP {status} x {len(ms)}: {percentiles(ms)}" for status, ms in sorted(by_status.items())
+            ),
+            flush=True,
+        )
         if samples:
             print(f"  memory every 10 s (MB): {', '.join(f'{mb:.0f}' for mb in samples)}", flush=True)
     finally:
