@@ -9,7 +9,9 @@ connection errors: back off from 0.1 s to 2 s; give up on a query after 60 s, as
 2. overload: the server restarted with ``--max-inflight`` ``--overload-inflight`` (50) under the same
    clients, past the admission limit: how many 429s, and how fast they come back;
 3. kill: under load, the server is killed with SIGKILL halfway and restarted on the same port;
-4. soak: the default server under load for ``--soak-seconds`` (300), its memory sampled every 10 s.
+4. soak: the default server under load for ``--soak-seconds`` (300), its memory sampled every 10 s, after
+   ``--soak-warmup-seconds`` (60) of the same load (reported apart), in which the result cache fills to its
+   cap: the soak asks whether memory stays flat once the server is in its steady state.
 
 Each phase prints requests answered, 429s, 503s, other errors (anything else, and queries given up on),
 p50 / p99 latency of answered requests and of 429s, and the server's resident memory at start and end.
@@ -201,13 +203,25 @@ def report(phase: str, tally: Tally, seconds: float, memory: tuple[float, float]
 
 
 def phase_with_server(
-    index_dir: Path, queries: list[str], args: argparse.Namespace, *, phase: str, seconds: float, flags=()
+    index_dir: Path,
+    queries: list[str],
+    args: argparse.Namespace,
+    *,
+    phase: str,
+    seconds: float,
+    warmup_s: float = 2.0,
+    flags=(),
 ) -> None:
     port = free_port()
     server = start_server(index_dir, port, *flags)
     try:
-        run_clients(port, queries, clients=16, seconds=2.0, phase=f"warm{phase}")
+        started_mb = rss_mb(server.pid)
+        run_clients(port, queries, clients=args.clients, seconds=warmup_s, phase=f"warm{phase}")
         before = rss_mb(server.pid)
+        print(
+            f"{phase}: warm-up of {warmup_s:.0f} s, server memory {started_mb:.0f} -> {before:.0f} MB",
+            flush=True,
+        )
         samples: list[float] = []
         sampler_done = threading.Event()
 
@@ -283,6 +297,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--soak-seconds", type=float, default=300.0, help="length of the soak")
     parser.add_argument(
+        "--soak-warmup-seconds",
+        type=float,
+        default=60.0,
+        help="full load before the soak's memory is first read: the result cache fills to its cap, every "
+        "server thread is used once",
+    )
+    parser.add_argument(
         "--phases", default="load,overload,kill,soak", help="comma-separated phases to run, in this order"
     )
     return parser.parse_args()
@@ -303,7 +324,14 @@ def main() -> None:
     if "kill" in phases:
         kill_phase(index_dir, queries, args)
     if "soak" in phases:
-        phase_with_server(index_dir, queries, args, phase="soak", seconds=args.soak_seconds)
+        phase_with_server(
+            index_dir,
+            queries,
+            args,
+            phase="soak",
+            seconds=args.soak_seconds,
+            warmup_s=args.soak_warmup_seconds,
+        )
 
 
 if __name__ == "__main__":
