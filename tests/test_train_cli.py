@@ -10,7 +10,9 @@ import yaml
 from searchgym.env import SearchVectorEnv, load_dataset
 from searchgym.paths import CONFIGS_DIR, REPO_ROOT
 from searchgym.policy.models import tiny_random_model
+from searchgym.policy.vllm_backend import VLLMAsyncEngine
 from searchgym.retriever.base import Passage
+from searchgym.train import run
 from searchgym.train.config import TrainConfig, load_config
 from searchgym.train.config_io import build
 from searchgym.train.learner import LocalLearner
@@ -100,3 +102,25 @@ def test_searchgym_train_runs_the_tiny_preset_end_to_end(tmp_path: Path) -> None
     result = searchgym("train", "--config", str(TINY), f"logging.run_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert "dev/em" in result.stdout and (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_a_run_shuts_its_async_engine_down_even_when_training_fails(tmp_path: Path, monkeypatch) -> None:
+    """vLLM's async engine runs a core process and an event-loop thread that would outlive the run."""
+
+    class RecordingEngine(VLLMAsyncEngine):
+        def __init__(self) -> None:  # no vLLM here: only close() is called
+            self.closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    engine = RecordingEngine()
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("the run died")
+
+    monkeypatch.setattr(run, "make_engine", lambda config: engine)
+    monkeypatch.setattr(run, "train", killed)
+    with pytest.raises(RuntimeError, match="the run died"):
+        run.run_training(load_config(TINY, [f"logging.run_dir={tmp_path}"]))
+    assert engine.closed

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from searchgym.env import QAExample, SearchVectorEnv, load_dataset
 from searchgym.policy.models import Policy
+from searchgym.policy.vllm_backend import VLLMAsyncEngine
 from searchgym.runtime import seed_everything, set_torch_threads
 from searchgym.train.build import (
     load_training_policy,
@@ -39,23 +40,30 @@ def run_training(config: TrainConfig) -> TrainResult:
         return train_on_ray(config, train_examples=train_examples, dev_examples=dev_examples)
     policy, make_env = starting_policy(config, train_examples, dev_examples)
     learner = single_process_learner(config, policy)
+    engine = make_engine(config)
     rollout = SearchRollout(
         policy=policy,
         make_env=make_env,
         budgets=config.token_budgets,
-        engine=make_engine(config),
+        engine=engine,
         mode=config.rollout.mode,
         search_wait_s=config.rollout.search_wait_s,
         overlap=config.rollout.max_staleness > 0,
     )
-    return train(
-        config,
-        learner=learner,
-        rollout=rollout,
-        tokenizer=policy.tokenizer,
-        train_examples=train_examples,
-        dev_examples=dev_examples,
-    )
+    try:
+        return train(
+            config,
+            learner=learner,
+            rollout=rollout,
+            tokenizer=policy.tokenizer,
+            train_examples=train_examples,
+            dev_examples=dev_examples,
+        )
+    finally:
+        # The async engine's core process and event-loop thread outlive the run otherwise (vllm.LLM
+        # shuts its engine down when collected).
+        if isinstance(engine, VLLMAsyncEngine):
+            engine.close()
 
 
 def starting_policy(
