@@ -239,8 +239,6 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK_HOSTS and config.api_key is None:
         logging.warning("serving on %s without an API key: anyone who can reach it can query it", args.host)
     if config.search_workers > 1:
-        import torch
-
         from searchgym.retriever.manifest import Manifest
 
         method = Manifest.load(args.index).method
@@ -249,9 +247,6 @@ def _run_serve(args: argparse.Namespace) -> int:
                 f"--search-workers {config.search_workers} needs a dense index, not {method}: its searches "
                 "are not thread-safe (PyStemmer, Lucene), and one worker keeps up with them"
             )
-
-        # Each worker encodes and searches its own batch on its share of the cores.
-        _use_threads(max(1, torch.get_num_threads() // config.search_workers))
     logging.info("opening %s", args.index)
     opened = open_index(
         args.index,
@@ -263,6 +258,12 @@ def _run_serve(args: argparse.Namespace) -> int:
         encoder_backend=args.encoder_backend,
     )
     retriever = opened.retriever
+    if config.search_workers > 1:
+        import torch
+
+        # Each worker searches its own batch on its share of the cores (FAISS, and the PyTorch encoder).
+        # The ONNX Runtime encoder, opened above with all of them, divides them by the batches running.
+        _use_threads(max(1, torch.get_num_threads() // config.search_workers))
     if args.rerank is not None:
         from searchgym.retriever.rerank import RerankingRetriever
 

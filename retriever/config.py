@@ -21,9 +21,10 @@ class ServerConfig:
 
     Attributes:
         max_batch: most distinct queries per backend call; 1 turns micro-batching off.
-        search_workers: dense: backend calls run at once, each on its own thread with an equal share of the
-            encoder's and FAISS's threads; under many concurrent clients 2 workers of 1 thread encode more
-            queries/s than 1 worker of 2 threads, while a lone query is faster on all the threads.
+        search_workers: dense: backend calls run at once, each on its own thread; under many concurrent
+            clients 2 workers of 1 thread encode more queries/s than 1 worker of 2 threads, while a lone
+            query is faster on all the threads. FAISS and the PyTorch encoder give each worker an equal
+            share of the threads; the ONNX Runtime encoder gives a batch that runs alone all of them.
         max_wait_ms: how long the oldest waiting query may be held back for a fuller batch (never when it
             is alone in the queue).
         max_queue: most queries waiting for the backend; more get 429 with Retry-After.

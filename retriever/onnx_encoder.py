@@ -14,6 +14,7 @@ quantisation): about 1.5x the fp32 speed on a CPU, at a cosine of about 0.99 to 
 """
 
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ import numpy as np
 from searchgym.errors import SearchgymError
 
 if TYPE_CHECKING:
+    import onnxruntime
     from sentence_transformers import SentenceTransformer
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -32,10 +34,16 @@ _OPSET = 17
 class OnnxTransformer:
     """Encodes texts with ``model``'s transformer exported to ONNX and its own pooling modules.
 
+    The threads are matched to the load: a call that runs alone gets all ``threads``, and when calls
+    overlap (the server's search workers under many clients) each new one gets ``threads`` divided by the
+    calls running, because small batches parallelise poorly and two batches on one thread each encode
+    more than one batch on two. ONNX Runtime fixes a session's threads when it is created, so there is a
+    session per thread count, made the first time it is needed (each holds its own copy of the weights).
+
     Args:
         model: a CPU sentence-transformers model (transformer first, then pooling and the like).
         quantize: int8 dynamic quantisation of the MatMul weights.
-        threads: ONNX Runtime's intra-op threads (the server gives it its ``--threads``).
+        threads: ONNX Runtime's intra-op threads for a call that runs alone.
 
     Raises:
         SearchgymError: onnxruntime (the ``onnx`` extra) is not installed, or the export fails.
@@ -54,19 +62,49 @@ class OnnxTransformer:
         transformer.eval()
         sample = self._features(["a short text", "a somewhat longer text to export the model with"])
         self._inputs = [name for name in _MODEL_INPUTS if name in sample]
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
         with tempfile.TemporaryDirectory(prefix="searchgym-onnx-") as folder:
             path = _export(transformer, sample, self._inputs, Path(folder) / "encoder.onnx")
             if quantize:
                 path = _quantize(path)
-            self._session: onnxruntime.InferenceSession = onnxruntime.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
+            self._graph = path.read_bytes()
+        self.threads = threads
+        self._sessions: dict[int, onnxruntime.InferenceSession] = {}
+        self._running = 0
+        self._lock = threading.Lock()
+        self._session(threads)
+
+    @property
+    def session_threads(self) -> list[int]:
+        """The thread counts of the sessions made so far, most first."""
+        return sorted(self._sessions, reverse=True)
 
     def encode(self, texts: list[str], *, batch_size: int) -> np.ndarray:
         """(N, D) float32 unit vectors, encoded in batches of texts of similar length."""
+        with self._lock:
+            self._running += 1
+            session = self._session(max(1, self.threads // self._running))
+        try:
+            return self._encode(session, texts, batch_size)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def _session(self, threads: int) -> "onnxruntime.InferenceSession":
+        """The session running on ``threads`` intra-op threads (made on first use)."""
+        import onnxruntime
+
+        if threads not in self._sessions:
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            self._sessions[threads] = onnxruntime.InferenceSession(
+                self._graph, options, providers=["CPUExecutionProvider"]
+            )
+        return self._sessions[threads]
+
+    def _encode(
+        self, session: "onnxruntime.InferenceSession", texts: list[str], batch_size: int
+    ) -> np.ndarray:
         import torch
 
         order = np.argsort([-len(text) for text in texts], kind="stable")
@@ -74,7 +112,7 @@ class OnnxTransformer:
         for start in range(0, len(texts), batch_size):
             features = self._features([texts[i] for i in order[start : start + batch_size]])
             feed = {name: features[name].numpy() for name in self._inputs}
-            features["token_embeddings"] = torch.from_numpy(self._session.run(None, feed)[0])
+            features["token_embeddings"] = torch.from_numpy(session.run(None, feed)[0])
             for module in self._pooling:
                 features = module(features)
             vectors.append(features["sentence_embedding"].numpy())

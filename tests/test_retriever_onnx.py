@@ -1,6 +1,8 @@
 """The ONNX Runtime encoder backend: the PyTorch encoder's vectors, served from the same index."""
 
 import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from retriever_fixtures import QUERIES, TINY_CORPUS, tiny_index, tiny_random_enc
 from searchgym.cli import build_parser
 from searchgym.retriever.encoder import PROBE_MIN_COSINE, Encoder, EncoderError
 from searchgym.retriever.index import load_retriever, open_index
+from searchgym.retriever.onnx_encoder import OnnxTransformer
 
 pytest.importorskip("onnxruntime")
 
@@ -71,3 +74,34 @@ def test_serve_and_index_take_the_backend_flag():
     assert (serve.encoder_backend, index.encoder_backend) == ("onnx-int8", "onnx")
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--index", "x", "--encoder-backend", "tensorrt"])
+
+
+def test_a_call_alone_gets_all_threads_and_overlapping_calls_share_them(random_encoder_dir, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    transformer = OnnxTransformer(
+        SentenceTransformer(str(random_encoder_dir), device="cpu"), quantize=False, threads=2
+    )
+    alone = transformer.encode(TEXTS, batch_size=4)
+    used: list[int] = []
+    inside, release = threading.Event(), threading.Event()
+    encode = OnnxTransformer._encode
+
+    def recording(self, session, texts, batch_size):
+        used.append(session.get_session_options().intra_op_num_threads)
+        if texts is TEXTS:  # the first, long-running call: hold it until the second has run
+            inside.set()
+            release.wait(timeout=30)
+        return encode(self, session, texts, batch_size)
+
+    monkeypatch.setattr(OnnxTransformer, "_encode", recording)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(transformer.encode, TEXTS, batch_size=4)
+        assert inside.wait(timeout=30)
+        second = transformer.encode(list(TEXTS), batch_size=4)  # overlaps the first
+        release.set()
+        np.testing.assert_allclose(first.result(), alone, atol=1e-6)
+    np.testing.assert_allclose(second, alone, atol=1e-6)
+    transformer.encode(list(TEXTS), batch_size=4)  # alone again
+    assert used == [2, 1, 2]
+    assert transformer.session_threads == [2, 1]
