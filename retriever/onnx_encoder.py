@@ -13,6 +13,7 @@ transformers below 5.
 quantisation): about 1.5x the fp32 speed on a CPU, at a cosine of about 0.99 to the fp32 vectors.
 """
 
+import itertools
 import tempfile
 import threading
 import warnings
@@ -35,10 +36,13 @@ class OnnxTransformer:
     """Encodes texts with ``model``'s transformer exported to ONNX and its own pooling modules.
 
     The threads are matched to the load: a call that runs alone gets all ``threads``, and when calls
-    overlap (the server's search workers under many clients) each new one gets ``threads`` divided by the
-    calls running, because small batches parallelise poorly and two batches on one thread each encode
-    more than one batch on two. ONNX Runtime fixes a session's threads when it is created, so there is a
-    session per thread count, made the first time it is needed (each holds its own copy of the weights).
+    overlap (the server's search workers under many clients) each gets ``threads`` divided by the calls
+    that overlap, because small batches parallelise poorly and two batches on one thread each encode more
+    than one batch on two. The calls that overlap are those running when a call starts or, if more, those
+    that overlapped the last call to finish: under steady load a worker often starts while the other is
+    between batches, and on all the threads it would oversubscribe the cores once the other starts again.
+    ONNX Runtime fixes a session's threads when it is created, so there is a session per thread count,
+    made the first time it is needed (each holds its own copy of the weights).
 
     Args:
         model: a CPU sentence-transformers model (transformer first, then pooling and the like).
@@ -69,8 +73,10 @@ class OnnxTransformer:
             self._graph = path.read_bytes()
         self.threads = threads
         self._sessions: dict[int, onnxruntime.InferenceSession] = {}
-        self._running = 0
         self._lock = threading.Lock()
+        self._call_ids = itertools.count()
+        self._overlaps: dict[int, int] = {}  # running call -> the most calls that ran at once during it
+        self._last_overlap = 1
         self._session(threads)
 
     @property
@@ -81,13 +87,17 @@ class OnnxTransformer:
     def encode(self, texts: list[str], *, batch_size: int) -> np.ndarray:
         """(N, D) float32 unit vectors, encoded in batches of texts of similar length."""
         with self._lock:
-            self._running += 1
-            session = self._session(max(1, self.threads // self._running))
+            call = next(self._call_ids)
+            self._overlaps[call] = 0
+            running = len(self._overlaps)
+            for other in self._overlaps:
+                self._overlaps[other] = max(self._overlaps[other], running)
+            session = self._session(max(1, self.threads // max(running, self._last_overlap)))
         try:
             return self._encode(session, texts, batch_size)
         finally:
             with self._lock:
-                self._running -= 1
+                self._last_overlap = self._overlaps.pop(call)
 
     def _session(self, threads: int) -> "onnxruntime.InferenceSession":
         """The session running on ``threads`` intra-op threads (made on first use)."""

@@ -102,6 +102,7 @@ def test_a_call_alone_gets_all_threads_and_overlapping_calls_share_them(random_e
         release.set()
         np.testing.assert_allclose(first.result(), alone, atol=1e-6)
     np.testing.assert_allclose(second, alone, atol=1e-6)
-    transformer.encode(list(TEXTS), batch_size=4)  # alone again
-    assert used == [2, 1, 2]
+    transformer.encode(list(TEXTS), batch_size=4)  # alone, but the last call to finish was not
+    transformer.encode(list(TEXTS), batch_size=4)  # alone after a call that ran alone
+    assert used == [2, 1, 1, 2]
     assert transformer.session_threads == [2, 1]
