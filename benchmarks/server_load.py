@@ -85,6 +85,14 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def post(connection: http.client.HTTPConnection, body: str) -> http.client.HTTPResponse:
+    """POST ``body`` to ``/retrieve`` and read the whole reply."""
+    connection.request("POST", "/retrieve", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    response.read()
+    return response
+
+
 def run_clients(port: int, queries: list[str], *, clients: int, seconds: float, phase: str) -> Tally:
     """``clients`` threads sending new single-query requests for ``seconds``; retried until answered."""
     tallies = [Tally() for _ in range(clients)]
@@ -102,9 +110,7 @@ def run_clients(port: int, queries: list[str], *, clients: int, seconds: float, 
                     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=GIVE_UP_S)
                 started = time.perf_counter()
                 try:
-                    connection.request("POST", "/retrieve", body, {"Content-Type": "application/json"})
-                    response = connection.getresponse()
-                    response.read()
+                    response = post(connection, body)
                 # Refused or reset while the server is down, or a reply cut off by the kill.
                 except (OSError, http.client.HTTPException):
                     tally.connection_errors += 1
@@ -169,9 +175,7 @@ def probe(port: int, seconds: float, results: "multiprocessing.Queue[dict[int, l
         sent_count += 1
         started = time.perf_counter()
         try:
-            connection.request("POST", "/retrieve", body, {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            response.read()
+            response = post(connection, body)
         except (OSError, http.client.HTTPException):
             connection.close()
             connection = None

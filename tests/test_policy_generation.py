@@ -229,6 +229,17 @@ def test_the_prompts_common_prefix_is_computed_once_with_the_same_results(tiny, 
         assert one.logprobs == pytest.approx(other.logprobs, abs=1e-4)
 
 
+def assert_sampled_logprobs_are_the_trainers(policy, prompts, generations):
+    """Each generation's sampler log-probs (temperature 1) equal the trainer's log-probs of its tokens."""
+    for prompt, generation in zip(prompts, generations, strict=True):
+        logprobs = sequence_logprobs(
+            policy.model,
+            SequenceBatch.from_ids([prompt], [generation.token_ids], pad_token_id=0),
+            temperature=1.0,
+        ).logprobs[0]
+        assert generation.logprobs == pytest.approx(logprobs.tolist(), abs=1e-4)
+
+
 def test_repeated_prompts_are_prefilled_once_and_sample_apart(tiny, prompts):
     """A GRPO group: the same prompt 4 times, prefilled once, then each copy samples its own tokens."""
     params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, stop=())
@@ -237,13 +248,7 @@ def test_repeated_prompts_are_prefilled_once_and_sample_apart(tiny, prompts):
     together = generator.generate(groups, params)
     assert generator.prefilled_tokens == shared_prefill([prompts[0], prompts[2]])
     assert len({tuple(g.token_ids) for g in together[:4]}) > 1
-    for prompt, generation in zip(groups, together, strict=True):
-        logprobs = sequence_logprobs(
-            tiny.model,
-            SequenceBatch.from_ids([prompt], [generation.token_ids], pad_token_id=0),
-            temperature=1.0,
-        ).logprobs[0]
-        assert generation.logprobs == pytest.approx(logprobs.tolist(), abs=1e-4)
+    assert_sampled_logprobs_are_the_trainers(tiny, groups, together)
 
 
 def test_prompts_extending_the_last_call_reuse_its_kv_cache_with_the_same_results(tiny, prompts):
@@ -334,13 +339,7 @@ def test_caches_joined_from_length_groups_serve_the_next_turn(tiny):
     params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5, stop=())
     reusing = TransformersGenerator(tiny)
     first = reusing.generate(prompts, params)
-    for prompt, generation in zip(prompts, first, strict=True):
-        logprobs = sequence_logprobs(
-            tiny.model,
-            SequenceBatch.from_ids([prompt], [generation.token_ids], pad_token_id=0),
-            temperature=1.0,
-        ).logprobs[0]
-        assert generation.logprobs == pytest.approx(logprobs.tolist(), abs=1e-4)
+    assert_sampled_logprobs_are_the_trainers(tiny, prompts, first)
     follow_ups, continued = continue_each(reusing, prompts, first, params)
     fresh = TransformersGenerator(tiny, reuse_kv=False).generate(follow_ups, params)
     assert [o.token_ids for o in continued] == [o.token_ids for o in fresh]
