@@ -6,11 +6,12 @@ of those ids, and why generation ended. Nothing is decoded and re-tokenized, so 
 scores are the ids the policy produced.
 """
 
+import functools
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from transformers import (
@@ -366,14 +367,13 @@ class _DecodeState:
         positions already (rotary embeddings are applied before caching), so the columns they move to
         do not matter.
         """
-        joined = [row for group in groups for row in group]
         kept = [
             _KVPrefix(tuple(prompts[row]), *part.kv_of(local))
             for part, group in zip(parts, groups, strict=True)
             for local, row in enumerate(group)
         ]
-        position_of = {row: position for position, row in enumerate(joined)}
-        order = [position_of[row] for row in range(len(prompts))]
+        # The parts hold the rows group after group; the inverse of that permutation puts them back.
+        order = torch.tensor([row for group in groups for row in group]).argsort().tolist()
         width = max(len(prompt) for prompt in prompts)
         cache = DynamicCache(config=policy.model.config)
         _fill_cache(cache, [kept[position] for position in order], width)
@@ -485,13 +485,13 @@ def _cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict[str, Dy
     transformers renamed ``past_key_values`` to ``cache`` within the 5.x range setup.cfg allows, and the old
     name goes in 5.40: a model is given the name its ``forward`` declares.
     """
-    return {cache_keyword(type(model)): cache}
+    return {cache_keyword(type(model).forward): cache}
 
 
-def cache_keyword(model_class: type[torch.nn.Module]) -> str:
-    """``cache`` or ``past_key_values``: the name under which ``model_class.forward`` takes its KV cache."""
-    parameters = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+@functools.cache  # read once per model class: a signature lookup costs ~50 us, and it is asked every step
+def cache_keyword(forward: Callable[..., Any]) -> str:
+    """``cache`` or ``past_key_values``: the name under which a model's ``forward`` takes its KV cache."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _weights_version(model: torch.nn.Module) -> int:

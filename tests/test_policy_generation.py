@@ -354,8 +354,8 @@ def test_generation_hands_the_cache_under_the_name_the_model_declares(tiny, prom
     class Older(torch.nn.Module):
         def forward(self, input_ids, past_key_values=None): ...
 
-    assert cache_keyword(Renamed) == "cache"
-    assert cache_keyword(Older) == "past_key_values"
+    assert cache_keyword(Renamed.forward) == "cache"
+    assert cache_keyword(Older.forward) == "past_key_values"
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         TransformersGenerator(tiny).generate(prompts, GREEDY)
