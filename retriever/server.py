@@ -32,6 +32,7 @@ from searchgym.retriever.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1  # what a 429 or 503 tells clients to wait
+GATE_EXTENSION = "searchgym.admission"  # the app's AdmissionGate, in Flask's app.extensions
 _BEARER = re.compile(r"bearer +(?P<token>\S.*)", re.IGNORECASE)  # RFC 6750: the scheme is case-insensitive
 
 
@@ -172,12 +173,14 @@ def create_app(service: RetrievalService, *, manifest: Manifest | None = None) -
     The app sits behind an :class:`AdmissionGate` admitting ``config.max_inflight`` retrievals at a time.
     """
     app = Flask("searchgym.retriever")
-    app.wsgi_app = AdmissionGate(  # type: ignore[method-assign]
+    gate = AdmissionGate(
         app.wsgi_app,
         max_inflight=service.config.max_inflight,
         retry_after_s=RETRY_AFTER_S,
         on_refused=service.stats.record_error,
     )
+    app.wsgi_app = gate  # type: ignore[method-assign]
+    app.extensions[GATE_EXTENSION] = gate  # serve() gives it to the door, which refuses while it is full
     app.config["MAX_CONTENT_LENGTH"] = service.config.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]  # UTF-8 text, as Search-R1's server sends
@@ -278,4 +281,5 @@ def serve(
         if on_listen is not None:
             on_listen(f"http://{host}:{bound_port}")
 
-    serve_with_limits(app, host=host, port=port, limits=limits, on_listen=announce)
+    gate = app.extensions[GATE_EXTENSION]
+    serve_with_limits(app, host=host, port=port, limits=limits, gate=gate, on_listen=announce)

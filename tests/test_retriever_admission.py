@@ -12,9 +12,10 @@ import requests
 from retriever_fixtures import BlockingRetriever, EchoRetriever
 
 from searchgym.errors import SearchgymError
+from searchgym.retriever import admission
 from searchgym.retriever.admission import ARRIVAL_KEY, DoorLimits, check_port, open_door_server
 from searchgym.retriever.config import ServerConfig
-from searchgym.retriever.server import RetrievalService, create_app
+from searchgym.retriever.server import GATE_EXTENSION, RetrievalService, create_app
 
 
 @pytest.fixture
@@ -30,7 +31,9 @@ def start_server():
             idle_timeout_s=service.config.idle_timeout_s,
             max_body_bytes=service.config.max_body_bytes,
         )
-        server = open_door_server(create_app(service), host="127.0.0.1", port=0, limits=limits)
+        app = create_app(service)
+        gate = app.extensions[GATE_EXTENSION]
+        server = open_door_server(app, host="127.0.0.1", port=0, limits=limits, gate=gate)
         threading.Thread(target=server.run, daemon=True).start()
         running.append((server, service))
         return f"http://127.0.0.1:{server.effective_port}"
@@ -60,6 +63,64 @@ def test_past_max_inflight_a_request_gets_429_at_once_and_health_still_answers(s
         assert [future.result().status_code for future in admitted] == [200, 200]
     stats = requests.get(f"{url}/stats", timeout=10).json()
     assert stats["errors"]["429"] >= 1 and stats["requests"] >= 2
+
+
+def raw_post(connection: socket.socket, body: bytes, *, version: str = "1.1", close: bool = False) -> None:
+    head = f"POST /retrieve HTTP/{version}\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+    connection.sendall(head.encode() + (b"Connection: close\r\n" if close else b"") + b"\r\n" + body)
+
+
+def read_response(connection: socket.socket) -> tuple[str, dict[str, str], bytes]:
+    """One HTTP response from a raw socket: status line, headers (lower-case names), body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        body += connection.recv(4096)
+    return status, headers, body
+
+
+def test_while_the_gate_is_full_the_io_loop_refuses_without_a_thread(start_server, monkeypatch):
+    # No spare threads: the only thread is held by the admitted request, so a 429 can only come from the
+    # I/O loop itself.
+    monkeypatch.setattr(admission, "DOOR_THREADS", 0)
+    blocking = BlockingRetriever()
+    url = start_server(blocking, max_inflight=1, max_batch=1)
+    port = int(url.rsplit(":", 1)[1])
+    query = json.dumps({"queries": ["q"]}).encode()
+    with ThreadPoolExecutor(1) as pool:
+        admitted = pool.submit(requests.post, f"{url}/retrieve", json={"queries": ["a"]}, timeout=30)
+        assert blocking.entered.wait(10)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+            raw_post(connection, query)
+            status, headers, body = read_response(connection)
+            assert status == "HTTP/1.1 429 Too Many Requests" and headers["retry-after"] == "1"
+            assert "1 requests are being served" in json.loads(body)["error"]
+            assert "connection" not in headers  # HTTP/1.1 keeps the connection open
+            raw_post(connection, query)  # and the same connection is refused again
+            assert read_response(connection)[0].startswith("HTTP/1.1 429")
+            blocking.release.set()
+            assert admitted.result().status_code == 200
+            raw_post(connection, query)  # once the gate has room, the same connection is served
+            status, _, body = read_response(connection)
+            assert status == "HTTP/1.1 200 OK" and json.loads(body)["result"]
+        blocking.release.clear()
+        blocking.entered.clear()
+        admitted = pool.submit(requests.post, f"{url}/retrieve", json={"queries": ["b"]}, timeout=30)
+        assert blocking.entered.wait(10)
+        for version, close in (("1.0", False), ("1.1", True)):  # a refusal closes what asked to close
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+                raw_post(connection, query, version=version, close=close)
+                status, headers, _ = read_response(connection)
+                assert status == f"HTTP/{version} 429 Too Many Requests" and headers["connection"] == "close"
+                assert connection.recv(1) == b""
+        blocking.release.set()
+        assert admitted.result().status_code == 200
+    stats = requests.get(f"{url}/stats", timeout=10).json()
+    assert stats["errors"]["429"] == 4
 
 
 def test_past_max_connections_a_new_connection_gets_503_and_is_closed(start_server):
