@@ -34,7 +34,7 @@ from searchgym.errors import SearchgymError
 
 logger = logging.getLogger(__name__)
 ARRIVAL_KEY = "searchgym.arrival"  # WSGI environ key: time.perf_counter() when the request was taken
-DOOR_THREADS = 8  # waitress threads beyond the admitted ones, kept free to send refusals
+DOOR_THREADS = 8  # waitress threads beyond the admitted ones: /health, /stats and the gate's own refusals
 _GATED_PATHS = frozenset({"/retrieve"})  # /health and /stats stay answerable under overload
 _FD_RESERVE = 64  # file descriptors kept for the index, logs and the listening socket
 
@@ -130,7 +130,11 @@ class AdmissionGate:
 
     @property
     def full(self) -> bool:
-        """Whether the next gated request would be refused now."""
+        """Whether the next gated request would be refused now.
+
+        Read without the lock: a count one request stale only moves that request's refusal (or admission)
+        from the door to the gate, which decides under the lock.
+        """
         return self.inflight >= self.max_inflight
 
     def refusal(self) -> tuple[str, list[tuple[str, str]], bytes]:
