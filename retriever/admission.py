@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Any
 
 from searchgym.errors import SearchgymError
@@ -182,6 +183,7 @@ def refuse_at_door(channel: Any, gate: AdmissionGate) -> None:
         refused = True
         request = channel.requests.pop(0)
         status, headers, body = gate.refusal()
+        headers.append(("Date", formatdate(usegmt=True)))  # RFC 9110: every 4xx from a server with a clock
         keep = keeps_alive(request)
         if not keep:
             headers.append(("Connection", "close"))
