@@ -13,15 +13,15 @@ used, so the held-out gold@3 comes from the retrieval benchmark:
 """
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from searchgym.env.data import load_dataset
 from searchgym.env.rewards import normalize_answer
-from searchgym.paths import QA_DIR, WIKI_MINI_CORPUS, default_encoder_path
+from searchgym.paths import WIKI_MINI_CORPUS, default_encoder_path
 from searchgym.retriever.base import Passage
 from searchgym.retriever.corpus import read_corpus
 from searchgym.retriever.index import IndexSpec, ensure_index, load_retriever
@@ -35,27 +35,27 @@ def training_pairs(
 
     The hard negatives are the best of ``candidates`` BM25 passages (``index_dir``, built when missing).
     """
-    rows = [json.loads(line) for line in (QA_DIR / "train.jsonl").open()]
-    rows = [row for row in rows if row.get("gold_doc_ids")]
-    gold_ids = {doc_id for row in rows for doc_id in row["gold_doc_ids"]}
+    examples = [example for example in load_dataset("wiki-mini-train") if example.gold_doc_ids]
+    gold_ids = {doc_id for example in examples for doc_id in example.gold_doc_ids or ()}
     gold = {d.id: Passage(d.id, d.contents, 0.0) for d in read_corpus(WIKI_MINI_CORPUS) if d.id in gold_ids}
     ensure_index(IndexSpec(corpus=WIKI_MINI_CORPUS, out=index_dir, method="bm25", progress=False))
-    hits = load_retriever(index_dir).search([row["question"] for row in rows], candidates)
+    hits = load_retriever(index_dir).search([example.question for example in examples], candidates)
     questions: list[str] = []
     passages: list[str] = []
     labels: list[float] = []
-    for row, found in zip(rows, hits, strict=True):
-        answers = [normalize_answer(answer) for answer in row["golden_answers"]]
+    for example, found in zip(examples, hits, strict=True):
+        gold_of_example = example.gold_doc_ids or ()
+        answers = [normalize_answer(answer) for answer in example.golden_answers]
         hard = [
             p
             for p in found
-            if p.id not in row["gold_doc_ids"]
+            if p.id not in gold_of_example
             and not any(a and a in normalize_answer(passage_text(p)) for a in answers)  # the title too
         ]
-        positives = [gold[doc_id] for doc_id in row["gold_doc_ids"] if doc_id in gold][:1]
+        positives = [gold[doc_id] for doc_id in gold_of_example if doc_id in gold][:1]
         chosen = [(p, 1.0) for p in positives] + [(p, 0.0) for p in hard[:negatives]]
         for passage, label in chosen:
-            questions.append(row["question"])
+            questions.append(example.question)
             passages.append(passage_text(passage))
             labels.append(label)
     return questions, passages, labels

@@ -187,8 +187,7 @@ def refuse_at_door(channel: Any, gate: AdmissionGate) -> None:
         keep = keeps_alive(request)
         if not keep:
             headers.append(("Connection", "close"))
-        head = f"HTTP/{request.version} {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
-        payload = head.encode("latin-1") + b"\r\n" + body
+        payload = raw_response(request.version, status, headers, body)
         request.close()
         with channel.outbuf_lock:
             channel.outbufs[-1].append(payload)
@@ -205,14 +204,22 @@ def refuse_at_door(channel: Any, gate: AdmissionGate) -> None:
         channel.server.pull_trigger()  # the I/O loop sends the rest, or closes
 
 
+def raw_response(version: str, status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    """A whole HTTP response as the door writes it to a socket itself, outside WSGI."""
+    head = f"HTTP/{version} {status}\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers)
+    return head.encode("latin-1") + b"\r\n" + body
+
+
 def refusal_bytes(retry_after_s: int) -> bytes:
     """The whole HTTP response sent to a connection past the limit, before closing it."""
     body = b'{"error": "too many open connections; retry shortly"}'
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nRetry-After: {retry_after_s}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode() + body
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("Retry-After", str(retry_after_s)),
+        ("Connection", "close"),
+    ]
+    return raw_response("1.1", "503 Service Unavailable", headers, body)
 
 
 def serve_with_limits(

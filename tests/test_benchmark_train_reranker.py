@@ -1,10 +1,10 @@
 """The reranker's training pairs (benchmarks/train_reranker.py): gold positives, safe hard negatives."""
 
 import importlib.util
-import json
 
+from searchgym.env.data import load_dataset
 from searchgym.env.rewards import normalize_answer
-from searchgym.paths import QA_DIR, REPO_ROOT
+from searchgym.paths import REPO_ROOT
 
 
 def load_script():
@@ -18,14 +18,14 @@ def load_script():
 
 def test_each_question_gets_its_gold_passage_then_negatives_without_gold_or_answer(tmp_path):
     questions, passages, labels = load_script().training_pairs(tmp_path / "bm25", negatives=2, candidates=10)
-    rows = {row["question"]: row for row in map(json.loads, (QA_DIR / "train.jsonl").open())}
+    rows = {example.question: example for example in load_dataset("wiki-mini-train")}
     assert len(questions) == len(passages) == len(labels)
     positives = [i for i, label in enumerate(labels) if label == 1.0]
-    assert len(positives) == sum(1 for row in rows.values() if row.get("gold_doc_ids"))
+    assert len(positives) == sum(1 for example in rows.values() if example.gold_doc_ids)
     for start, end in zip(positives, [*positives[1:], len(labels)], strict=True):
         assert set(questions[start:end]) == {questions[start]} and 1 <= end - start <= 3
         assert labels[start + 1 : end] == [0.0] * (end - start - 1)
-        answers = [normalize_answer(a) for a in rows[questions[start]]["golden_answers"]]
+        answers = [normalize_answer(a) for a in rows[questions[start]].golden_answers]
         assert passages[start].startswith("(Title: ")  # as the reranker sees a passage when serving
         for negative in passages[start + 1 : end]:
             assert negative != passages[start]
