@@ -27,6 +27,11 @@ POOLINGS = ("mean", "cls")  # as searchgym.retriever.encoder.POOLINGS, without i
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
+# glibc gives every thread its own cache of freed chunks (tcache), which it never returns: over a soak,
+# waitress's hundreds of threads (one per admitted request) each fill theirs, +11% of the server's memory
+# in 5 minutes; without them, +1% (docs/benchmarks.md). glibc reads its tunables only at process start.
+NO_THREAD_CACHES = "glibc.malloc.tcache_count=0"
+
 
 def default_index_dir(corpus: Path, method: str) -> Path:
     """``indexes/<corpus name>-<method>``, e.g. ``indexes/wiki-mini-bm25``."""
@@ -227,7 +232,34 @@ def _attribute_docs(config_class: type) -> dict[str, str]:
     return docs
 
 
+def environ_without_thread_caches(environ: dict[str, str]) -> dict[str, str] | None:
+    """``environ`` with glibc's per-thread malloc caches turned off, or None when it needs no change.
+
+    None also when the C library is not glibc, or when the user's ``GLIBC_TUNABLES`` already sets the
+    cache size: theirs wins.
+    """
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError):
+        glibc = None
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if not glibc or "glibc.malloc.tcache_count" in tunables:
+        return None
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{NO_THREAD_CACHES}" if tunables else NO_THREAD_CACHES}
+
+
+def _restart_without_thread_caches() -> None:
+    """Re-execute this ``searchgym serve`` process (same pid, same arguments) with the caches off.
+
+    Only a process started as ``searchgym serve`` is replaced, never one that called ``main`` itself.
+    """
+    environ = environ_without_thread_caches(dict(os.environ))
+    if environ is not None and sys.argv[1:2] == ["serve"]:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+
+
 def _run_serve(args: argparse.Namespace) -> int:
+    _restart_without_thread_caches()
     from searchgym.retriever.admission import check_port
     from searchgym.retriever.index import open_index
     from searchgym.retriever.server import RetrievalService, create_app, serve

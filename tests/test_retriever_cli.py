@@ -5,17 +5,20 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import requests
 from retriever_fixtures import QUERIES, TINY_CORPUS, write_jsonl
 
 from searchgym.cli import build_parser
-from searchgym.retriever.cli import default_index_dir
+from searchgym.retriever.cli import NO_THREAD_CACHES, default_index_dir, environ_without_thread_caches
 from searchgym.retriever.client import HttpRetriever
 from searchgym.retriever.index import load_retriever
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+ENV.pop("GLIBC_TUNABLES", None)
+ON_GLIBC = sys.platform == "linux" and bool(os.confstr("CS_GNU_LIBC_VERSION"))
 
 
 def searchgym(*args, cwd=None):
@@ -87,9 +90,26 @@ def test_serve_over_a_real_socket(indexed):
         assert [hits[0]["document"]["id"] for hits in body["result"]] == ["0", "2"]
         assert HttpRetriever(url).search(QUERIES, 3) == load_retriever(index_dir).search(QUERIES, 3)
         assert requests.get(url.replace("/retrieve", "/stats"), timeout=30).json()["requests"] == 2
+        if ON_GLIBC:  # it restarted itself with glibc's per-thread malloc caches off (the soak's growth)
+            environ = Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
+            assert f"GLIBC_TUNABLES={NO_THREAD_CACHES}".encode() in environ
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+
+
+@pytest.mark.skipif(not ON_GLIBC, reason="a glibc tunable")
+def test_the_thread_caches_are_turned_off_without_overriding_the_users_tunables():
+    assert environ_without_thread_caches({"PATH": "/bin"}) == {
+        "PATH": "/bin",
+        "GLIBC_TUNABLES": NO_THREAD_CACHES,
+    }
+    arenas = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert environ_without_thread_caches(arenas) == {
+        "GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{NO_THREAD_CACHES}"
+    }
+    assert environ_without_thread_caches({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}) is None
+    assert environ_without_thread_caches({"GLIBC_TUNABLES": NO_THREAD_CACHES}) is None
 
 
 def test_serve_refuses_an_index_of_another_corpus(indexed, tmp_path):
