@@ -105,25 +105,30 @@ class FailingRetriever:
         raise RuntimeError("index file vanished")
 
 
-def tiny_random_encoder(folder: Path, *, hidden_size: int = 32, seed: int = 0) -> Path:
-    """A plain Hugging Face BERT folder with random weights and MiniLM's tokenizer (no download)."""
+def tiny_random_encoder(
+    folder: Path, *, hidden_size: int = 32, seed: int = 0, model_type: str = "bert"
+) -> Path:
+    """A plain Hugging Face folder (BERT, or another ``model_type``) with random weights and MiniLM's
+    tokenizer (no download)."""
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from searchgym.paths import default_encoder_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_encoder_path())
-    config = BertConfig(
+    config = AutoConfig.for_model(
+        model_type,
         vocab_size=tokenizer.vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=2 * hidden_size,
         max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BertModel(config).eval()
+        model = AutoModel.from_config(config).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

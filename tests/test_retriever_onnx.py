@@ -11,7 +11,7 @@ from retriever_fixtures import QUERIES, TINY_CORPUS, tiny_index, tiny_random_enc
 from searchgym.cli import build_parser
 from searchgym.retriever.encoder import PROBE_MIN_COSINE, Encoder, EncoderError
 from searchgym.retriever.index import load_retriever, open_index
-from searchgym.retriever.onnx_encoder import OnnxTransformer
+from searchgym.retriever.onnx_encoder import PACK_TOKENS, OnnxTransformer, cheapest_packs
 
 pytest.importorskip("onnxruntime")
 
@@ -31,6 +31,37 @@ def test_onnx_gives_the_torch_vectors_in_the_callers_order(random_encoder_dir, p
     onnx_vectors = Encoder(str(random_encoder_dir), backend="onnx", **options).encode_queries(TEXTS)
     np.testing.assert_allclose(onnx_vectors, torch_vectors, atol=2e-5)
     np.testing.assert_allclose(np.linalg.norm(onnx_vectors, axis=1), 1.0, rtol=1e-5)
+
+
+def test_texts_of_uneven_length_run_packed_and_give_the_torch_vectors(random_encoder_dir):
+    options = {"device": "cpu", "batch_size": len(TEXTS)}  # one batch of 1 to ~40 tokens
+    onnx = Encoder(str(random_encoder_dir), backend="onnx", **options)
+    assert onnx._onnx is not None and onnx._onnx.packed
+    lengths = [len(ids) for ids in onnx._model.tokenizer(TEXTS)["input_ids"]]
+    assert len(cheapest_packs(lengths, hidden_size=64)) < len(TEXTS)  # so this batch is packed
+    torch_vectors = Encoder(str(random_encoder_dir), **options).encode_queries(TEXTS)
+    np.testing.assert_allclose(onnx.encode_queries(TEXTS), torch_vectors, atol=2e-5)
+
+
+def test_a_model_that_offsets_its_positions_is_not_packed(tmp_path):
+    roberta = tiny_random_encoder(tmp_path / "roberta", hidden_size=64, model_type="roberta")
+    options = {"device": "cpu", "batch_size": len(TEXTS)}
+    onnx = Encoder(str(roberta), backend="onnx", **options)
+    assert onnx._onnx is not None and not onnx._onnx.packed  # its positions start after the padding id
+    torch_vectors = Encoder(str(roberta), **options).encode_queries(TEXTS)
+    np.testing.assert_allclose(onnx.encode_queries(TEXTS), torch_vectors, atol=2e-5)
+
+
+def test_packs_are_balanced_and_used_only_where_they_cost_less():
+    uneven = [40, 3, 12, 7, 25, 9]
+    packs = cheapest_packs(uneven, hidden_size=384)
+    assert len(packs) == 1 and sorted(packs[0]) == list(range(6))
+    assert cheapest_packs([20] * 8, hidden_size=384) == [[row] for row in range(8)]  # no padding to save
+    long = [60, 10, 55, 12, 50, 14, 45, 16, 40, 18, 35, 20]  # 375 tokens: two packs of about half each
+    packs = cheapest_packs(long, hidden_size=384)
+    assert sorted(row for pack in packs for row in pack) == list(range(len(long)))
+    sizes = [sum(long[row] for row in pack) for pack in packs]
+    assert len(packs) == 2 and max(sizes) <= PACK_TOKENS and max(sizes) - min(sizes) <= 10
 
 
 def test_int8_weights_stay_close_to_fp32_and_the_prefix_is_kept(random_encoder_dir):
