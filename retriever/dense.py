@@ -290,7 +290,7 @@ def _to_gpus(index: "faiss.Index", *, strict: bool) -> tuple["faiss.Index", bool
 
 
 class CpuFaissSearch:
-    """A CPU FAISS index that scores a few queries with FAISS's own kernels and batches with BLAS.
+    """A CPU FAISS index: a few queries scored by FAISS's own kernels on one thread, batches by BLAS.
 
     FAISS chooses between the two by ``distance_compute_blas_threshold``, whose meaning has changed across
     versions (faiss-cpu 1.15's default of 128000 keeps even 128-query batches off BLAS, 5x slower); setting
@@ -307,8 +307,19 @@ class CpuFaissSearch:
         """(B, k) scores and (B, k) row numbers (-1 where fewer than k were found), best first."""
         import faiss
 
-        faiss.cvar.distance_compute_blas_threshold = 1 if len(x) >= BLAS_MIN_QUERIES else 1 << 30
-        return self._index.search(x, k)
+        if len(x) >= BLAS_MIN_QUERIES:
+            faiss.cvar.distance_compute_blas_threshold = 1
+            return self._index.search(x, k)
+        faiss.cvar.distance_compute_blas_threshold = 1 << 30
+        # A few queries on one thread: 2.8 ms for one wiki-mini query against 4.1 ms on two, and much
+        # more while another library's threads still spin on the other core (ONNX Runtime's, after an
+        # encode). OpenMP keeps this setting per calling thread, so other workers keep theirs.
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self._index.search(x, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
 
 
 class DenseRetriever(ReopensOnPickle):

@@ -88,6 +88,30 @@ def test_cpu_faiss_gives_the_same_neighbours_with_and_without_blas():
         np.testing.assert_allclose(single_scores[0], query_scores, rtol=1e-5)
 
 
+def test_a_few_queries_search_on_one_thread_and_batches_on_all():
+    index = faiss.IndexFlatIP(16)
+    index.add(np.random.default_rng(3).standard_normal((50, 16)).astype(np.float32))
+    threads_seen = []
+
+    class Recording:
+        ntotal = index.ntotal
+
+        def search(self, x, k):
+            threads_seen.append(faiss.omp_get_max_threads())
+            return index.search(x, k)
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        search = CpuFaissSearch(Recording())
+        queries = np.ones((BLAS_MIN_QUERIES, 16), dtype=np.float32)
+        search.search(queries[:1], 3)
+        search.search(queries, 3)
+        assert threads_seen == [1, 2] and faiss.omp_get_max_threads() == 2  # restored after the few
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def test_the_torch_search_path_serves_a_flat_index(dense_dir, dense):
     torch_search = open_vector_search(dense_dir, device="cpu", kind="torch")
     assert isinstance(torch_search, TorchFlatSearch) and torch_search.ntotal == len(TINY_CORPUS)
