@@ -11,11 +11,12 @@ transformers below 5.
 
 Texts of uneven length are packed: a batch's texts run end to end in a few sequences of up to
 :data:`PACK_TOKENS` tokens, each text's positions counted from 0 and its attention kept within itself (a
-block-diagonal mask), which is the padded computation minus the padding. The server's micro-batches of questions from different clients are
-24-40% padding (wiki-mini, batches of 4 to 16), and the encoder's cost is per token. Packing is used only
-for a model whose packed export gives its padded export's hidden states (checked when the encoder is
-opened: models that offset their positions, as RoBERTa does, keep the padded graph), and only for a
-batch where it costs less, since a packed sequence attends over all its tokens.
+block-diagonal mask), which is the padded computation minus the padding. The server's micro-batches of
+questions from different clients are 24-40% padding (wiki-mini, batches of 4 to 16), and the encoder's
+cost is per token. Packing is used only for a model whose packed export gives its padded export's hidden
+states (checked when the encoder is opened: models that offset their positions, as RoBERTa does, keep
+the padded graph), and only for a batch where it costs less, since a packed sequence attends over all
+its tokens.
 
 ``onnx-int8`` quantises the weights of every MatMul to int8 per output channel (ONNX Runtime's dynamic
 quantisation): about 1.5x the fp32 speed on a CPU, at a cosine of about 0.99 to the fp32 vectors.
