@@ -306,20 +306,17 @@ class CpuFaissSearch:
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(B, k) scores and (B, k) row numbers (-1 where fewer than k were found), best first."""
         import faiss
+        import torch
 
-        if len(x) >= BLAS_MIN_QUERIES:
-            faiss.cvar.distance_compute_blas_threshold = 1
-            return self._index.search(x, k)
-        faiss.cvar.distance_compute_blas_threshold = 1 << 30
-        # A few queries on one thread: 2.8 ms for one wiki-mini query against 4.1 ms on two, and much
-        # more while another library's threads still spin on the other core (ONNX Runtime's, after an
-        # encode). OpenMP keeps this setting per calling thread, so other workers keep theirs.
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
-            return self._index.search(x, k)
-        finally:
-            faiss.omp_set_num_threads(threads)
+        few = len(x) < BLAS_MIN_QUERIES
+        faiss.cvar.distance_compute_blas_threshold = 1 << 30 if few else 1
+        # OpenMP keeps its thread count per calling thread, so a server's search worker would not see the
+        # share of the cores that `--search-workers` gives it (set in the main thread); torch carries its
+        # count into every thread, and it is that share. A few queries run on one thread: 2.8 ms for one
+        # wiki-mini query against 4.1 ms on two, and much more while another library's threads still
+        # spin on the other core (ONNX Runtime's, after an encode).
+        faiss.omp_set_num_threads(1 if few else torch.get_num_threads())
+        return self._index.search(x, k)
 
 
 class DenseRetriever(ReopensOnPickle):
