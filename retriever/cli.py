@@ -29,7 +29,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 # glibc gives every thread its own cache of freed chunks (tcache), which it never returns: over a soak,
 # waitress's hundreds of threads (one per admitted request) each fill theirs, +11% of the server's memory
-# in 5 minutes; without them, +1% (docs/benchmarks.md). glibc reads its tunables only at process start.
+# in 5 minutes; without them, +1.4% (docs/benchmarks.md). glibc reads its tunables only at process start.
 NO_THREAD_CACHES = "glibc.malloc.tcache_count=0"
 
 

@@ -28,6 +28,7 @@ import math
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,8 +75,8 @@ class OnnxTransformer:
         threads: ONNX Runtime's intra-op threads for a call that runs alone.
 
     Attributes:
-        packed: texts of uneven length run packed into one sequence (the model's packed export gave its
-            padded export's hidden states).
+        packed: batches of texts of uneven length run packed, several texts to a sequence (the model's
+            packed export gave its padded export's hidden states).
 
     Raises:
         SearchgymError: onnxruntime (the ``onnx`` extra) is not installed, or the export fails.
@@ -165,7 +166,7 @@ class OnnxTransformer:
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def _hidden_states(self, session: "onnxruntime.InferenceSession", features: dict[str, Any]) -> np.ndarray:
-        """(B, L, D) last hidden states of a tokenised batch (padding rows undefined)."""
+        """(B, L, D) last hidden states of a tokenised batch (any values at its padding)."""
         if not self.packed:
             return session.run(None, {name: features[name].numpy() for name in self._inputs})[0]
         rows = features["attention_mask"].numpy().astype(bool)
@@ -237,6 +238,19 @@ def cheapest_packs(lengths: list[int], hidden_size: int) -> list[list[int]]:
     return packed if cost(packed) < cost(alone) else alone
 
 
+def _text_spans(rows: np.ndarray, packs: list[list[int]]) -> Iterator[tuple[int, int, slice]]:
+    """(pack, text's row in the batch, its span in the pack's row) for each text of ``packs``.
+
+    ``rows`` is the batch's attention mask, as booleans: a text's span holds its real tokens.
+    """
+    lengths = rows.sum(axis=1)
+    for pack, texts in enumerate(packs):
+        offset = 0
+        for text in texts:
+            yield pack, text, slice(offset, offset + int(lengths[text]))
+            offset += int(lengths[text])
+
+
 def _packed_feed(
     tokens: dict[str, np.ndarray], rows: np.ndarray, packs: list[list[int]]
 ) -> dict[str, np.ndarray]:
@@ -245,33 +259,24 @@ def _packed_feed(
     Within a row, a token's position counts from its own text's start, and its sequence id (the text's
     row in the batch) keeps its attention within that text; the padding after a pack has its own id.
     """
-    lengths = rows.sum(axis=1)
-    width = max(int(lengths[pack].sum()) for pack in packs)
+    width = max(int(rows[pack].sum()) for pack in packs)
     feed = {name: np.zeros((len(packs), width), dtype=array.dtype) for name, array in tokens.items()}
     feed["position_ids"] = np.zeros((len(packs), width), dtype=np.int64)
     feed["sequence_ids"] = np.full((len(packs), width), -1, dtype=np.int64)
     positions = np.cumsum(rows, axis=1) - 1
-    for pack, texts in enumerate(packs):
-        offset = 0
-        for text in texts:
-            span = slice(offset, offset + int(lengths[text]))
-            for name, array in tokens.items():
-                feed[name][pack, span] = array[text][rows[text]]
-            feed["position_ids"][pack, span] = positions[text][rows[text]]
-            feed["sequence_ids"][pack, span] = text
-            offset = span.stop
+    for pack, text, span in _text_spans(rows, packs):
+        for name, array in tokens.items():
+            feed[name][pack, span] = array[text][rows[text]]
+        feed["position_ids"][pack, span] = positions[text][rows[text]]
+        feed["sequence_ids"][pack, span] = text
     return feed
 
 
 def _unpack(hidden: np.ndarray, rows: np.ndarray, packs: list[list[int]]) -> np.ndarray:
     """The packed graph's (packs, tokens, D) output back to the batch's (B, L, D), zero at padding."""
     out = np.zeros((*rows.shape, hidden.shape[-1]), dtype=hidden.dtype)
-    for pack, texts in enumerate(packs):
-        offset = 0
-        for text in texts:
-            length = int(rows[text].sum())
-            out[text][rows[text]] = hidden[pack, offset : offset + length]
-            offset += length
+    for pack, text, span in _text_spans(rows, packs):
+        out[text][rows[text]] = hidden[pack, span]
     return out
 
 
@@ -288,7 +293,7 @@ class _LastHiddenState(torch.nn.Module):
 
 
 class _PackedLastHiddenState(_LastHiddenState):
-    """The transformer on one packed sequence: each text's tokens attend only to one another."""
+    """The transformer on packed sequences: each text's tokens attend only to one another."""
 
     def __init__(self, transformer: Any, token_inputs: list[str]) -> None:
         super().__init__(transformer, [*token_inputs, *_PACKED_INPUTS])
