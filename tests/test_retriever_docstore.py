@@ -41,3 +41,23 @@ def test_a_batch_keeps_each_query_its_own_hits_and_scores(store):
 def test_a_batch_without_hits_finds_nothing(store):
     rows = np.array([[-1], [-1]])
     assert store.passages(rows, np.zeros((2, 1)), found=rows >= 0) == [[], []]
+
+
+def test_hits_spread_over_many_record_batches_come_back_in_the_backends_order(tmp_path):
+    path = tmp_path / "documents.arrow"
+    documents = [Document(f"d{i}", f'"T{i}"\ntext {i}') for i in range(100)]
+    with DocumentStoreWriter(path) as writer:
+        for start in range(0, 100, 7):  # batches of 7 rows, the last of 2
+            writer.add(documents[start : start + 7])
+    store = DocumentStore(path)
+    rows = np.random.default_rng(0).integers(0, 100, size=(5, 8))
+    rows[1, 3] = 99  # the last row of the last batch
+    rows[2, 0] = 0
+    scores = np.arange(40, dtype=np.float32).reshape(5, 8)
+    found = store.passages(rows, scores)
+    assert len(store) == 100
+    assert [[p.id for p in passages] for passages in found] == [[f"d{row}" for row in line] for line in rows]
+    assert [[p.contents for p in passages] for passages in found] == [
+        [documents[row].contents for row in line] for line in rows
+    ]
+    assert [[p.score for p in passages] for passages in found] == scores.tolist()
