@@ -311,12 +311,18 @@ class CpuFaissSearch:
         few = len(x) < BLAS_MIN_QUERIES
         faiss.cvar.distance_compute_blas_threshold = 1 << 30 if few else 1
         # OpenMP keeps its thread count per calling thread, so a server's search worker would not see the
-        # share of the cores that `--search-workers` gives it (set in the main thread); torch carries its
-        # count into every thread, and it is that share. A few queries run on one thread: 2.8 ms for one
-        # wiki-mini query against 4.1 ms on two, and much more while another library's threads still
-        # spin on the other core (ONNX Runtime's, after an encode).
-        faiss.omp_set_num_threads(1 if few else torch.get_num_threads())
-        return self._index.search(x, k)
+        # share of the cores that `--search-workers` gives it (set in the main thread); torch sets its own
+        # count in every thread on first use, and it is that share. A few queries run on one thread: 2.8 ms
+        # for one wiki-mini query against 4.1 ms on two, and much more while another library's threads
+        # still spin on the other core (ONNX Runtime's, after an encode). torch and FAISS share OpenMP, and
+        # torch reads its count back from it, so the count is put back after the search: left at 1, it
+        # would hold every later encode and search in this thread to one thread.
+        threads = torch.get_num_threads()
+        faiss.omp_set_num_threads(1 if few else threads)
+        try:
+            return self._index.search(x, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
 
 
 class DenseRetriever(ReopensOnPickle):

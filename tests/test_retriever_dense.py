@@ -2,7 +2,8 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
-import threading
+import subprocess
+import sys
 
 import faiss
 import numpy as np
@@ -89,31 +90,50 @@ def test_cpu_faiss_gives_the_same_neighbours_with_and_without_blas():
         np.testing.assert_allclose(single_scores[0], query_scores, rtol=1e-5)
 
 
+# Run in a fresh interpreter: whether torch and FAISS share one OpenMP runtime depends on which was
+# imported first (torch's, loaded globally, serves both), and searchgym's encoder imports torch first.
+_THREADS_SCRIPT = """
+import json, threading
+import torch
+import faiss
+import numpy as np
+from searchgym.retriever.dense import BLAS_MIN_QUERIES, CpuFaissSearch
+
+index = faiss.IndexFlatIP(16)
+index.add(np.random.default_rng(3).standard_normal((50, 16)).astype(np.float32))
+seen, after = [], []
+
+class Recording:
+    ntotal = index.ntotal
+
+    def search(self, x, k):
+        seen.append(faiss.omp_get_max_threads())
+        return index.search(x, k)
+
+search = CpuFaissSearch(Recording())
+queries = np.ones((BLAS_MIN_QUERIES, 16), dtype=np.float32)
+torch.set_num_threads(3)  # the share, set in the main thread; a server's worker is another thread
+
+def searches():
+    for batch in (queries, queries[:1], queries, queries[:1]):
+        search.search(batch, 3)
+        after.append(torch.get_num_threads())
+
+worker = threading.Thread(target=searches)
+worker.start()
+worker.join()
+searches()
+print(json.dumps({"seen": seen, "after": after}))
+"""
+
+
 def test_a_few_queries_search_on_one_thread_and_batches_on_the_process_share_in_any_thread():
-    import torch
-
-    index = faiss.IndexFlatIP(16)
-    index.add(np.random.default_rng(3).standard_normal((50, 16)).astype(np.float32))
-    threads_seen = []
-
-    class Recording:
-        ntotal = index.ntotal
-
-        def search(self, x, k):
-            threads_seen.append(faiss.omp_get_max_threads())
-            return index.search(x, k)
-
-    search = CpuFaissSearch(Recording())
-    queries = np.ones((BLAS_MIN_QUERIES, 16), dtype=np.float32)
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)  # the share, set in this thread; a server's worker is another thread
-    try:
-        worker = threading.Thread(target=lambda: [search.search(queries[:1], 3), search.search(queries, 3)])
-        worker.start()
-        worker.join()
-    finally:
-        torch.set_num_threads(before)
-    assert threads_seen == [1, 3]
+    result = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, check=True, timeout=120
+    )
+    threads = json.loads(result.stdout)
+    assert threads["seen"] == [3, 1, 3, 1] * 2  # in a worker thread, then in the main thread
+    assert threads["after"] == [3] * 8  # torch's own count (the encoder's) is left as it was found
 
 
 def test_the_torch_search_path_serves_a_flat_index(dense_dir, dense):
