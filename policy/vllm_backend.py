@@ -229,6 +229,9 @@ class VLLMAsyncEngine:
     async def _shutdown(self) -> None:
         # On the engine's loop, where its output handler runs: cancelled there before the core stops.
         self.engine.shutdown()
+        # Dropped now, while the interpreter is whole: vLLM's __del__ shuts the engine down again, and
+        # left to interpreter exit it fails on torn-down modules (a traceback at the end of every run).
+        del self.engine
 
     async def _request(self, prompt: Sequence[int], sampling: Any) -> Generation:
         # Runs on the engine's loop alone, so the in-flight count needs no lock.

