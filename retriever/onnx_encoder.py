@@ -169,15 +169,13 @@ class OnnxTransformer:
         """(B, L, D) last hidden states of a tokenised batch (any values at its padding)."""
         if not self.packed:
             return session.run(None, {name: features[name].numpy() for name in self._inputs})[0]
-        rows = features["attention_mask"].numpy().astype(bool)
+        rows, tokens = self._rows_and_tokens(features)
         packs = cheapest_packs(rows.sum(axis=1).tolist(), self._hidden_size)
-        tokens = {name: features[name].numpy() for name in self._token_inputs}
         return _unpack(session.run(None, _packed_feed(tokens, rows, packs))[0], rows, packs)
 
     def _export_packed(self, transformer: Any, sample: dict[str, Any], path: Path) -> Path | None:
         """The transformer exported for packed input, or None where it cannot be."""
-        rows = sample["attention_mask"].numpy().astype(bool)
-        tokens = {name: sample[name].numpy() for name in self._token_inputs}
+        rows, tokens = self._rows_and_tokens(sample)
         feed = _packed_feed(tokens, rows, [[0, 1], [2]])  # packs of 2 texts and 1: both axes vary
         try:
             return _export(
@@ -193,8 +191,7 @@ class OnnxTransformer:
         """Whether the packed graph gives the padded graph's hidden states, one text or all to a pack."""
         import onnxruntime
 
-        rows = sample["attention_mask"].numpy().astype(bool)
-        tokens = {name: sample[name].numpy() for name in self._token_inputs}
+        rows, tokens = self._rows_and_tokens(sample)
         padded_run, packed_run = (
             onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             for path in (padded, packed)
@@ -207,6 +204,11 @@ class OnnxTransformer:
         if difference > 1e-4:
             logger.info("the encoder runs padded: packed input changes its hidden states by %.2g", difference)
         return difference <= 1e-4
+
+    def _rows_and_tokens(self, features: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """A tokenised batch as packing reads it: its attention mask as booleans, and its token inputs."""
+        rows = features["attention_mask"].numpy().astype(bool)
+        return rows, {name: features[name].numpy() for name in self._token_inputs}
 
     def _features(self, texts: list[str]) -> dict[str, Any]:
         """What the model's tokenizer makes of ``texts`` (sentence-transformers 6 renamed the method)."""
