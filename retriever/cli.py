@@ -260,7 +260,7 @@ def _restart_without_thread_caches() -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     _restart_without_thread_caches()
-    from searchgym.retriever.admission import check_port
+    from searchgym.retriever.front import check_port
     from searchgym.retriever.index import open_index
     from searchgym.retriever.server import RetrievalService, create_app, serve
 

@@ -7,12 +7,14 @@ Request and response are exactly Search-R1's, so its clients (and veRL's and Sky
 
 Without ``return_scores`` each hit is the bare document ``{"id", "contents"}``. Every bad request gets a
 JSON ``{"error": message}`` with a 4xx code; a backend failure gets a 500 and the server keeps serving.
-Overload is refused at the door (see :mod:`searchgym.retriever.admission`): 429 and 503 carry Retry-After.
+Overload is refused at the door, a process of its own (see :mod:`searchgym.retriever.front`): 429 and 503
+carry Retry-After.
 """
 
 import hmac
 import logging
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import wait
@@ -24,15 +26,14 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from searchgym.errors import SearchgymError
-from searchgym.retriever.admission import ARRIVAL_KEY, AdmissionGate, DoorLimits, serve_with_limits
 from searchgym.retriever.base import Passage, Retriever
 from searchgym.retriever.batching import LruCache, MicroBatcher, QueueFullError, ServerStats, passages_nbytes
 from searchgym.retriever.config import ServerConfig
+from searchgym.retriever.front import ARRIVAL_HEADER, BACKEND_SPARE, DoorLimits, FrontProcess, listen
 from searchgym.retriever.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1  # what a 429 or 503 tells clients to wait
-GATE_EXTENSION = "searchgym.admission"  # the app's AdmissionGate, in Flask's app.extensions
 _BEARER = re.compile(r"bearer +(?P<token>\S.*)", re.IGNORECASE)  # RFC 6750: the scheme is case-insensitive
 
 
@@ -170,17 +171,9 @@ class RetrievalService:
 def create_app(service: RetrievalService, *, manifest: Manifest | None = None) -> Flask:
     """The Flask app over ``service``; ``manifest`` (when given) is reported by ``GET /health``.
 
-    The app sits behind an :class:`AdmissionGate` admitting ``config.max_inflight`` retrievals at a time.
+    :func:`serve` puts it behind the front door, which admits ``config.max_inflight`` retrievals at a time.
     """
     app = Flask("searchgym.retriever")
-    gate = AdmissionGate(
-        app.wsgi_app,
-        max_inflight=service.config.max_inflight,
-        retry_after_s=RETRY_AFTER_S,
-        on_refused=service.stats.record_error,
-    )
-    app.wsgi_app = gate  # type: ignore[method-assign]
-    app.extensions[GATE_EXTENSION] = gate  # serve() gives it to the door, which refuses while it is full
     app.config["MAX_CONTENT_LENGTH"] = service.config.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]  # UTF-8 text, as Search-R1's server sends
@@ -198,7 +191,7 @@ def create_app(service: RetrievalService, *, manifest: Manifest | None = None) -
 
     @app.post("/retrieve")
     def retrieve() -> Response:
-        started = request.environ.get(ARRIVAL_KEY, time.perf_counter())
+        started = _arrival(request.headers.get(ARRIVAL_HEADER))
         try:
             body = request.get_json(force=True, silent=True)  # Content-Type is not required, as Search-R1
         except RecursionError:  # e.g. 10,000 nested brackets: malformed input, not a server failure
@@ -209,7 +202,7 @@ def create_app(service: RetrievalService, *, manifest: Manifest | None = None) -
         results = service.retrieve(parsed.queries, parsed.topk)
         response = jsonify(result=[format_hits(hits, return_scores=parsed.return_scores) for hits in results])
         service.stats.record_request(
-            latency_s=time.perf_counter() - started, queries=len(parsed.queries), truncated=parsed.truncated
+            latency_s=time.monotonic() - started, queries=len(parsed.queries), truncated=parsed.truncated
         )
         return response
 
@@ -249,6 +242,78 @@ def _register_error_handlers(app: Flask, stats: ServerStats) -> None:
         return reply(500, f"internal error: {type(error).__name__}: {error}")
 
 
+def _arrival(stamp: str | None) -> float:
+    """When the request reached the server: the front's stamp (the same system-wide clock), else now."""
+    try:
+        return float(stamp) if stamp is not None else time.monotonic()
+    except ValueError:
+        return time.monotonic()
+
+
+class BoundServer:
+    """The server, bound and ready: the front door process on ``host``:``port``, the search here.
+
+    The front (:mod:`searchgym.retriever.front`) holds the client connections; this process answers what it
+    admits over a Unix socket in a private folder, on waitress with one thread per admitted retrieval plus
+    ``BACKEND_SPARE``, so that no admitted request waits for a thread. :meth:`run` serves until
+    interrupted; :meth:`close` stops the front and frees the port.
+
+    Raises:
+        SearchgymError: the port is out of range or in use, or the front did not start.
+    """
+
+    def __init__(self, app: Flask, *, config: ServerConfig, host: str, port: int) -> None:
+        from waitress.server import create_server
+
+        limits = DoorLimits(
+            max_inflight=config.max_inflight,
+            max_connections=config.max_connections,
+            idle_timeout_s=config.idle_timeout_s,
+            max_body_bytes=config.max_body_bytes,
+            retry_after_s=RETRY_AFTER_S,
+        )
+        self._listening = listen(host, port)
+        self._private = tempfile.TemporaryDirectory(prefix="searchgym-serve-")
+        backend_path = f"{self._private.name}/search.sock"
+        threads = config.max_inflight + BACKEND_SPARE
+        self._search = create_server(
+            app,
+            unix_socket=backend_path,
+            unix_socket_perms="600",
+            threads=threads,
+            connection_limit=threads + BACKEND_SPARE,
+            channel_timeout=24 * 3600,  # the front keeps its connections open and closes idle clients itself
+            max_request_body_size=config.max_body_bytes + 1,  # waitress refuses a body of exactly its limit
+        )
+        try:
+            self._front = FrontProcess(self._listening, backend_path, limits)
+        except BaseException:
+            self._search.close()
+            self._listening.close()
+            self._private.cleanup()
+            raise
+        self.url = f"http://{host}:{self._listening.getsockname()[1]}"
+
+    def run(self) -> None:
+        """Answer the front's requests until interrupted (or :meth:`close` from another thread)."""
+        self._search.run()
+
+    def close(self) -> None:
+        """Stop the front process, stop listening, and remove the private socket."""
+        self._front.stop()
+        self._search.close()
+        self._listening.close()
+        self._private.cleanup()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
 def serve(
     app: Flask,
     *,
@@ -257,29 +322,19 @@ def serve(
     port: int,
     on_listen: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve ``app`` with waitress, behind the door limits of ``config``, until interrupted.
+    """Serve ``app`` behind the front door until interrupted (see :class:`BoundServer`).
 
     Args:
         app: from :func:`create_app`.
         config: the service's config (admission, connection, idle and body limits).
         host: interface to bind (``127.0.0.1`` keeps it local; ``0.0.0.0`` exposes it: set an API key).
         port: TCP port; 0 picks a free one.
-        on_listen: called with the base URL once the socket is bound (before serving).
+        on_listen: called with the base URL once the front is serving.
 
     Raises:
-        SearchgymError: the port is out of range or in use.
+        SearchgymError: the port is out of range or in use, or the front did not start.
     """
-    limits = DoorLimits(
-        max_inflight=config.max_inflight,
-        max_connections=config.max_connections,
-        idle_timeout_s=config.idle_timeout_s,
-        max_body_bytes=config.max_body_bytes,
-        retry_after_s=RETRY_AFTER_S,
-    )
-
-    def announce(bound_port: int) -> None:
+    with BoundServer(app, config=config, host=host, port=port) as server:
         if on_listen is not None:
-            on_listen(f"http://{host}:{bound_port}")
-
-    gate = app.extensions[GATE_EXTENSION]
-    serve_with_limits(app, host=host, port=port, limits=limits, gate=gate, on_listen=announce)
+            on_listen(server.url)
+        server.run()
