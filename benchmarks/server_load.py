@@ -79,10 +79,14 @@ def start_server(index_dir: Path, port: int, *flags: str) -> subprocess.Popen[st
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of the server: its search process and its front process together."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0.0
+    for process in (pid, *map(int, children)):
+        for line in Path(f"/proc/{process}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 def post(connection: http.client.HTTPConnection, body: str) -> http.client.HTTPResponse:

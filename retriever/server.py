@@ -286,7 +286,7 @@ class BoundServer:
             max_request_body_size=config.max_body_bytes + 1,  # waitress refuses a body of exactly its limit
         )
         try:
-            self._front = FrontProcess(self._listening, backend_path, limits)
+            self.front = FrontProcess(self._listening, backend_path, limits)
         except BaseException:
             self._search.close()
             self._listening.close()
@@ -300,7 +300,7 @@ class BoundServer:
 
     def close(self) -> None:
         """Stop the front process, stop listening, and remove the private socket."""
-        self._front.stop()
+        self.front.stop()
         self._search.close()
         self._listening.close()
         self._private.cleanup()
