@@ -36,8 +36,8 @@ class ServerConfig:
         max_query_chars: longer queries are truncated to this many characters (counted in /stats).
         max_body_bytes: largest request body (413 beyond).
         request_timeout_s: how long a request waits for its results before a 503 (its queries are dropped).
-        max_inflight: retrieve requests served at once (the HTTP threads); more get 429 with Retry-After at
-            once.
+        max_inflight: retrieve requests served at once (one search-process thread each); the front door
+            answers more with 429 and Retry-After at once.
         max_connections: open client connections; more are answered 503 with Retry-After and closed.
         idle_timeout_s: an idle keep-alive connection is closed after this many seconds.
         api_key: when set, every endpoint but /health requires ``Authorization: Bearer <api_key>``.

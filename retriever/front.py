@@ -162,8 +162,12 @@ class _Request:
         return self.method == b"POST" and self.url.partition(b"?")[0] == _GATED_PATH
 
     def forwarded(self) -> bytes:
-        """The request as sent to the search process: HTTP/1.1, keep-alive, its body whole."""
-        head = [self.method + b" " + self.url + b" HTTP/1.1\r\n"]
+        """The request as sent to the search process: HTTP/1.1, keep-alive, its body whole.
+
+        HEAD goes as GET (the reply parser cannot tell a HEAD reply's missing body); the front drops the body.
+        """
+        method = b"GET" if self.method == b"HEAD" else self.method
+        head = [method + b" " + self.url + b" HTTP/1.1\r\n"]
         head += [name + b": " + value + b"\r\n" for name, value in self.headers]
         stamp = f"{ARRIVAL_HEADER}: {self.arrival!r}\r\nContent-Length: {len(self.body)}\r\n\r\n"
         return b"".join(head) + stamp.encode() + self.body
@@ -184,7 +188,7 @@ class _Reply:
             head.append(b"Connection: close\r\n")
         elif request.version == "1.0":
             head.append(b"Connection: keep-alive\r\n")
-        return b"".join(head) + b"\r\n" + self.body
+        return b"".join(head) + b"\r\n" + (b"" if request.method == b"HEAD" else self.body)
 
 
 def _phrase(status: int) -> str:
@@ -214,7 +218,13 @@ class _BackendConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def send(self, request: bytes) -> "asyncio.Future[_Reply]":
-        assert self.transport is not None
+        """The reply to ``request``, once it has all arrived.
+
+        Raises:
+            BackendGone: the connection is closed (now, or before the reply is whole).
+        """
+        if self.closed or self.transport is None:
+            raise BackendGone("the search process closed the connection")
         self._reply = asyncio.get_running_loop().create_future()
         self._headers, self._body = [], bytearray()
         self.transport.write(request)
@@ -275,25 +285,20 @@ class _Backend:
             return await self._ask(request.forwarded())
 
     async def _ask(self, payload: bytes) -> _Reply:
-        # A pooled connection the search process has just closed fails before any reply: try a fresh one.
-        for attempt in range(2):
-            connection = await self._connection(fresh=attempt > 0)
-            try:
-                reply = await connection.send(payload)
-            except BackendGone:
-                if attempt or not connection.answered_any:
-                    raise
-                continue
-            if not connection.closed:
-                self._idle.append(connection)
-            return reply
-        raise AssertionError("unreachable")
+        connection = self._idle.pop() if self._idle else await self._open()
+        try:
+            reply = await connection.send(payload)
+        except BackendGone:
+            if not connection.answered_any:
+                raise
+            # The search process closed this pooled connection while it was idle: once more, on a new one.
+            connection = await self._open()
+            reply = await connection.send(payload)
+        if not connection.closed:
+            self._idle.append(connection)
+        return reply
 
-    async def _connection(self, *, fresh: bool) -> _BackendConnection:
-        while self._idle and not fresh:
-            connection = self._idle.pop()
-            if not connection.closed:
-                return connection
+    async def _open(self) -> _BackendConnection:
         loop = asyncio.get_running_loop()
         try:
             _, connection = await loop.create_unix_connection(_BackendConnection, self.path)
@@ -343,8 +348,8 @@ class _ClientConnection(asyncio.Protocol):
             self.door.refused[503] += 1
             message = "too many open connections; retry shortly"
             retry_after_s = self.door.limits.retry_after_s
-            transport.write(error_response(503, message, close=True, retry_after_s=retry_after_s))
-            transport.close()
+            self.transport.write(error_response(503, message, close=True, retry_after_s=retry_after_s))
+            self.transport.close()
             return
         self.door.connections.add(self)
 
@@ -370,8 +375,11 @@ class _ClientConnection(asyncio.Protocol):
             return
 
     def idle_for(self, now: float) -> float:
-        """Seconds since the connection last sent anything, or 0 while one of its requests is open."""
-        if self._busy or self._waiting or self._request is not None:
+        """Seconds since the client last sent anything, or 0 while the server owes it a reply.
+
+        A request the client stopped sending halfway is idle too.
+        """
+        if self._busy or self._waiting:
             return 0.0
         return now - self.last_active
 

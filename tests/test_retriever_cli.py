@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,46 @@ def test_serve_over_a_real_socket(indexed):
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+
+
+def start_serve(index_dir: Path, port: int) -> tuple[subprocess.Popen[str], str]:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "searchgym", "serve", "--index", str(index_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=ENV,
+    )
+    announcement = server.stdout.readline()
+    assert " at http://127.0.0.1:" in announcement, announcement
+    return server, announcement.split(" at ")[1].strip()
+
+
+def front_runs(pid: int) -> bool:
+    try:  # a zombie's command line is empty
+        return b"searchgym.retriever.front" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_killed_server_leaves_no_front_behind(indexed):
+    index_dir = indexed[0] / "indexes" / "tiny-bm25"
+    server, url = start_serve(index_dir, 0)
+    (front,) = map(int, Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split())
+    server.kill()  # SIGKILL: no clean shutdown, the front is not told
+    server.wait()
+    deadline = time.monotonic() + 30
+    while front_runs(front):
+        assert time.monotonic() < deadline, "the front outlived its server"
+        time.sleep(0.05)
+    port = int(url.removesuffix("/retrieve").rsplit(":", 1)[1])
+    again, url = start_serve(index_dir, port)  # the port is free again
+    try:
+        assert requests.post(url, json={"queries": QUERIES[:1]}, timeout=30).status_code == 200
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(timeout=30) == 0
 
 
 @pytest.mark.skipif(not ON_GLIBC, reason="a glibc tunable")

@@ -1,5 +1,6 @@
 """The front door over real sockets: admission, connections, body size, ports, and a front that dies."""
 
+import asyncio
 import http.client
 import json
 import os
@@ -15,7 +16,7 @@ from retriever_fixtures import BlockingRetriever, EchoRetriever
 
 from searchgym.errors import SearchgymError
 from searchgym.retriever.config import ServerConfig
-from searchgym.retriever.front import ARRIVAL_HEADER, DoorLimits, check_port, listen
+from searchgym.retriever.front import ARRIVAL_HEADER, DoorLimits, check_port, listen, serve_front
 from searchgym.retriever.server import BoundServer, RetrievalService, create_app
 
 
@@ -162,6 +163,24 @@ def test_http_1_0_keep_alive_and_chunked_bodies_are_served(start_server):
             assert status == "HTTP/1.0 200 OK" and headers["connection"] == "keep-alive"
 
 
+def test_head_gets_the_headers_of_get_without_a_body_and_expect_gets_100_continue(start_server):
+    server = start_server(EchoRetriever())
+    head = requests.head(f"{server.url}/health", timeout=10)
+    get = requests.get(f"{server.url}/health", timeout=10)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["Content-Length"] == get.headers["Content-Length"] == str(len(get.content))
+    body = json.dumps({"queries": ["continued"], "topk": 1}).encode()
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as connection:
+        connection.sendall(
+            f"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        assert connection.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        connection.sendall(body)
+        status, _, reply = read_response(connection)
+        assert status == "HTTP/1.1 200 OK" and json.loads(reply)["result"][0][0]["id"] == "continued#0"
+
+
 def test_malformed_http_gets_400_and_the_connection_is_closed(start_server):
     server = start_server(EchoRetriever())
     with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as connection:
@@ -188,9 +207,12 @@ def test_past_max_connections_a_new_connection_gets_503_and_is_closed(start_serv
     assert requests.post(f"{url}/retrieve", json={"queries": ["q"]}, timeout=10).status_code == 200
 
 
-def test_an_idle_connection_is_closed_after_the_idle_timeout(start_server):
+@pytest.mark.parametrize("sent", [b"", b"POST /retrieve HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"])
+def test_an_idle_connection_is_closed_after_the_idle_timeout(start_server, sent):
+    # Idle from the start, or stalled halfway through a request's body.
     port = port_of(start_server(EchoRetriever(), idle_timeout_s=1))
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(sent)
         started = time.monotonic()
         assert connection.recv(1) == b""  # closed by the front, without a word
         assert 1 <= time.monotonic() - started < 5
@@ -259,3 +281,36 @@ def test_ports_outside_the_tcp_range_are_refused(port):
 def test_door_limits_refuse_impossible_values(changes):
     with pytest.raises(SearchgymError):
         DoorLimits(**changes)
+
+
+def test_a_backend_connection_closed_while_idle_is_replaced_without_failing_a_request(tmp_path):
+    # A stand-in search process that closes each connection right after its reply, as a restarted or
+    # timed-out waitress does, without saying so in the reply.
+    async def scenario() -> list[bytes]:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"status":"ok"}')
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.close()
+
+        search = await asyncio.start_unix_server(answer, path=str(tmp_path / "search.sock"))
+        stop = asyncio.Event()
+        listening = listen("127.0.0.1", 0)
+        front = asyncio.ensure_future(
+            serve_front(listening, str(tmp_path / "search.sock"), DoorLimits(), stop=stop)
+        )
+        replies = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(*listening.getsockname())
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            replies.append(await asyncio.wait_for(reader.read(), 10))
+            writer.close()
+            await asyncio.sleep(0.2)  # the stand-in has closed the pooled connection by now
+        stop.set()
+        await front
+        search.close()
+        return replies
+
+    for reply in asyncio.run(scenario()):
+        assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b'{"status":"ok"}')
