@@ -145,6 +145,9 @@ class OnnxTransformer:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+            # Idle threads sleep instead of spinning: in the server, spinning ones took the cores from the
+            # HTTP and search threads between encodes (1 client: 62 -> 74 q/s; 32: 172 -> 202 q/s).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._sessions[threads] = onnxruntime.InferenceSession(
                 self._graph, options, providers=["CPUExecutionProvider"]
             )

@@ -137,3 +137,14 @@ def test_a_call_alone_gets_all_threads_and_overlapping_calls_share_them(random_e
     transformer.encode(list(TEXTS), batch_size=4)  # alone after a call that ran alone
     assert used == [2, 1, 1, 2]
     assert transformer.session_threads == [2, 1]
+
+
+def test_onnx_runtime_threads_sleep_between_calls(random_encoder_dir):
+    # Spinning threads take the cores from the server's own threads between two encodes (docs/benchmarks.md).
+    from sentence_transformers import SentenceTransformer
+
+    transformer = OnnxTransformer(
+        SentenceTransformer(str(random_encoder_dir), device="cpu"), quantize=False, threads=2
+    )
+    options = transformer._session(2).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
