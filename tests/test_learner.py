@@ -570,7 +570,9 @@ def test_compiled_blocks_take_the_eager_step(trajectories: list[Trajectory]) -> 
     graphs_before = counters["stats"]["unique_graphs"]
     compiled = updated_policy(trajectories, config, compile_blocks=True)
     assert counters["stats"]["unique_graphs"] > graphs_before
+    # Compiled kernels sum in another order, and Adam scales such float32 differences up where a gradient is
+    # near 0 (4e-6 measured on an AVX-512 machine); a block left out would move weights by the step, 1e-2.
     for (name, a), b in zip(compiled.named_parameters(), eager.parameters(), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=name)
     with pytest.raises(SearchgymError, match=r"model\.compile=false"):
         compile_transformer_blocks(torch.nn.Linear(2, 2))
