@@ -11,6 +11,7 @@ Overload is refused at the door, a process of its own (see :mod:`searchgym.retri
 carry Retry-After.
 """
 
+import contextlib
 import hmac
 import logging
 import re
@@ -305,14 +306,6 @@ class BoundServer:
         self._listening.close()
         self._private.cleanup()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
 
 def serve(
     app: Flask,
@@ -334,7 +327,7 @@ def serve(
     Raises:
         SearchgymError: the port is out of range or in use, or the front did not start.
     """
-    with BoundServer(app, config=config, host=host, port=port) as server:
+    with contextlib.closing(BoundServer(app, config=config, host=host, port=port)) as server:
         if on_listen is not None:
             on_listen(server.url)
         server.run()
