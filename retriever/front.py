@@ -339,6 +339,8 @@ class _ClientConnection(asyncio.Protocol):
         self._waiting: deque[_Request] = deque()
         self._busy = False
         self._closing = False
+        self._drained = asyncio.Event()  # cleared while the transport's write buffer is over its limit
+        self._drained.set()
 
     # asyncio.Protocol
 
@@ -355,7 +357,14 @@ class _ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._drained.set()  # nothing more will be sent
         self.door.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self._drained.clear()
+
+    def resume_writing(self) -> None:
+        self._drained.set()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -470,6 +479,14 @@ class _ClientConnection(asyncio.Protocol):
                 self.transport.write(reply.to_client(request))
                 if not request.keep_alive:
                     self.close()
+                # A retrieval counts against --max-inflight until the client has taken its reply, so that
+                # clients that do not read cannot make the front hold more replies than that; one that
+                # reads nothing for --idle-timeout-s is cut off.
+                try:
+                    await asyncio.wait_for(self._drained.wait(), door.limits.idle_timeout_s)
+                except TimeoutError:
+                    self._closing = True
+                    self.transport.abort()
         finally:
             if request.gated:
                 door.inflight -= 1

@@ -79,15 +79,22 @@ def read_response(
     """
     data = buffer if buffer is not None else bytearray()
     while b"\r\n\r\n" not in data:
-        data += connection.recv(4096)
-    head, _, rest = bytes(data).partition(b"\r\n\r\n")
+        chunk = connection.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed before a whole response head")
+        data += chunk
+    head, _, tail = bytes(data).partition(b"\r\n\r\n")
+    rest = bytearray(tail)
     status, *lines = head.decode("latin-1").split("\r\n")
     headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines)}
     length = int(headers["content-length"])
     while len(rest) < length:
-        rest += connection.recv(4096)
+        chunk = connection.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError(f"closed after {len(rest)} of {length} bytes")
+        rest += chunk
     data[:] = rest[length:]
-    return status, headers, rest[:length]
+    return status, headers, bytes(rest[:length])
 
 
 def test_refusals_keep_the_connection_open_unless_the_client_asked_to_close(start_server):
@@ -314,3 +321,31 @@ def test_a_backend_connection_closed_while_idle_is_replaced_without_failing_a_re
 
     for reply in asyncio.run(scenario()):
         assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b'{"status":"ok"}')
+
+
+def test_a_reply_counts_as_in_flight_until_the_client_reads_it(start_server):
+    server = start_server(EchoRetriever(), max_inflight=1, idle_timeout_s=60)
+    # About 40 MB of reply: far more than the sockets' buffers take in while the client reads nothing.
+    big = json.dumps({"queries": [f"{n} " + "x" * 2000 for n in range(100)], "topk": 100}).encode()
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=30) as stalled:
+        raw_post(stalled, big)
+        deadline = time.monotonic() + 30
+        while requests.get(f"{server.url}/stats", timeout=10).json()["requests"] < 1:
+            assert time.monotonic() < deadline, "the big request was never answered"
+            time.sleep(0.05)
+        refused = requests.post(f"{server.url}/retrieve", json={"queries": ["q"]}, timeout=10)
+        assert refused.status_code == 429  # the unread reply still holds the only slot
+        status, _, body = read_response(stalled)  # read it: the slot is free again
+        assert status == "HTTP/1.1 200 OK" and len(json.loads(body)["result"]) == 100
+    assert requests.post(f"{server.url}/retrieve", json={"queries": ["q"]}, timeout=10).status_code == 200
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_frees_its_slot(start_server):
+    server = start_server(EchoRetriever(), max_inflight=1, idle_timeout_s=1)
+    big = json.dumps({"queries": [f"{n} " + "x" * 2000 for n in range(100)], "topk": 100}).encode()
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=30) as stalled:
+        raw_post(stalled, big)
+        deadline = time.monotonic() + 30
+        while requests.post(f"{server.url}/retrieve", json={"queries": ["q"]}, timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the stalled client kept its slot"
+            time.sleep(0.2)
