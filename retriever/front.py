@@ -128,25 +128,6 @@ def listen(host: str, port: int) -> socket.socket:
         raise SearchgymError(f"cannot listen on {host}:{port}: {error.strerror or error}") from error
 
 
-def error_response(
-    status: int, message: str, *, version: str = "1.1", close: bool = False, retry_after_s: int | None = None
-) -> bytes:
-    """A whole JSON error response, as the front writes it without asking the search process."""
-    body = json.dumps({"error": message}).encode()
-    headers = [
-        ("Content-Type", "application/json"),
-        ("Content-Length", str(len(body))),
-        ("Date", formatdate(usegmt=True)),  # RFC 9110: every response from a server with a clock
-    ]
-    if retry_after_s is not None:
-        headers.append(("Retry-After", str(retry_after_s)))
-    if close:
-        headers.append(("Connection", "close"))
-    head = f"HTTP/{version} {status} {HTTPStatus(status).phrase}\r\n"
-    head += "".join(f"{name}: {value}\r\n" for name, value in headers)
-    return head.encode("latin-1") + b"\r\n" + body
-
-
 @dataclass(slots=True)
 class _Request:
     method: bytes
@@ -179,16 +160,27 @@ class _Reply:
     headers: list[tuple[bytes, bytes]]
     body: bytes
 
-    def to_client(self, request: _Request) -> bytes:
-        """The reply as the client gets it: its HTTP version, and whether the connection stays open."""
-        head = [f"HTTP/{request.version} {self.status} {_phrase(self.status)}\r\n".encode()]
+    def encode(self, version: str, *, keep_alive: bool, head_only: bool = False) -> bytes:
+        """The reply as a client of HTTP ``version`` gets it, saying whether the connection stays open."""
+        head = [f"HTTP/{version} {self.status} {_phrase(self.status)}\r\n".encode()]
         head += [name + b": " + value + b"\r\n" for name, value in self.headers]
         head.append(f"Content-Length: {len(self.body)}\r\n".encode())
-        if not request.keep_alive:
+        if not keep_alive:
             head.append(b"Connection: close\r\n")
-        elif request.version == "1.0":
+        elif version == "1.0":
             head.append(b"Connection: keep-alive\r\n")
-        return b"".join(head) + b"\r\n" + (b"" if request.method == b"HEAD" else self.body)
+        return b"".join(head) + b"\r\n" + (b"" if head_only else self.body)
+
+
+def _error(status: int, message: str, *, retry_after_s: int | None = None) -> _Reply:
+    """A JSON error the front answers itself, without asking the search process."""
+    headers = [
+        (b"Content-Type", b"application/json"),
+        (b"Date", formatdate(usegmt=True).encode()),  # RFC 9110: every response from a server with a clock
+    ]
+    if retry_after_s is not None:
+        headers.append((b"Retry-After", str(retry_after_s).encode()))
+    return _Reply(status, headers, json.dumps({"error": message}).encode())
 
 
 def _phrase(status: int) -> str:
@@ -349,8 +341,8 @@ class _ClientConnection(asyncio.Protocol):
         if len(self.door.connections) >= self.door.limits.max_connections:
             self.door.refused[503] += 1
             message = "too many open connections; retry shortly"
-            retry_after_s = self.door.limits.retry_after_s
-            self.transport.write(error_response(503, message, close=True, retry_after_s=retry_after_s))
+            refusal = _error(503, message, retry_after_s=self.door.limits.retry_after_s)
+            self.transport.write(refusal.encode("1.1", keep_alive=False))
             self.transport.close()
             return
         self.door.connections.add(self)
@@ -475,10 +467,7 @@ class _ClientConnection(asyncio.Protocol):
         else:
             if request.method == b"GET" and request.url == b"/stats" and reply.status == 200:
                 reply = _with_front_refusals(reply, door.refused)
-            if self.transport is not None and not self._closing:
-                self.transport.write(reply.to_client(request))
-                if not request.keep_alive:
-                    self.close()
+            if self._send(request, reply) and self.transport is not None:
                 # A retrieval counts against --max-inflight until the client has taken its reply, so that
                 # clients that do not read cannot make the front hold more replies than that; one that
                 # reads nothing for --idle-timeout-s is cut off.
@@ -495,21 +484,23 @@ class _ClientConnection(asyncio.Protocol):
         self._serve_next()
 
     def _write(self, request: _Request, status: int, message: str, *, retry_after: bool = False) -> None:
-        if self.transport is None or self._closing:
-            return
         retry_after_s = self.door.limits.retry_after_s if retry_after else None
-        close = not request.keep_alive
-        response = error_response(
-            status, message, version=request.version, close=close, retry_after_s=retry_after_s
-        )
-        self.transport.write(response)
+        self._send(request, _error(status, message, retry_after_s=retry_after_s))
+
+    def _send(self, request: _Request, reply: _Reply) -> bool:
+        """Write ``reply`` to ``request`` (closing what asked to close); False if the connection is gone."""
+        if self.transport is None or self._closing:
+            return False
+        keep_alive, head_only = request.keep_alive, request.method == b"HEAD"
+        self.transport.write(reply.encode(request.version, keep_alive=keep_alive, head_only=head_only))
         if not request.keep_alive:
             self.close()
+        return True
 
     def _refuse_and_close(self, status: int, message: str) -> None:
         self.door.refused[status] += 1
         if self.transport is not None and not self._closing and not self._busy:
-            self.transport.write(error_response(status, message, close=True))
+            self.transport.write(_error(status, message).encode("1.1", keep_alive=False))
         self.close()
 
 
