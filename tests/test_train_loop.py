@@ -1,5 +1,6 @@
 """The training loop end to end on the toy task: it learns, resumes exactly, logs, guards and exports."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from searchgym.errors import SearchgymError
 from searchgym.policy.models import Policy
+from searchgym.train import loop
 from searchgym.train.checkpoint import CheckpointManager, read_trainer_state, step_dir_name
 from searchgym.train.config import RUN_CONFIG_FILE, load_config
 from searchgym.train.learner import LocalLearner
@@ -382,3 +384,103 @@ def test_kill_9_mid_overlap_and_resume_equals_an_uninterrupted_run(tmp_path: Pat
     assert [row["step"] for row in resumed_rows] == [0, 1, 2, 3, 4, 5, 6]
     assert comparable(resumed_rows) == comparable(straight_rows)
     assert [row["rollout/staleness"] for row in straight_rows[1:]] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+class FakeClock:
+    """Seconds that pass only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedRollout(TargetTokenRollout):
+    """The toy rollout, where each training step's episodes take ``step_s`` seconds of ``clock``."""
+
+    def __init__(self, clock: FakeClock, step_s: float) -> None:
+        super().__init__()
+        self.clock, self.step_s = clock, step_s
+
+    def submit(self, examples, *, sampling, step, batch_size) -> None:
+        super().submit(examples, sampling=sampling, step=step, batch_size=batch_size)
+        if sampling.temperature > 0:
+            self.clock.now += self.step_s
+
+
+def run_timed(monkeypatch, run_dir: Path, *overrides: str, step_s: float = 10.0):
+    """A toy run whose steps take ``step_s`` seconds of a fake clock each; returns the result and events."""
+    clock = FakeClock()
+    monkeypatch.setattr(loop, "TimeLimit", functools.partial(loop.TimeLimit, clock=clock))
+    rollout = TimedRollout(clock, step_s)
+    return run_toy(run_dir, "dev.every=0", *overrides, rollout=rollout), rollout.events
+
+
+def test_max_minutes_ends_the_run_at_the_last_step_that_fits(tmp_path: Path, monkeypatch) -> None:
+    # 60 s at 10 s a step: after step 1 has been timed, steps 2 to 6 fit and step 6 is the last.
+    result, _ = run_timed(monkeypatch, tmp_path, "total_steps=10", "max_minutes=1", "checkpoint.every=0")
+    assert result.steps == 6
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4, 5, 6]
+    assert read_trainer_state(CheckpointManager(tmp_path / "checkpoints", keep_last=1).latest()).step == 6
+    assert result.final_model is not None and (result.final_model / "config.json").is_file()
+
+
+def test_steps_that_fit_are_paced_at_the_mean_step_with_room_for_the_slowest() -> None:
+    clock = FakeClock()
+    limit = loop.TimeLimit(minutes=2.0, clock=clock)
+    assert limit.steps_that_fit() is None  # nothing timed yet
+    for took in (10.0, 30.0):
+        with limit.step():
+            clock.now += took
+    # 80 s left; a mean step of 20 s, and 10 s kept for one step of 30: (80 - 10) // 20.
+    assert limit.steps_that_fit() == 3
+    clock.now += 80.0
+    assert limit.steps_that_fit() == 0
+    assert loop.TimeLimit(minutes=0.0, clock=clock).steps_that_fit() is None
+
+
+def test_a_time_limit_that_is_not_reached_changes_nothing(tmp_path: Path, monkeypatch) -> None:
+    result, _ = run_timed(monkeypatch, tmp_path, "total_steps=4", "max_minutes=1")
+    assert result.steps == 4
+
+
+def test_the_first_two_steps_run_even_without_time_left(tmp_path: Path, monkeypatch) -> None:
+    result, _ = run_timed(monkeypatch, tmp_path, "total_steps=4", "max_minutes=0.01", step_s=60.0)
+    assert result.steps == 2
+
+
+def test_a_run_stopped_by_its_time_limit_resumes_to_total_steps_as_if_never_stopped(
+    tmp_path: Path, monkeypatch
+) -> None:
+    straight = run_toy(tmp_path / "straight", "dev.every=0", "total_steps=8", "checkpoint.every=0")
+    stopped, _ = run_timed(
+        monkeypatch, tmp_path / "resumed", "total_steps=8", "max_minutes=0.5", "checkpoint.every=0"
+    )
+    assert stopped.steps == 3
+    resumed = run_toy(tmp_path / "resumed", "dev.every=0", "total_steps=8", "checkpoint.every=0")
+    assert [row["step"] for row in resumed.history] == [4, 5, 6, 7, 8]
+    assert comparable(read_metrics(tmp_path / "resumed" / "metrics.jsonl")) == comparable(
+        read_metrics(straight.run_dir / "metrics.jsonl")
+    )
+
+
+def test_with_overlap_no_request_is_submitted_beyond_the_last_step_that_fits(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # Two steps of staleness: step 1 submits steps 2 and 3 too, and is timed at 30 s (each request advances
+    # the clock as it is submitted). At step 2 no step fits in the 15 s left, but step 3 is in flight: it
+    # runs, as the last, and nothing is submitted after it.
+    result, events = run_timed(
+        monkeypatch,
+        tmp_path,
+        "total_steps=10",
+        "max_minutes=0.75",
+        "checkpoint.every=0",
+        "rollout.max_staleness=2",
+    )
+    assert [step for event, step in events if event == "submit" and step > 0] == [1, 2, 3]
+    assert result.steps == 3
+    assert read_trainer_state(CheckpointManager(tmp_path / "checkpoints", keep_last=1).latest()).step == (
+        result.steps
+    )

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from searchgym.demo import evaluate_stages, summary_table
+from searchgym.demo import FINAL_EVAL_MARGIN, evaluate_stages, rl_minutes, run_demo, summary_table
 from searchgym.env import SearchVectorEnv, load_dataset
 from searchgym.paths import CONFIGS_DIR
 from searchgym.train.build import load_training_policy, open_retriever
@@ -89,3 +89,26 @@ def test_a_run_records_and_reuses_its_warm_start_and_the_demo_pairs_it_with_the_
     (tmp_path / WARMSTART_REPORT).write_text(json.dumps(report | {"losses": ["marker"]}))
     run_training(load_config(TINY, [*overrides, "total_steps=2"]))
     assert json.loads((tmp_path / WARMSTART_REPORT).read_text())["losses"] == ["marker"]
+
+
+def test_the_demo_gives_rl_the_time_its_evaluations_leave(tmp_path: Path) -> None:
+    overrides = [f"logging.run_dir={tmp_path}", "warmstart.examples=4", "warmstart.batch_size=4"]
+    overrides += ["logging.plots=false", "logging.tensorboard=false", "total_steps=4"]
+    # A demo of a few seconds: no time is left for RL after the warm-start's evaluation, so it runs the
+    # two steps that always run, not all four, and the final policy is evaluated and paired.
+    report = run_demo(load_config(TINY, overrides), minutes=0.01)
+    assert len(report.rewards) == 2
+    assert report.paired.questions == report.final.average.num_examples > 0
+    assert (tmp_path / "eval" / "warmstart" / "results.json").is_file()
+    # Run again in the same folder, the finished demo is reported as it was, not trained further.
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    again = run_demo(load_config(TINY, overrides), minutes=0.01)
+    assert again.rewards == report.rewards and again.paired == report.paired
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_rl_minutes_leave_room_for_a_final_evaluation_like_the_first() -> None:
+    assert rl_minutes(14.0, elapsed_s=120.0, warm_start_eval_s=100.0) == pytest.approx(
+        (840.0 - 120.0 - FINAL_EVAL_MARGIN * 100.0) / 60.0
+    )
+    assert rl_minutes(1.0, elapsed_s=120.0, warm_start_eval_s=100.0) > 0  # 0 would mean no limit

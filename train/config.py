@@ -5,6 +5,7 @@ The string under each field is its documentation; ``searchgym train --help`` pri
 Each section checks its own values; :class:`TrainConfig` checks how sections fit together.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -517,6 +518,12 @@ class TrainConfig:
 
     total_steps: int = 500
     """Training steps (one rollout batch and its update each)."""
+    max_minutes: float = 0.0
+    """A time limit on this process's training loop (0: none). Before each step the loop counts how many
+    more steps fit in the time left (at its mean step so far, with room for one as slow as its slowest),
+    and ends the run at the last that fits: that step checkpoints and the final policy is exported, as
+    after ``total_steps``. The first two steps always run (the first measures a step). A resumed run gets
+    the whole limit again."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy and critic models."""
     system: SystemConfig = field(default_factory=SystemConfig)
@@ -554,6 +561,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.total_steps >= 1, f"total_steps must be >= 1, got {self.total_steps}")
+        _require(
+            math.isfinite(self.max_minutes) and self.max_minutes >= 0,
+            f"max_minutes must be a number of minutes >= 0 (0: no limit), got {self.max_minutes}",
+        )
         self._check_algorithm()
         _require(
             self.mini_batch_trajectories % self.batch.micro_batch_size == 0,

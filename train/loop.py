@@ -12,6 +12,7 @@ The loop reads top to bottom; the RL math lives in :mod:`searchgym.train.algorit
 """
 
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -205,11 +206,13 @@ class RequestPipeline:
         config: the run's settings.
         rollout: where requests go.
         sampler: the training questions.
-        drains: whether a step must end with no request in flight.
+        drains: whether a step must end with no request in flight, given the run's last step.
 
     Attributes:
         weights_version: the step whose update made the rollout's current weights (0: the initial ones).
         in_flight: ``(step, weights version it is sampled with)`` of each request not yet collected.
+        last_step: the run's last step: ``total_steps``, or an earlier one where ``max_minutes`` runs
+            out. Nothing is submitted beyond it, and it drains.
     """
 
     def __init__(
@@ -218,10 +221,11 @@ class RequestPipeline:
         rollout: Rollout,
         sampler: ExampleSampler,
         *,
-        drains: Callable[[int], bool],
+        drains: Callable[[int, int], bool],
     ) -> None:
-        self.config, self.rollout, self.sampler, self.drains = config, rollout, sampler, drains
+        self.config, self.rollout, self.sampler, self._drains = config, rollout, sampler, drains
         self.weights_version = 0
+        self.last_step = config.total_steps
         self.in_flight: deque[tuple[int, int, list[QAExample]]] = deque()
         self.collected: list[QAExample] = []
 
@@ -241,12 +245,20 @@ class RequestPipeline:
         """Before step ``step`` learns: submit the next steps' requests that staleness and drains allow."""
         if self.drains(step):
             return
-        last = self.in_flight[-1][0] if self.in_flight else step
-        until = min(step + self.config.rollout.max_staleness, self.config.total_steps)
+        last = self.newest_submitted(step)
+        until = min(step + self.config.rollout.max_staleness, self.last_step)
         for next_step in range(last + 1, until + 1):
             if any(self.drains(between) for between in range(step, next_step)):
                 return
             self._submit(next_step)
+
+    def drains(self, step: int) -> bool:
+        """Whether ``step`` must end with no request in flight (it checkpoints, evaluates or is the last)."""
+        return self._drains(step, self.last_step)
+
+    def newest_submitted(self, step: int) -> int:
+        """The newest step whose request is in flight; ``step`` when none is."""
+        return self.in_flight[-1][0] if self.in_flight else step
 
     def _submit(self, step: int) -> None:
         config = self.config
@@ -305,23 +317,80 @@ def train(
     start_step = run.pipeline.weights_version = _resume(run)
     rollout.sync_weights(learner)
     tracker = Tracker(config, start_step=start_step)
+    time_limit = TimeLimit(config.max_minutes)
     history: list[dict[str, float]] = []
+    step = start_step
     try:
         if start_step == 0 and dev_examples and config.dev.before_training:
             history.append(_log(tracker, 0, _dev_metrics(run, 0)))
-        for step in range(start_step + 1, config.total_steps + 1):
-            metrics = _training_step(run, step, tracker)
-            if dev_examples and _dev_due(step, config):
+        while step < run.pipeline.last_step:
+            step += 1
+            _end_in_time(run, step, time_limit, tracker)
+            with time_limit.step():
+                metrics = _training_step(run, step, tracker)
+            if dev_examples and _dev_due(step, config, run.pipeline.last_step):
                 metrics |= _dev_metrics(run, step)
             history.append(_log(tracker, step, metrics))
-            if _due(step, config.checkpoint.every, config.total_steps):
+            if _due(step, config.checkpoint.every, run.pipeline.last_step):
                 _save_checkpoint(run, step)
             tracker.advance()
     finally:
         tracker.close()
     final_model = _finish(run, tracker)
-    return TrainResult(
-        steps=config.total_steps, run_dir=config.run_dir, final_model=final_model, history=history
+    return TrainResult(steps=step, run_dir=config.run_dir, final_model=final_model, history=history)
+
+
+class TimeLimit:
+    """How many more steps fit in ``max_minutes`` of the training loop.
+
+    The steps left are paced at the mean step so far, with room kept for one as slow as the slowest: steps
+    vary (an update's cost follows how many groups did not score alike), and a slow last step is what
+    would run past the limit.
+
+    Args:
+        minutes: the limit, counted from now; 0 means none.
+        clock: seconds from a fixed point (tests pass a fake one).
+    """
+
+    def __init__(self, minutes: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._deadline = clock() + minutes * 60.0 if minutes > 0 else None
+        self._steps, self._total_s, self._slowest_s = 0, 0.0, 0.0
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Time one step (the ``with`` block)."""
+        started = self._clock()
+        yield
+        took = self._clock() - started
+        self._steps, self._total_s, self._slowest_s = (
+            self._steps + 1,
+            self._total_s + took,
+            max(self._slowest_s, took),
+        )
+
+    def steps_that_fit(self) -> int | None:
+        """Whole steps that fit in the time left; None without a limit or before a step was timed."""
+        if self._deadline is None or self._steps == 0 or self._total_s <= 0:
+            return None
+        mean_s = self._total_s / self._steps
+        left_s = self._deadline - self._clock() - (self._slowest_s - mean_s)
+        return max(0, math.floor(left_s / mean_s))
+
+
+def _end_in_time(run: _Run, step: int, time_limit: TimeLimit, tracker: Tracker) -> None:
+    """Bring the run's last step forward to the last that ``max_minutes`` leaves time for.
+
+    Steps already submitted still run: the pipeline never has a request in flight beyond the last step.
+    """
+    fits = time_limit.steps_that_fit()
+    pipeline = run.pipeline
+    if fits is None or step + fits - 1 >= pipeline.last_step:
+        return
+    pipeline.last_step = max(step + fits - 1, pipeline.newest_submitted(step))
+    tracker.note(
+        f"step {step}: max_minutes={run.config.max_minutes:g} leaves time for steps up to "
+        f"{pipeline.last_step} only; that one is the last"
     )
 
 
@@ -464,18 +533,18 @@ def _log(tracker: Tracker, step: int, metrics: dict[str, float]) -> dict[str, fl
     return {"step": float(step)} | metrics
 
 
-def _drains(config: TrainConfig, step: int, *, evaluates: bool) -> bool:
+def _drains(config: TrainConfig, step: int, last_step: int, *, evaluates: bool) -> bool:
     """Whether ``step`` ends with no request in flight: it checkpoints, or it evaluates (``evaluates``)."""
-    if evaluates and _dev_due(step, config):
+    if evaluates and _dev_due(step, config, last_step):
         return True
-    return _due(step, config.checkpoint.every, config.total_steps)
+    return _due(step, config.checkpoint.every, last_step)
 
 
-def _dev_due(step: int, config: TrainConfig) -> bool:
+def _dev_due(step: int, config: TrainConfig, last_step: int) -> bool:
     """Dev evaluations run every ``dev.every`` steps and after the last one; ``dev.every`` 0 runs none."""
-    return config.dev.every > 0 and _due(step, config.dev.every, config.total_steps)
+    return config.dev.every > 0 and _due(step, config.dev.every, last_step)
 
 
-def _due(step: int, every: int, total_steps: int) -> bool:
+def _due(step: int, every: int, last_step: int) -> bool:
     """Periodic work happens every ``every`` steps and after the last one (``every`` 0: only the last)."""
-    return step == total_steps or (every > 0 and step % every == 0)
+    return step == last_step or (every > 0 and step % every == 0)

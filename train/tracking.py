@@ -112,7 +112,11 @@ class Tracker:
 
     def warn(self, message: str) -> None:
         """Show a warning without breaking the progress bar."""
-        tqdm.write(f"searchgym train: warning: {message}")
+        self.note(f"warning: {message}")
+
+    def note(self, message: str) -> None:
+        """Show a line without breaking the progress bar."""
+        tqdm.write(f"searchgym train: {message}")
 
     def write_samples(self, step: int, text: str) -> Path:
         """Save rendered sample episodes as ``samples/step_00000012.txt``."""
