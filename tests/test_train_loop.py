@@ -4,6 +4,7 @@ import functools
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -397,20 +398,20 @@ class FakeClock:
 
 
 class TimedRollout(TargetTokenRollout):
-    """The toy rollout, where each training step's episodes take ``step_s`` seconds of ``clock``."""
+    """The toy rollout, where step k's episodes take ``step_s[k - 1]`` seconds of ``clock`` (or the last)."""
 
-    def __init__(self, clock: FakeClock, step_s: float) -> None:
+    def __init__(self, clock: FakeClock, step_s: Sequence[float]) -> None:
         super().__init__()
         self.clock, self.step_s = clock, step_s
 
     def submit(self, examples, *, sampling, step, batch_size) -> None:
         super().submit(examples, sampling=sampling, step=step, batch_size=batch_size)
         if sampling.temperature > 0:
-            self.clock.now += self.step_s
+            self.clock.now += self.step_s[min(step, len(self.step_s)) - 1]
 
 
-def run_timed(monkeypatch, run_dir: Path, *overrides: str, step_s: float = 10.0):
-    """A toy run whose steps take ``step_s`` seconds of a fake clock each; returns the result and events."""
+def run_timed(monkeypatch, run_dir: Path, *overrides: str, step_s: Sequence[float] = (10.0,)):
+    """A toy run whose steps take ``step_s`` seconds of a fake clock; returns the result and events."""
     clock = FakeClock()
     monkeypatch.setattr(loop, "TimeLimit", functools.partial(loop.TimeLimit, clock=clock))
     rollout = TimedRollout(clock, step_s)
@@ -440,13 +441,21 @@ def test_steps_that_fit_are_paced_at_the_mean_step_with_room_for_the_slowest() -
     assert loop.TimeLimit(minutes=0.0, clock=clock).steps_that_fit() is None
 
 
+def test_the_last_step_moves_later_when_steps_turn_out_faster(tmp_path: Path, monkeypatch) -> None:
+    # After step 1 (30 s) only steps up to 4 seem to fit in 120 s; at 10 s a step after it, step 7 does.
+    result, _ = run_timed(
+        monkeypatch, tmp_path, "total_steps=10", "max_minutes=2", "checkpoint.every=0", step_s=(30.0, 10.0)
+    )
+    assert result.steps == 7
+
+
 def test_a_time_limit_that_is_not_reached_changes_nothing(tmp_path: Path, monkeypatch) -> None:
     result, _ = run_timed(monkeypatch, tmp_path, "total_steps=4", "max_minutes=1")
     assert result.steps == 4
 
 
 def test_the_first_two_steps_run_even_without_time_left(tmp_path: Path, monkeypatch) -> None:
-    result, _ = run_timed(monkeypatch, tmp_path, "total_steps=4", "max_minutes=0.01", step_s=60.0)
+    result, _ = run_timed(monkeypatch, tmp_path, "total_steps=4", "max_minutes=0.01", step_s=(60.0,))
     assert result.steps == 2
 
 

@@ -325,7 +325,7 @@ def train(
             history.append(_log(tracker, 0, _dev_metrics(run, 0)))
         while step < run.pipeline.last_step:
             step += 1
-            _end_in_time(run, step, time_limit, tracker)
+            _end_in_time(run, step, time_limit)
             with time_limit.step():
                 metrics = _training_step(run, step, tracker)
             if dev_examples and _dev_due(step, config, run.pipeline.last_step):
@@ -334,6 +334,10 @@ def train(
             if _due(step, config.checkpoint.every, run.pipeline.last_step):
                 _save_checkpoint(run, step)
             tracker.advance()
+        if step < config.total_steps:
+            tracker.note(
+                f"max_minutes={config.max_minutes:g} leaves no time for step {step + 1}: stopping at {step}"
+            )
     finally:
         tracker.close()
     final_model = _finish(run, tracker)
@@ -378,20 +382,18 @@ class TimeLimit:
         return max(0, math.floor(left_s / mean_s))
 
 
-def _end_in_time(run: _Run, step: int, time_limit: TimeLimit, tracker: Tracker) -> None:
-    """Bring the run's last step forward to the last that ``max_minutes`` leaves time for.
+def _end_in_time(run: _Run, step: int, time_limit: TimeLimit) -> None:
+    """Set the run's last step to the last that ``max_minutes`` leaves time for, from this step's estimate.
 
-    Steps already submitted still run: the pipeline never has a request in flight beyond the last step.
+    The estimate is made again before every step, so the last step moves with the pace of the steps. It
+    never comes before a step already submitted, nor after ``total_steps``.
     """
     fits = time_limit.steps_that_fit()
-    pipeline = run.pipeline
-    if fits is None or step + fits - 1 >= pipeline.last_step:
-        return
-    pipeline.last_step = max(step + fits - 1, pipeline.newest_submitted(step))
-    tracker.note(
-        f"step {step}: max_minutes={run.config.max_minutes:g} leaves time for steps up to "
-        f"{pipeline.last_step} only; that one is the last"
-    )
+    if fits is not None:
+        pipeline = run.pipeline
+        pipeline.last_step = min(
+            max(step + fits - 1, pipeline.newest_submitted(step)), run.config.total_steps
+        )
 
 
 def _training_step(run: _Run, step: int, tracker: Tracker) -> dict[str, float]:
