@@ -88,22 +88,27 @@ def train_rewards(run_dir: Path) -> list[float]:
     return [row["rollout/reward"] for row in rows if row.get("rollout/reward") is not None]
 
 
+def stage_eval_dir(config: TrainConfig, stage: str) -> Path:
+    """Where the evaluation of ``<run>/<stage>`` is written: ``<run>/eval/<stage>``."""
+    return config.run_dir / "eval" / stage
+
+
 def evaluate_stage(config: TrainConfig, stage: str) -> "RunResults":
-    """Evaluate ``<run>/<stage>`` into ``<run>/eval/<stage>`` (resumed or reused when it is there)."""
+    """Evaluate ``<run>/<stage>`` into :func:`stage_eval_dir` (resumed or reused when it is there)."""
     from searchgym.eval.runner import run_evaluation
 
     if stage == WARMSTART_DIR and not (config.run_dir / WARMSTART_DIR).is_dir():
         raise SearchgymError(
             f"{config.run_dir} has no {WARMSTART_DIR}/: the demo needs warmstart.examples > 0"
         )
-    return run_evaluation(stage_eval_config(config, stage), config.run_dir / "eval" / stage)
+    return run_evaluation(stage_eval_config(config, stage), stage_eval_dir(config, stage))
 
 
 def demo_report(config: TrainConfig, warm_start: "RunResults", final: "RunResults") -> DemoReport:
     """Pair the two stages' evaluations question by question, with the run's training rewards."""
     from searchgym.eval.report import paired_comparison
 
-    paired = paired_comparison(config.run_dir / "eval" / "warmstart", config.run_dir / "eval" / "final")
+    paired = paired_comparison(*(stage_eval_dir(config, stage) for stage in STAGES))
     assert paired is not None  # the same questions, by construction
     return DemoReport(warm_start, final, paired, train_rewards(config.run_dir))
 
@@ -135,7 +140,7 @@ def run_demo(config: TrainConfig, minutes: float) -> DemoReport:
     from searchgym.eval.report import RESULTS_FILE
     from searchgym.train.run import run_training, starting_policy  # torch and transformers load here
 
-    final_eval = config.run_dir / "eval" / "final"
+    final_eval = stage_eval_dir(config, "final")
     if (final_eval / RESULTS_FILE).is_file():
         return evaluate_stages(config)
     started = time.monotonic()
@@ -147,7 +152,8 @@ def run_demo(config: TrainConfig, minutes: float) -> DemoReport:
     evaluating = time.monotonic()
     warm_start = evaluate_stage(config, WARMSTART_DIR)
     if minutes > 0:
-        limit = rl_minutes(minutes, time.monotonic() - started, time.monotonic() - evaluating)
+        now = time.monotonic()
+        limit = rl_minutes(minutes, now - started, now - evaluating)
         logger.info("RL gets %.1f of the demo's %g minutes", limit, minutes)
         config = dataclasses.replace(config, max_minutes=limit)
     if run_training(config).history:

@@ -88,6 +88,8 @@ def test_derived_sizes() -> None:
         (["batch.micro_batch_size=100"], "batch.micro_batch_size to a divisor"),
         (["optim.actor_lr=fast"], "optim.actor_lr must be float"),
         (["total_steps=2.5"], "total_steps must be int"),
+        (["max_minutes=-1"], "max_minutes must be a number of minutes >= 0"),
+        (["max_minutes=nan"], "max_minutes must be a number of minutes >= 0"),
         (["optim.betas=0.9"], "takes 2 values"),
         (["rollout.backend=vllm", "system.device=cpu"], "needs a GPU"),
         (["env.max_turns=0"], "env: max_turns=0"),
