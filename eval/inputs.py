@@ -3,10 +3,13 @@
 Each function raises :class:`~searchgym.errors.SearchgymError` with a message that says what to fix.
 """
 
+import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from searchgym.env import QAExample, load_dataset
 from searchgym.errors import SearchgymError
@@ -16,10 +19,13 @@ from searchgym.eval.report import PREDICTIONS_FILE, RUN_FILE, read_predictions
 from searchgym.eval.selection import check_unique_ids, read_id_file, select_examples
 from searchgym.policy.generation import Generator
 from searchgym.retriever.base import Retriever
+from searchgym.retriever.corpus import file_sha256
 
 PROBE_QUERY = "searchgym connectivity check"
 PROBE_TIMEOUT_S = 10.0
 CPU_KV_CACHE_GIB = 2.0
+FINGERPRINTS_KEY = "fingerprints"
+"""The key of ``run.json`` under which :func:`input_fingerprints` are kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,25 +171,96 @@ def check_model_folder(model: str) -> None:
         raise SearchgymError(f"model folder {model} does not exist")
 
 
-def resume_predictions(run_dir: Path, config: EvalConfig) -> list[Prediction]:
+def input_fingerprints(
+    configs: Sequence[EvalConfig], *, model: bool = True, index: bool = True
+) -> list[dict[str, str]]:
+    """SHA-256 digests of what each run's settings name only by path: a local model's files and the index.
+
+    The same path can hold other bytes later (a model trained further and exported to the same folder,
+    an index rebuilt in place); a resumed run would then mix two models' predictions in one table.
+    Hub ids, the embedded model and servers have no local bytes to digest; a run that does not search
+    does not depend on the index. Each file is read once, however many runs name it.
+
+    Args:
+        configs: the runs' settings.
+        model: digest the model (False when a loaded generator is handed in: its weights are not the
+            folder's).
+        index: digest the index (False when a retriever is handed in).
+    """
+    from searchgym.retriever.manifest import MANIFEST_NAME
+
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        if path not in digests:
+            digests[path] = path_sha256(path)
+        return digests[path]
+
+    fingerprints = []
+    for config in configs:
+        found = {}
+        if model and config.model is not None and Path(config.model).exists():
+            found["model"] = digest(Path(config.model))
+        if index and config.uses_retrieval and config.index is not None:
+            # A rebuild writes a new manifest (its creation time at least), so it stands for the index.
+            found["index"] = digest(Path(config.index) / MANIFEST_NAME)
+        fingerprints.append(found)
+    return fingerprints
+
+
+def path_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file, or of a folder's files (names and contents; hidden ones left out)."""
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        relative = file.relative_to(path)
+        if file.is_file() and not any(part.startswith(".") for part in relative.parts):
+            digest.update(f"{relative.as_posix()}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def run_file_document(config: EvalConfig, fingerprints: dict[str, str]) -> dict[str, Any]:
+    """What ``run.json`` holds: the settings, and the fingerprints of the files they name."""
+    return config.to_dict() | {FINGERPRINTS_KEY: fingerprints}
+
+
+def resume_predictions(run_dir: Path, config: EvalConfig, fingerprints: dict[str, str]) -> list[Prediction]:
     """The predictions an earlier, interrupted run left in ``run_dir`` (none for a new run).
 
     A line cut off by the interruption is removed from the file, so that new lines append cleanly.
 
+    Args:
+        run_dir: the run directory.
+        config: this run's settings.
+        fingerprints: this run's :func:`input_fingerprints`; each one the earlier run also recorded must
+            match.
+
     Raises:
-        SearchgymError: the directory holds a run made with other settings.
+        SearchgymError: the directory holds a run made with other settings, or with the same paths
+            holding other files.
     """
     run_file = run_dir / RUN_FILE
     if not run_file.is_file():
         if (run_dir / PREDICTIONS_FILE).exists():
             raise SearchgymError(f"{run_dir} has predictions but no {RUN_FILE}: choose another --out")
         return []
-    earlier = EvalConfig.from_dict(json.loads(run_file.read_text(encoding="utf-8")))
+    document = json.loads(run_file.read_text(encoding="utf-8"))
+    earlier = EvalConfig.from_dict(document)
     changed = config.changed_settings(earlier)
     if changed:
         raise SearchgymError(
             f"{run_dir} holds a run with other settings ({', '.join(changed)} differ): "
             "resume it with the same settings, or choose another --out"
+        )
+    recorded = document.get(FINGERPRINTS_KEY, {})
+    rewritten = sorted(name for name, digest in fingerprints.items() if recorded.get(name, digest) != digest)
+    if rewritten:
+        paths = {"model": config.model, "index": config.index}
+        raise SearchgymError(
+            f"{run_dir} holds a run of other files at the same paths: "
+            + ", ".join(f"the {name} {paths[name]}" for name in rewritten)
+            + " changed since it began; choose another --out (or delete the folder to evaluate again)"
         )
     lines = read_predictions(run_dir / PREDICTIONS_FILE, repair=True)
     predictions = unique_predictions(lines)

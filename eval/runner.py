@@ -28,10 +28,12 @@ from searchgym.eval.config import EvalConfig
 from searchgym.eval.inputs import (
     EvalItem,
     check_retriever,
+    input_fingerprints,
     load_generator,
     load_items,
     open_retriever,
     resume_predictions,
+    run_file_document,
 )
 from searchgym.eval.metrics import gold_passage_recall
 from searchgym.eval.records import Prediction
@@ -300,6 +302,7 @@ class PlannedRun:
     run_dir: Path
     items: list[EvalItem]
     done: list[Prediction]
+    fingerprints: dict[str, str]
 
     @property
     def todo(self) -> list[EvalItem]:
@@ -308,18 +311,20 @@ class PlannedRun:
         return [item for item in self.items if item.key not in done_keys]
 
 
-def plan_run(config: EvalConfig, run_dir: Path) -> PlannedRun:
+def plan_run(config: EvalConfig, run_dir: Path, fingerprints: dict[str, str]) -> PlannedRun:
     """Check a run's questions and its directory (resuming what an earlier run there left).
 
     Raises:
-        SearchgymError: a bad benchmark or exclusion file, or a run directory made with other settings.
+        SearchgymError: a bad benchmark or exclusion file, or a run directory made with other settings
+            or other model or index files.
     """
     run_dir = Path(run_dir)
     items = load_items(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     wanted = {item.key for item in items}
-    done = [prediction for prediction in resume_predictions(run_dir, config) if prediction.key in wanted]
-    return PlannedRun(config, run_dir, items, done)
+    earlier = resume_predictions(run_dir, config, fingerprints)
+    done = [prediction for prediction in earlier if prediction.key in wanted]
+    return PlannedRun(config, run_dir, items, done, fingerprints)
 
 
 def execute_run(
@@ -335,7 +340,7 @@ def execute_run(
         if generator is None:
             raise ValueError("a generator is needed: this run has questions left")
         engine = Engine.for_config(run.config, generator, retriever)
-        write_json_atomic(run.run_dir / RUN_FILE, run.config.to_dict())
+        write_json_atomic(run.run_dir / RUN_FILE, run_file_document(run.config, run.fingerprints))
         started = time.perf_counter()
         desc = f"eval {run.config.mode}"
         bar = tqdm(
@@ -383,7 +388,8 @@ def run_evaluations(
     with ExitStack() as locks:  # one writer per run directory, until its files are written
         for run_dir in run_dirs:
             locks.enter_context(RunLock(run_dir))
-        runs = [plan_run(config, run_dir) for config, run_dir in zip(configs, run_dirs, strict=True)]
+        fingerprints = input_fingerprints(configs, model=generator is None, index=retriever is None)
+        runs = [plan_run(*run) for run in zip(configs, run_dirs, fingerprints, strict=True)]
         searching = next((config for config in configs if config.uses_retrieval), None)
         if retriever is None and searching is not None:
             check_retriever(searching)

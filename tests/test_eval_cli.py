@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -135,3 +136,19 @@ def test_a_merged_search_r1_file_is_one_column_per_data_source(tmp_path, tiny_mo
     out = capsys.readouterr().out
     assert "| metric | nq | triviaqa | popqa | avg |" in out
     assert "| questions | 2 | 2 | 1 | 5 |" in out
+
+
+def test_a_run_of_other_weights_in_the_same_folder_is_not_resumed(tmp_path, tiny_model_dir, capsys):
+    model_dir = tmp_path / "final"
+    shutil.copytree(tiny_model_dir, model_dir)
+    argv = ["eval", "--model", str(model_dir), "--benchmarks", "bamboogle", "--mode", "direct"]
+    argv += ["--limit", "2", "--max-new-tokens", "2", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 0
+    recorded = json.loads((tmp_path / "run" / RUN_FILE).read_text())["fingerprints"]
+    assert set(recorded) == {"model"}
+    assert main(argv) == 0  # the same files: the finished run is reported again
+    tiny_random_model(seed=1).model.save_pretrained(model_dir)  # trained further, exported to the same path
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert f"the model {model_dir} changed since it began" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / RUN_FILE).read_text())["fingerprints"] == recorded

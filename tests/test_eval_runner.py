@@ -1,6 +1,7 @@
 import json
 import socket
 import subprocess
+from dataclasses import replace
 
 import pytest
 from eval_fixtures import GEO, PEOPLE, Interrupted, KeywordRetriever, ScriptedGenerator, write_jsonl
@@ -8,6 +9,7 @@ from eval_fixtures import GEO, PEOPLE, Interrupted, KeywordRetriever, ScriptedGe
 from searchgym.env.config import EnvConfig
 from searchgym.errors import SearchgymError
 from searchgym.eval.config import EvalConfig
+from searchgym.eval.inputs import input_fingerprints, resume_predictions, run_file_document
 from searchgym.eval.report import PREDICTIONS_FILE, RESULTS_FILE, RUN_FILE, read_predictions
 from searchgym.eval.runlock import LOCK_FILE, RunLockedError
 from searchgym.eval.runner import run_evaluation
@@ -182,6 +184,44 @@ def test_resuming_with_other_settings_is_refused(tmp_path, benchmarks, tokenizer
     with pytest.raises(SearchgymError, match="limit differ"):
         run_evaluation(other, tmp_path / "run", show_progress=False, generator=policy)
     assert json.loads((tmp_path / "run" / RUN_FILE).read_text())["limit"] is None
+
+
+def test_fingerprints_digest_the_files_each_run_reads(tmp_path):
+    model, index = tmp_path / "model", tmp_path / "index"
+    (model / ".cache").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    index.mkdir()
+    (index / "manifest.json").write_text('{"created": "2026-11-28T10:55:29Z"}')
+    agent = EvalConfig(benchmarks=("nq",), model=str(model), mode="agent", index=str(index))
+    direct = replace(agent, mode="direct")
+    hub = EvalConfig(benchmarks=("nq",), model="org/name", mode="direct")
+    fingerprints = input_fingerprints([agent, direct, hub])
+    assert [set(found) for found in fingerprints] == [{"model", "index"}, {"model"}, set()]
+    assert fingerprints[0]["model"] == fingerprints[1]["model"]
+    (model / ".cache" / "download.lock").write_text("")  # hidden files are not the model
+    assert input_fingerprints([agent]) == fingerprints[:1]
+    (model / "model.safetensors").write_bytes(b"trained")
+    (changed,) = input_fingerprints([agent])
+    assert changed["model"] != fingerprints[0]["model"] and changed["index"] == fingerprints[0]["index"]
+    assert input_fingerprints([agent], model=False, index=False) == [{}]  # a loaded model, a given retriever
+
+
+def test_resuming_over_a_rebuilt_index_is_refused(tmp_path):
+    index, run_dir = tmp_path / "index", tmp_path / "run"
+    index.mkdir()
+    run_dir.mkdir()
+    (index / "manifest.json").write_text('{"created": "2026-11-28T10:55:29Z"}')
+    config = EvalConfig(benchmarks=("nq",), mode="rag", index=str(index))
+    (before,) = input_fingerprints([config])
+    (run_dir / RUN_FILE).write_text(json.dumps(run_file_document(config, before)))
+    assert resume_predictions(run_dir, config, before) == []
+    (index / "manifest.json").write_text('{"created": "2026-11-29T08:00:00Z"}')
+    (after,) = input_fingerprints([config])
+    with pytest.raises(SearchgymError, match=f"the index {index} changed since it began"):
+        resume_predictions(run_dir, config, after)
+    (run_dir / RUN_FILE).write_text(json.dumps(config.to_dict()))  # written before fingerprints existed
+    assert resume_predictions(run_dir, config, after) == []
 
 
 def test_exclude_drops_the_listed_ids(tmp_path, benchmarks, tokenizer):
