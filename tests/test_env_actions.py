@@ -29,6 +29,7 @@ TAG_FREE = st.text(alphabet=st.characters(blacklist_characters="<>"))
         ("</search> stray closing, then <search>q</search>", Search("q")),
         ("<search>capital of France", Invalid(InvalidReason.UNCLOSED_TAG)),
         ("<answer>Paris", Invalid(InvalidReason.UNCLOSED_TAG)),
+        ("<search>capital of France</answer>", Invalid(InvalidReason.UNCLOSED_TAG)),  # another tag closes
         ("<search>a <search>b</search>", Invalid(InvalidReason.NESTED_TAGS)),
         ("<answer>x <search>q</search> y</answer>", Invalid(InvalidReason.NESTED_TAGS)),
         ("<search>a </answer> b</search>", Invalid(InvalidReason.NESTED_TAGS)),

@@ -97,6 +97,11 @@ def test_f1_counts_repeated_tokens_once_per_match():
     assert f1_score("the", ["a"]) == 1.0
 
 
+def test_f1_is_the_harmonic_mean_of_token_precision_and_recall():
+    assert f1_score("Paris", ["Paris France"]) == pytest.approx(2 / 3)  # precision 1, recall 1/2
+    assert f1_score("x b c", ["b c d e"]) == pytest.approx(4 / 7)  # precision 2/3, recall 1/2
+
+
 def test_cover_exact_match_needs_whole_words():
     assert cover_exact_match("It was William Shakespeare.", ["Shakespeare"]) == 1.0
     assert cover_exact_match("Shakespeareans", ["Shakespeare"]) == 0.0
