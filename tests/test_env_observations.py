@@ -1,3 +1,5 @@
+import re
+
 from env_fixtures import CORPUS, CharTokenizer
 from hypothesis import given
 from hypothesis import strategies as st
@@ -78,6 +80,42 @@ def test_documents_whose_headers_do_not_fit_are_dropped_lowest_ranked_first():
     assert block.shown_ids == ("0", "1")
     assert meter.count(block.text) <= 130
     assert fit_information(passages, meter=meter, max_tokens=10).shown_ids == ()
+
+
+def test_headers_that_fill_the_budget_exactly_keep_every_document():
+    passages = [long_passage(str(i), f"T{i}", 20) for i in range(3)]
+    meter = TokenizerMeter(CharTokenizer())
+    headers_only = information_block([(f"T{i}", "") for i in range(3)])
+    block = fit_information(passages, meter=meter, max_tokens=len(headers_only))
+    assert (block.text, block.shown_ids) == (headers_only, ("0", "1", "2"))
+
+
+class JoinTaxMeter:
+    """Characters, plus one unit wherever a header meets its text, as a tokenizer merging across the join.
+
+    Parts measured alone do not pay it, so the first assembled block overshoots by one unit a document.
+    """
+
+    def count(self, text):
+        return len(text) + len(re.findall(r"\) \S", text))
+
+    def measure(self, text):
+        return TokenizerMeter(CharTokenizer()).measure(text)
+
+
+def test_an_assembled_block_over_budget_is_refitted_from_its_longest_document():
+    passages = [long_passage("a", "Alpha", 60), long_passage("b", "Beta", 3), long_passage("c", "Gamma", 60)]
+    meter = JoinTaxMeter()
+    budget = 300
+    block = fit_information(passages, meter=meter, max_tokens=budget)
+    assert block.shown_ids == ("a", "b", "c") and block.num_tokens == meter.count(block.text) <= budget
+    lines = block.text.removeprefix("\n\n<information>").split("\n")[:3]
+    texts = [line.split(") ", 1)[1] for line in lines]
+    headers = information_block([(passage.title, "") for passage in passages])
+    first_shares = share_budget([len(p.text.replace("\n", " ")) for p in passages], budget - len(headers))
+    assert texts[1] == passages[1].text.replace("\n", " ")  # the short one is untouched
+    # The three-unit overshoot came off the longest share (Alpha's, the first of the two equal longest).
+    assert [len(text) for text in texts] == [first_shares[0] - 3, first_shares[1], first_shares[2]]
 
 
 def test_meters_cut_a_measured_text_to_a_prefix():
