@@ -101,6 +101,30 @@ def test_the_observation_before_the_last_turn_says_to_answer_and_a_search_there_
     assert len(retriever.calls) == 2
 
 
+def test_a_search_on_the_last_turn_is_refused_even_with_searches_left():
+    retriever = FakeRetriever()
+    search_env = make_env(EnvConfig(max_turns=2, max_searches=1), retriever=retriever)
+    start(search_env)
+    search_env.step("thinking aloud")
+    observation, _, terminated, truncated, info = search_env.step("<search>France</search>")
+    assert (observation, terminated, truncated) == ("", False, True)
+    assert info["invalid_reason"] == "search_on_last_turn" and info["observation_tokens"] == 0
+    assert retriever.calls == []
+
+
+def test_a_search_that_finds_nothing_shows_an_empty_information_block():
+    class EmptyRetriever(FakeRetriever):
+        def search(self, queries, k):
+            self.calls.append(list(queries))
+            return [[] for _ in queries]
+
+    search_env = make_env(retriever=EmptyRetriever())
+    start(search_env)
+    observation, *_, info = search_env.step("<search>nothing matches</search>")
+    assert observation == prompts.information_block([])
+    assert info["retrieved_ids"] == () and info["num_searches"] == 1
+
+
 def test_searches_beyond_the_budget_are_refused_until_the_turns_run_out():
     retriever = FakeRetriever()
     search_env = make_env(EnvConfig(max_turns=3, max_searches=1), retriever=retriever)
@@ -114,6 +138,15 @@ def test_searches_beyond_the_budget_are_refused_until_the_turns_run_out():
     _, _, terminated, truncated, info = search_env.step("no idea")
     assert (terminated, truncated, info["end_reason"]) == (False, True, "max_turns")
     assert len(retriever.calls) == 1
+
+
+def test_the_searches_spent_notice_follows_the_search_that_spent_them_only():
+    search_env = make_env(EnvConfig(max_turns=4, max_searches=1))
+    start(search_env)
+    spent, *_ = search_env.step("<search>France</search>")
+    assert spent.endswith(prompts.SEARCHES_SPENT_NOTICE)
+    corrected, *_ = search_env.step("no tag here")
+    assert prompts.SEARCHES_SPENT_NOTICE not in corrected and corrected.startswith("\n\n(")
 
 
 def test_a_single_turn_episode_puts_the_answer_now_notice_in_the_prompt():
@@ -167,6 +200,10 @@ def test_format_and_retrieval_shaping_and_search_cost():
     *_, info = search_env.step("<answer>Lyon</answer>")
     assert info["reward_shaping"] == pytest.approx(0.3)  # well-formed, and "Paris" was retrieved
     assert info["reward"] == pytest.approx(0.3 - 0.05)
+
+    start(search_env)
+    *_, info = search_env.step("<answer>Lyon</answer>")
+    assert info["reward_shaping"] == pytest.approx(0.2)  # well-formed, but nothing retrieved
 
     start(search_env)
     search_env.step("oops")
@@ -223,6 +260,9 @@ def test_render_ansi_shows_the_whole_episode():
     observation, *_ = search_env.step("<search>capital of France</search>")
     assert search_env.render() == prompt + "<search>capital of France</search>" + observation
     assert make_env().render() is None
+    unrendered = make_env()
+    start(unrendered)
+    assert unrendered.render() is None  # no render mode: nothing, even mid-episode
 
 
 def test_gymnasium_make_and_check_env():

@@ -115,6 +115,17 @@ def test_a_tagged_calculator_call_is_answered_budgeted_and_charged():
     assert info["tool_calls"] == {"calculator": 1}
 
 
+def test_each_tool_call_is_charged():
+    config = EnvConfig(
+        tools=("search", "calculator"), tool_budgets={"calculator": 2}, tool_costs={"calculator": 0.25}
+    )
+    _, steps = run_env(
+        config, ["<calculator> 1+1 </calculator>", "<calculator> 2+2 </calculator>", "<answer>Paris</answer>"]
+    )
+    _, reward, _, _, info = steps[2]
+    assert (reward, info["reward_tool_cost"], info["tool_calls"]) == (0.5, 0.5, {"calculator": 2})
+
+
 def test_the_prompt_lists_tools_beside_search_and_the_stop_strings_close_them():
     search_env = SearchEnv(
         dataset=None, retriever=FakeRetriever(), config=EnvConfig(tools=("search", "calculator"))
