@@ -234,6 +234,10 @@ def test_an_autoresetting_env_is_refused(tiny, mode):
 def test_budgets_are_validated(kwargs, setting):
     with pytest.raises(RolloutError, match=setting):
         TokenBudgets(**kwargs)
+    smallest = TokenBudgets(
+        max_prompt_tokens=1, max_turn_tokens=1, max_observation_tokens=1, max_context_tokens=2
+    )
+    assert (smallest.max_turn_tokens, smallest.max_context_tokens) == (1, 2)  # 1 is a budget, 0 is not
 
 
 def test_tiny_model_rollout_keeps_exact_tokens_and_sampler_logprobs_match_the_trainer(tiny, mode):
