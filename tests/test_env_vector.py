@@ -84,6 +84,9 @@ def test_next_step_autoreset_restarts_a_finished_env_on_the_following_step():
     assert (rewards[0], terminated[0], truncated[0]) == (0.0, False, False)
     assert "question" in infos and infos["_question"][0] and not infos["_question"][1]
     assert terminated[1] and vector.final_infos[1]["em"] == 1.0
+    # The restarted env plays its new episode from the next step on: it searches, and is reset no more.
+    observations, *_ = vector.step(["<search>Paris</search>", "ignored"])
+    assert observations[0].startswith("\n\n<information>")
 
 
 def test_same_step_autoreset_returns_the_new_prompt_and_the_final_info():
@@ -138,11 +141,13 @@ def test_bad_arguments_are_reported():
         vector.reset(options={"examples": [EXAMPLES[0]]})
     with pytest.raises(SearchgymError, match="unknown reset options \\['example'\\]"):
         vector.reset(options={"example": EXAMPLES[0]})
+    with pytest.raises(SearchgymError, match="set num_envs to 1 or more"):
+        make_vector(num_envs=0)
 
 
 def test_make_vec_uses_the_registered_vector_entry_point():
     vector = gymnasium.make_vec(env.ENV_ID, num_envs=3, dataset=list(EXAMPLES), retriever=FakeRetriever())
-    assert isinstance(vector, SearchVectorEnv) and vector.num_envs == 3
+    assert isinstance(vector, SearchVectorEnv) and vector.num_envs == len(vector.envs) == 3
     observations, _ = vector.reset(seed=0)
     assert len(observations) == 3 and observations in vector.observation_space
     vector.close()
@@ -164,6 +169,12 @@ def test_stack_infos_chooses_dtypes_from_every_value():
     )
     with_missing = stack_infos([{"reward": 1.0}, {"reward": None}])
     assert with_missing["reward"].dtype == object and with_missing["reward"][1] is None
+    absent = stack_infos([{"n": 3, "ok": True}, {}])  # a key absent from an env is 0 / False there, masked
+    assert absent["n"].tolist() == [3, 0] and absent["ok"].tolist() == [True, False]
+    assert absent["_n"].tolist() == [True, False]
+    mixed = stack_infos([{"x": True, "m": {"a": 1}}, {"x": 0.5, "m": "text"}])  # no common type: as given
+    assert mixed["x"].dtype == object and mixed["x"].tolist() == [True, 0.5]
+    assert mixed["m"].dtype == object and mixed["m"].tolist() == [{"a": 1}, "text"]
 
 
 def test_config_is_shared_by_every_sub_env():
