@@ -382,7 +382,11 @@ def test_the_batcher_skips_cancelled_queries(echo):
     kept = batcher.submit(["kept"], 1)
     batcher.cancel(withdrawn)
     assert batcher.pending == 1 and withdrawn[0].cancelled()
-    batcher.cancel(first)  # already being searched: cannot be withdrawn, finishes normally
+    also_gone = batcher.submit(["also gone"], 1)
+    # One request's queries: the first is being searched (cannot be withdrawn, finishes normally), the
+    # other waits and is withdrawn, its queue slot freed.
+    batcher.cancel(first + also_gone)
+    assert batcher.pending == 1 and also_gone[0].cancelled() and not first[0].cancelled()
     blocking.release.set()
     assert first[0].result(timeout=10)[0].id == "busy#0"
     assert kept[0].result(timeout=10)[0].id == "kept#0"
