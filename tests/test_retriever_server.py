@@ -1,5 +1,6 @@
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -231,6 +232,17 @@ def test_the_batcher_groups_by_k_and_searches_duplicates_once(echo):
     assert [r[0].id for r in results] == ["a#0", "b#0", "a#0", "a#0"]
     assert len(results[3]) == 1
 
+
+
+def test_queries_waiting_together_hold_on_for_company_until_the_batch_fills(echo):
+    batcher = MicroBatcher(echo, max_batch=3, max_wait_s=30.0, max_queue=10, stats=ServerStats())
+    first = batcher.submit(["a", "b"], 1)  # two at once: not alone, so they wait for a third
+    time.sleep(0.2)
+    assert echo.calls == []
+    last = batcher.submit(["c"], 1)  # the batch is full: searched at once, long before the 30 s
+    assert [future.result(timeout=10)[0].id for future in first + last] == ["a#0", "b#0", "c#0"]
+    batcher.close()
+    assert echo.calls == [(["a", "b", "c"], 1)]
 
 def test_the_batcher_refuses_more_than_its_queue(echo):
     blocking = BlockingRetriever()
