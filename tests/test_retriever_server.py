@@ -290,6 +290,11 @@ def test_lru_cache_evicts_the_least_recently_used():
     disabled = LruCache(0)
     disabled.put("a", 1)
     assert disabled.get("a") is None
+    single = LruCache(1)
+    single.put("a", 1)
+    assert single.get("a") == 1
+    single.put("b", 2)
+    assert (single.get("a"), single.get("b")) == (None, 2)
 
 
 @pytest.mark.parametrize(
@@ -349,6 +354,9 @@ def test_the_cache_is_bounded_in_bytes():
     assert cache.nbytes == 4
     cache.put("huge", "x" * 8)  # larger than the whole budget: not stored, nothing evicted
     assert (cache.get("huge"), len(cache), cache.nbytes) == (None, 2, 4)
+    exact = LruCache(100, max_bytes=4, size_of=len)
+    exact.put("a", "aaaa")  # exactly the budget: kept
+    assert (exact.get("a"), exact.nbytes) == ("aaaa", 4)
 
 
 def test_big_results_stay_within_the_cache_byte_budget(client_for, echo):
