@@ -2,6 +2,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 from retriever_fixtures import (
@@ -14,6 +15,7 @@ from retriever_fixtures import (
 )
 
 from searchgym.errors import SearchgymError
+from searchgym.retriever import batching
 from searchgym.retriever.base import Passage
 from searchgym.retriever.batching import (
     LruCache,
@@ -196,6 +198,32 @@ def test_stats_count_requests_batches_cache_and_errors(client_for, echo):
     assert echo.calls == [(["same", "other"], 2)]
 
 
+def test_stats_figures_from_a_known_history(monkeypatch):
+    clock = {"now": 100.0}
+    monkeypatch.setattr(batching, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    stats = ServerStats()
+    clock["now"] = 100.2
+    stats.record_request(latency_s=0.010, queries=2, truncated=1)
+    clock["now"] = 100.5
+    assert stats.snapshot()["queries_per_s"] == 4.0  # a young server: 2 queries over its 0.5 s
+    for when, queries, latency_s in ((105.0, 3, 0.030), (112.0, 5, 0.020), (115.0, 2, 0.040)):
+        clock["now"] = when
+        stats.record_request(latency_s=latency_s, queries=queries, truncated=0)
+    for size in (1, 3, 3, 8):
+        stats.record_batch(size)
+    snapshot = stats.snapshot()
+    assert (snapshot["uptime_s"], snapshot["requests"], snapshot["queries"]) == (15.0, 4, 12)
+    assert snapshot["queries_per_s"] == 1.0  # the last 10 s, its first instant included: 3 + 5 + 2
+    assert snapshot["latency_ms"] == {"p50": 25.0, "p99": 39.7, "window_requests": 4}
+    assert snapshot["batches"] == {
+        "count": 4,
+        "mean_size": 3.75,
+        "max_size": 8,
+        "size_histogram": {"1": 1, "2-3": 2, "8-15": 1},
+    }
+    assert snapshot["truncated_queries"] == 1
+
+
 def test_concurrent_requests_are_batched_and_answer_like_unbatched_calls(client_for, bm25_dir):
     bm25 = load_retriever(bm25_dir)
     queries = [f"{query} {extra}" for query in QUERIES for extra in ("", "planet", "city", "tragedy")]
@@ -233,7 +261,6 @@ def test_the_batcher_groups_by_k_and_searches_duplicates_once(echo):
     assert len(results[3]) == 1
 
 
-
 def test_queries_waiting_together_hold_on_for_company_until_the_batch_fills(echo):
     batcher = MicroBatcher(echo, max_batch=3, max_wait_s=30.0, max_queue=10, stats=ServerStats())
     first = batcher.submit(["a", "b"], 1)  # two at once: not alone, so they wait for a third
@@ -243,6 +270,7 @@ def test_queries_waiting_together_hold_on_for_company_until_the_batch_fills(echo
     assert [future.result(timeout=10)[0].id for future in first + last] == ["a#0", "b#0", "c#0"]
     batcher.close()
     assert echo.calls == [(["a", "b", "c"], 1)]
+
 
 def test_the_batcher_refuses_more_than_its_queue(echo):
     blocking = BlockingRetriever()
