@@ -26,12 +26,15 @@ class ScriptedGenerator:
         tokenizer: the policy tokenizer.
         scripts: question -> the texts of its turns, in order.
         calls: per call, the token limit given to each prompt.
+        request_seeds: per call, each prompt's seed as vLLM derives it (the call's seed plus the
+            prompt's position); None for unseeded calls.
         generated: question -> the ids produced for each of its turns, in call order.
     """
 
     tokenizer: PreTrainedTokenizerBase
     scripts: dict[str, list[str]]
     calls: list[list[int]] = field(default_factory=list)
+    request_seeds: list[list[int] | None] = field(default_factory=list)
     generated: dict[str, list[list[int]]] = field(default_factory=dict)
     answered: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
 
@@ -44,6 +47,8 @@ class ScriptedGenerator:
     ) -> list[Generation]:
         limits = token_limits(len(prompts), params, max_new_tokens)
         self.calls.append(limits)
+        seeds = None if params.seed is None else [params.seed + i for i in range(len(prompts))]
+        self.request_seeds.append(seeds)
         return [self._turn(prompt, limit) for prompt, limit in zip(prompts, limits, strict=True)]
 
     def _turn(self, prompt: Sequence[int], limit: int) -> Generation:

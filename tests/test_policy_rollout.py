@@ -73,6 +73,19 @@ def test_mask_is_one_exactly_on_the_policy_tokens(tiny, mode):
     assert decode(trajectory.prompt_ids).count(FRANCE.question) == 1
 
 
+def test_a_seeded_lockstep_run_never_gives_two_requests_the_same_seed(tiny):
+    # Each call's seed is SEED_STRIDE past the last, and a backend seeds its i-th request seed + i: two
+    # samples of one question (a GRPO group) or two turns must never draw from the same random stream.
+    scripts = {example.question: SEARCH_THEN_ANSWER for example in EXAMPLES}
+    generator = ScriptedGenerator(tiny.tokenizer, scripts)
+    sampling = SamplingParams(max_new_tokens=64, seed=7)
+    examples = [example for example in EXAMPLES for _ in range(2)]
+    rollout("lockstep", generator, make_env(tiny.tokenizer, num_envs=4), examples, sampling=sampling)
+    seeds = [seed for call in generator.request_seeds for seed in call]
+    assert len(seeds) == 2 * len(examples)  # two turns each
+    assert len(set(seeds)) == len(seeds)
+
+
 def test_policy_ids_are_exactly_the_generated_ids_never_re_tokenized(tiny, mode):
     generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: SEARCH_THEN_ANSWER})
     trajectory = rollout(mode, generator, make_env(tiny.tokenizer), [FRANCE])[0]
