@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -120,6 +122,17 @@ def test_trajectory_records_turns_reward_and_sampler_logprobs(tiny, mode):
     assert trajectory.example_id == "q0" and trajectory.group_id == "fake:q0"
 
 
+def test_a_backend_without_logprobs_gives_trajectories_without_them(tiny, mode):
+    class NoLogprobs(ScriptedGenerator):
+        def generate(self, prompts, params, *, max_new_tokens=None):
+            turns = super().generate(prompts, params, max_new_tokens=max_new_tokens)
+            return [replace(turn, logprobs=None) for turn in turns]
+
+    generator = NoLogprobs(tiny.tokenizer, {FRANCE.question: SEARCH_THEN_ANSWER})
+    trajectory = rollout(mode, generator, make_env(tiny.tokenizer), [FRANCE])[0]
+    assert trajectory.sampler_logprobs is None and trajectory.reward == 1.0
+
+
 def test_all_searches_of_a_step_go_to_the_retriever_in_one_call(tiny, mode):
     scripts = {
         FRANCE.question: SEARCH_THEN_ANSWER,
@@ -203,6 +216,7 @@ def test_context_budget_ends_the_episode_when_no_room_is_left_for_a_turn(tiny, m
     assert generator.calls[1] == [10]
     assert len(trajectory.prompt_ids) + len(trajectory.response_ids) == context + 10
     assert trajectory.outcome.end_reason == "context_budget" and not trajectory.outcome.answered
+    assert trajectory.outcome.tool_calls == {"search": 1}  # counted by the rollout that ended it
 
 
 def test_observation_budget_ends_the_episode_as_truncated(tiny, mode):
