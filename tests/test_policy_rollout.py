@@ -228,6 +228,34 @@ def test_observation_budget_ends_the_episode_as_truncated(tiny, mode):
     assert 0 not in trajectory.loss_mask
 
 
+def test_budgets_are_inclusive_an_episode_that_fills_them_exactly_finishes(tiny, mode):
+    env = make_env(tiny.tokenizer)
+    scripts = {FRANCE.question: SEARCH_THEN_ANSWER}
+    probe = rollout(mode, ScriptedGenerator(tiny.tokenizer, scripts), env, [FRANCE])[0]
+    budgets = TokenBudgets(
+        max_prompt_tokens=len(probe.prompt_ids),
+        max_observation_tokens=probe.turns[0].num_observation_tokens,
+        max_context_tokens=len(probe.prompt_ids) + len(probe.response_ids),
+    )
+    trajectory = rollout(mode, ScriptedGenerator(tiny.tokenizer, scripts), env, [FRANCE], budgets=budgets)[0]
+    assert trajectory.outcome.end_reason == "answered" and trajectory.reward == 1.0
+    # An observation that fills the context exactly is kept; only then is there no room for a turn.
+    search = probe.turns[0]
+    full = len(probe.prompt_ids) + search.num_policy_tokens + search.num_observation_tokens
+    budgets = TokenBudgets(max_prompt_tokens=len(probe.prompt_ids), max_context_tokens=full)
+    trajectory = rollout(mode, ScriptedGenerator(tiny.tokenizer, scripts), env, [FRANCE], budgets=budgets)[0]
+    assert trajectory.outcome.end_reason == "context_budget"
+    assert len(trajectory.prompt_ids) + len(trajectory.response_ids) == full and 0 in trajectory.loss_mask
+
+
+def test_an_episode_the_budget_cuts_short_earns_no_format_reward(tiny, mode):
+    generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: SEARCH_THEN_ANSWER})
+    env = make_env(tiny.tokenizer, format_weight=0.2)
+    budgets = TokenBudgets(max_observation_tokens=20)
+    trajectory = rollout(mode, generator, env, [FRANCE], budgets=budgets)[0]
+    assert trajectory.outcome.end_reason == "observation_budget" and trajectory.reward == 0.0
+
+
 def test_an_episode_without_answer_is_truncated_by_the_env_at_max_turns(tiny, mode):
     generator = ScriptedGenerator(tiny.tokenizer, {FRANCE.question: ["I do not know.", "Still no idea."]})
     trajectory = rollout(mode, generator, make_env(tiny.tokenizer, max_turns=2, max_searches=1), [FRANCE])[0]
