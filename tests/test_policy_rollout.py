@@ -1,3 +1,4 @@
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -144,18 +145,20 @@ def test_all_searches_of_a_step_go_to_the_retriever_in_one_call(tiny, mode):
         STAMBOLIC.question: ["<answer> Ivanjica </answer>"],
     }
     retriever = FakeRetriever()
+    started = time.perf_counter()
     trajectories = rollout(
         mode,
         ScriptedGenerator(tiny.tokenizer, scripts),
         make_env(tiny.tokenizer, retriever=retriever),
         [FRANCE, HAMLET, STAMBOLIC],
     )
+    wall_s = time.perf_counter() - started
     assert retriever.calls == [["capital of France", "Hamlet author"], ["Shakespeare"]]
     assert [t.reward for t in trajectories] == [1.0, 0.0, 1.0]
     assert [len(t.turns) for t in trajectories] == [2, 3, 1]
     assert trajectories[0].timings == trajectories[2].timings
     timings = trajectories[0].timings
-    assert timings.generation >= 0 and timings.bookkeeping >= 0 and timings.retrieval > 0  # it searched
+    assert timings.generation >= 0 and timings.bookkeeping >= 0 and 0 < timings.retrieval < wall_s
 
 
 def test_more_examples_than_sub_envs_run_in_order_batch_by_batch(tiny, mode):
