@@ -1,13 +1,16 @@
+import json as json_module
 import socket
 import threading
 import time
 
 import pytest
+import requests
 from flask import Flask, jsonify, request
 from retriever_fixtures import EchoRetriever
 from werkzeug.serving import make_server
 
 from searchgym.errors import SearchgymError
+from searchgym.retriever import client
 from searchgym.retriever.base import Passage
 from searchgym.retriever.client import HttpRetriever, RetrievalRequestError, RetrieverUnavailableError
 from searchgym.retriever.config import ServerConfig
@@ -202,3 +205,65 @@ def test_a_server_that_accepts_and_never_answers_is_given_up_on_within_the_budge
 def test_impossible_client_settings_are_refused(changes):
     with pytest.raises(SearchgymError, match="timeouts must be positive"):
         HttpRetriever("http://127.0.0.1:1", **changes)
+
+
+class ScriptedSession:
+    """Stands in for ``requests.Session``: answers each POST with the next (status, headers) and records
+    the timeouts it was given."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.timeouts = []
+
+    def post(self, url, *, json, headers, timeout):
+        self.timeouts.append(timeout)
+        status, answer_headers = self.answers.pop(0)
+        response = requests.Response()
+        response.status_code, response.url = status, url
+        response.headers.update(answer_headers)
+        body = {"result": [[]]} if status == 200 else {"error": "busy"}
+        response._content = json_module.dumps(body).encode()
+        return response
+
+
+@pytest.fixture
+def paused(monkeypatch):
+    """The client's sleeps, recorded instead of slept, with the jitter at its top (x 1.0)."""
+    sleeps = []
+    monkeypatch.setattr(client.time, "sleep", sleeps.append)
+    monkeypatch.setattr(client.random, "uniform", lambda low, high: high)
+    return sleeps
+
+
+def scripted(answers, **settings):
+    retriever = HttpRetriever("http://searchgym.invalid", **settings)
+    retriever._local.session = session = ScriptedSession(answers)
+    return retriever, session
+
+
+def test_retry_delays_double_up_to_their_cap_and_honour_retry_after(paused):
+    answers = [(503, {}), (503, {}), (503, {}), (429, {"Retry-After": "4"}), (200, {})]
+    retriever, _ = scripted(answers, max_retries=4, backoff_s=0.5, max_backoff_s=1.5)
+    assert retriever.search(["q"], 1) == [[]]
+    assert paused == [0.5, 1.0, 1.5, 4.0]  # doubling, capped at 1.5; the server's Retry-After is longer
+
+
+def test_the_last_attempt_is_not_followed_by_a_wait(paused):
+    retriever, _ = scripted([(503, {})] * 3, max_retries=2, backoff_s=0.5)
+    with pytest.raises(RetrieverUnavailableError, match="after 3 attempts"):
+        retriever.search(["q"], 1)
+    assert paused == [0.5, 1.0]
+
+
+def test_waits_and_timeouts_are_cut_to_the_time_left(paused):
+    retriever, session = scripted([(503, {}), (503, {}), (200, {})], backoff_s=0.5, give_up_after_s=0.75)
+    assert retriever.search(["q"], 1) == [[]]
+    assert paused[0] == 0.5 and 0.7 < paused[1] <= 0.75  # 1.0 wanted, the time left given
+    assert all(connect <= 0.75 and read <= 0.75 for connect, read in session.timeouts)
+
+
+def test_jitter_scales_a_delay_down_to_half(paused, monkeypatch):
+    monkeypatch.setattr(client.random, "uniform", lambda low, high: low)
+    retriever, _ = scripted([(503, {}), (200, {})], backoff_s=0.5)
+    retriever.search(["q"], 1)
+    assert paused == [0.25]
