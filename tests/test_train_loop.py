@@ -439,6 +439,14 @@ def test_steps_that_fit_are_paced_at_the_mean_step_with_room_for_the_slowest() -
     clock.now += 80.0
     assert limit.steps_that_fit() == 0
     assert loop.TimeLimit(minutes=0.0, clock=clock).steps_that_fit() is None
+    instant = loop.TimeLimit(minutes=1.0, clock=clock)
+    with instant.step():  # a step the clock could not see: no pace to estimate from
+        pass
+    assert instant.steps_that_fit() is None
+    quick = loop.TimeLimit(minutes=1.0, clock=clock)
+    with quick.step():
+        clock.now += 0.5
+    assert quick.steps_that_fit() == 119  # sub-second steps are paced too: 59.5 s left at 0.5 s a step
 
 
 def test_the_last_step_moves_later_when_steps_turn_out_faster(tmp_path: Path, monkeypatch) -> None:
