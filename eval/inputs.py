@@ -201,9 +201,11 @@ def input_fingerprints(
         found = {}
         if model and config.model is not None and Path(config.model).exists():
             found["model"] = digest(Path(config.model))
-        if index and config.uses_retrieval and config.index is not None:
-            # A rebuild writes a new manifest (its creation time at least), so it stands for the index.
-            found["index"] = digest(Path(config.index) / MANIFEST_NAME)
+        manifest = None if config.index is None else Path(config.index) / MANIFEST_NAME
+        # A rebuild writes a new manifest (its creation time at least), so it stands for the index. A
+        # missing one is not digested: check_retriever says what is wrong with the folder.
+        if index and config.uses_retrieval and manifest is not None and manifest.is_file():
+            found["index"] = digest(manifest)
         fingerprints.append(found)
     return fingerprints
 

@@ -222,6 +222,8 @@ def test_resuming_over_a_rebuilt_index_is_refused(tmp_path):
         resume_predictions(run_dir, config, after)
     (run_dir / RUN_FILE).write_text(json.dumps(config.to_dict()))  # written before fingerprints existed
     assert resume_predictions(run_dir, config, after) == []
+    (index / "manifest.json").unlink()  # a deleted index is not "changed": the retriever check names it
+    assert input_fingerprints([config]) == [{}]
 
 
 def test_exclude_drops_the_listed_ids(tmp_path, benchmarks, tokenizer):
